@@ -1,0 +1,215 @@
+"""Typed configuration: the schema hydra validates against, and the checks hydra cannot express.
+
+Every field is documented where it is declared. Library code receives these dataclasses, never a raw
+``DictConfig``: ``train.py`` converts hydra's config once with :func:`from_omegaconf` and validates it.
+This module imports no torch, so it is cheap to load from tests and launch scripts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+TASKS = ("sinusoid",)
+TOPOLOGIES = ("paper6", "ring", "complete", "star", "grid", "torus", "erdos_renyi", "edge_list")
+WEIGHT_RULES = ("metropolis", "max_degree")
+STRATEGIES = ("dif_maml", "centralized", "noncooperative")
+OPTIMIZERS = ("adam", "sgd")
+META_GRAD_PATHS = ("auto", "loop", "vmap")
+DTYPES = ("float32", "float64")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "gloo", "nccl")
+INITS = ("shared", "per_agent")
+
+
+@dataclass
+class TaskConfig:
+    """A task family and how its tasks are split among agents."""
+
+    name: str = "sinusoid"  #: task family; one of TASKS
+    amplitude_min: float = 0.1  #: sinusoid amplitude range; agent k samples from the k-th of K equal slices
+    amplitude_max: float = 5.0
+    phase_min: float = 0.0  #: phase range (radians), the same for every agent
+    phase_max: float = math.pi
+    x_min: float = -5.0  #: input range of the sampled points
+    x_max: float = 5.0
+    num_support: int = 10  #: points per task used for adaptation (x_in, "K-shot")
+    num_query: int = 10  #: points per task used for the meta-loss (x_o), drawn separately from the support
+    meta_batch: int = 1  #: tasks per agent per iteration (|S_k|)
+    eval_tasks: int = 1000  #: size of the shared test set (full amplitude/phase range), identical on every agent
+
+
+@dataclass
+class ModelConfig:
+    """The learner."""
+
+    hidden: list[int] = field(default_factory=lambda: [40, 40])  #: hidden widths of the ReLU MLP (1 -> ... -> 1)
+
+
+@dataclass
+class TopologyConfig:
+    """The communication graph and its combination weights."""
+
+    name: str = "paper6"  #: one of TOPOLOGIES
+    num_agents: Optional[int] = None  #: K for ring/complete/star/erdos_renyi (default 6); edge_list: nodes 0..K-1 (default: largest node + 1)
+    rows: int = 2  #: grid/torus height
+    cols: int = 3  #: grid/torus width
+    edge_prob: float = 0.5  #: erdos_renyi edge probability
+    graph_seed: int = 0  #: erdos_renyi seed; the graph is re-drawn (seed, seed+1, ...) until connected
+    edge_list: Optional[str] = None  #: edge_list: path to a text file with one "u v" pair of node ids per line (# comments)
+    weights: str = "metropolis"  #: combination rule; one of WEIGHT_RULES
+
+
+@dataclass
+class StrategyConfig:
+    """How agents cooperate; everything else is shared code."""
+
+    name: str = "dif_maml"  #: dif_maml (graph weights), centralized (all-reduce mean), noncooperative (no exchange)
+
+
+@dataclass
+class OptimConfig:
+    """The local optimizer applied to the meta-gradient (its state is never combined)."""
+
+    name: str = "adam"  #: one of OPTIMIZERS
+    lr: float = 0.001  #: meta step size mu
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  #: Adam only
+    eps: float = 1e-8  #: Adam only
+    momentum: float = 0.0  #: SGD only (the paper uses plain SGD)
+
+
+@dataclass
+class MamlConfig:
+    """Inner adaptation and the meta-gradient."""
+
+    inner_lr: float = 0.01  #: alpha, the inner (adaptation) step size
+    inner_steps: int = 1  #: inner SGD steps in training
+    first_order: bool = False  #: drop the Hessian term (FO-MAML); default is the exact second-order gradient
+    eval_inner_steps: int = 1  #: adaptation steps for the "after adaptation" test loss logged during training
+    final_adapt_steps: int = 10  #: the final loss-vs-steps curve covers 0..final_adapt_steps
+    meta_grad_path: str = "auto"  #: loop | vmap | auto (vmap from vmap_min_tasks tasks up; see benchmarks/)
+    vmap_min_tasks: int = 4  #: smallest meta-batch for which auto picks vmap (measured crossover on a 2-core CPU)
+
+
+@dataclass
+class TrainConfig:
+    """The schedule."""
+
+    iterations: int = 24000  #: meta-iterations (the paper: 4000 tasks x 6 epochs)
+    eval_every: int = 200  #: evaluate on the shared test tasks every N iterations (and at the end)
+    log_every: int = 50  #: write a per-agent training record every N iterations
+    init: str = "shared"  #: shared: every agent starts from one model; per_agent: each from its own random draw
+    dtype: str = "float32"  #: parameter/data precision; float64 for numerical reference runs
+    save_models: bool = True  #: write final per-agent and centroid models to DIR/models/
+
+
+@dataclass
+class RuntimeConfig:
+    """Process, device and communication settings for one agent process."""
+
+    device: str = "auto"  #: auto: cuda:LOCAL_RANK if CUDA is available and the backend is nccl, else cpu
+    backend: str = "auto"  #: auto: nccl on cuda, gloo on cpu
+    threads: int = 1  #: torch intra-op threads per agent process on CPU (agents usually outnumber cores)
+    timeout_s: float = 300.0  #: how long a collective or neighbour exchange may wait before the job fails
+
+
+@dataclass
+class Config:
+    """The whole run. Composed by hydra from conf/ (see conf/config.yaml)."""
+
+    seed: int = 0  #: master seed: task streams, model init and the test set derive from it
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    maml: MamlConfig = field(default_factory=MamlConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {key} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+def _positive(value: float, key: str, hint: str = "") -> None:
+    if not (value > 0) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"{key} must be a positive number, got {value!r}{hint}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check what the schema's types cannot: names, ranges, consistency. Raises ``ValueError`` (one line)."""
+    t = cfg.task
+    _choice(t.name, TASKS, "task")
+    if not t.amplitude_min < t.amplitude_max:
+        raise ValueError(f"task.amplitude_min ({t.amplitude_min}) must be below task.amplitude_max ({t.amplitude_max})")
+    if not t.phase_min <= t.phase_max:
+        raise ValueError(f"task.phase_min ({t.phase_min}) must not exceed task.phase_max ({t.phase_max})")
+    if not t.x_min < t.x_max:
+        raise ValueError(f"task.x_min ({t.x_min}) must be below task.x_max ({t.x_max})")
+    for key in ("num_support", "num_query", "meta_batch", "eval_tasks"):
+        _positive(getattr(t, key), f"task.{key}")
+
+    if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):
+        raise ValueError(f"model.hidden must be a non-empty list of positive widths, got {cfg.model.hidden}")
+
+    g = cfg.topology
+    _choice(g.name, TOPOLOGIES, "topology")
+    _choice(g.weights, WEIGHT_RULES, "topology.weights")
+    if g.num_agents is not None and g.num_agents < 1:
+        raise ValueError(f"topology.num_agents must be at least 1, got {g.num_agents}")
+    if g.name in ("grid", "torus") and (g.rows < 1 or g.cols < 1):
+        raise ValueError(f"topology.rows and topology.cols must be at least 1, got {g.rows}x{g.cols}")
+    if g.name == "erdos_renyi" and not 0.0 < g.edge_prob <= 1.0:
+        raise ValueError(f"topology.edge_prob must be in (0, 1], got {g.edge_prob}")
+    if g.name == "edge_list" and not g.edge_list:
+        raise ValueError("topology=edge_list needs a file: add topology.edge_list=PATH")
+
+    _choice(cfg.strategy.name, STRATEGIES, "strategy")
+
+    o = cfg.optim
+    _choice(o.name, OPTIMIZERS, "optim")
+    _positive(o.lr, "optim.lr", " (the meta step size mu)")
+    if o.name == "adam":
+        if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        _positive(o.eps, "optim.eps")
+    if o.momentum < 0:
+        raise ValueError(f"optim.momentum must be non-negative, got {o.momentum}")
+
+    m = cfg.maml
+    _positive(m.inner_lr, "maml.inner_lr", " (the inner step size alpha)")
+    _positive(m.inner_steps, "maml.inner_steps")
+    _positive(m.eval_inner_steps, "maml.eval_inner_steps")
+    if m.final_adapt_steps < 0:
+        raise ValueError(f"maml.final_adapt_steps must be non-negative, got {m.final_adapt_steps}")
+    _choice(m.meta_grad_path, META_GRAD_PATHS, "maml.meta_grad_path")
+    _positive(m.vmap_min_tasks, "maml.vmap_min_tasks")
+
+    tr = cfg.train
+    _positive(tr.iterations, "train.iterations")
+    _positive(tr.eval_every, "train.eval_every")
+    _positive(tr.log_every, "train.log_every")
+    _choice(tr.init, INITS, "train.init")
+    _choice(tr.dtype, DTYPES, "train.dtype")
+
+    r = cfg.runtime
+    _choice(r.device, DEVICES, "runtime.device")
+    _choice(r.backend, BACKENDS, "runtime.backend")
+    _positive(r.threads, "runtime.threads")
+    _positive(r.timeout_s, "runtime.timeout_s")
+    if r.backend == "nccl" and r.device == "cpu":
+        raise ValueError("runtime.backend=nccl needs GPUs: use runtime.device=cuda (or auto), or runtime.backend=gloo")
+    return cfg
+
+
+def from_omegaconf(node) -> Config:
+    """Turn hydra's composed config into a validated :class:`Config` (the only place DictConfig is touched)."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(node)
+    if not isinstance(obj, Config):  # composed without the structured schema (e.g. a plain YAML)
+        obj = Config(**obj)
+    return validate(obj)

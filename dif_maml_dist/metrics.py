@@ -1,0 +1,81 @@
+"""Metric sinks and network-wide figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+
+class MetricsSink(Protocol):
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullSink:
+    """Discards records (agents whose figures nobody reads, e.g. in tests)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlSink:
+    """One JSON object per line, flushed per record so a crashed run keeps everything logged so far."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._fh = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(record, allow_nan=True) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class ListSink:
+    """Keeps records in memory (tests and the in-process runs)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def close(self) -> None:
+        pass
+
+
+def centroid_and_disagreement(states: Tensor) -> tuple[Tensor, float]:
+    """For stacked agent states ``[K, P]``: the centroid ``w_c`` and ``(1/K) sum_k ||w_k - w_c||^2``."""
+    centroid = states.mean(dim=0)
+    return centroid, float(((states - centroid) ** 2).sum(dim=1).mean())
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON via a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, Tensor]) -> None:
+    """``torch.save`` a flat dict of tensors (loadable with ``weights_only=True``) via temp file and rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def finite(x: float) -> bool:
+    return math.isfinite(x)

@@ -1,0 +1,105 @@
+"""Process-level set-up and teardown, in one place: torchrun's environment, device, process group, logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from .config import RuntimeConfig
+from .transport import InMemoryTransport, TorchDistTransport, Transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessEnv:
+    """Who this process is, as torchrun tells it (or a lone process, when started without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    under_torchrun: bool = False
+
+    @classmethod
+    def from_environ(cls, environ=os.environ) -> "ProcessEnv":
+        if "RANK" not in environ or "WORLD_SIZE" not in environ:
+            return cls()
+        return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)), True)
+
+
+def select_device(cfg: RuntimeConfig, env: ProcessEnv) -> torch.device:
+    """``cuda:LOCAL_RANK`` when GPUs are asked for (or ``auto`` finds them), else the CPU."""
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and cfg.backend != "gloo" and torch.cuda.is_available())
+    if not want_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("runtime.device=cuda but no CUDA device is visible; use runtime.device=cpu")
+    if env.local_rank >= torch.cuda.device_count():
+        raise ValueError(f"local rank {env.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                         f"start at most {torch.cuda.device_count()} processes per node or use runtime.device=cpu")
+    return torch.device("cuda", env.local_rank)
+
+
+def select_backend(cfg: RuntimeConfig, device: torch.device) -> str:
+    if cfg.backend != "auto":
+        if cfg.backend == "nccl" and device.type != "cuda":
+            raise ValueError("runtime.backend=nccl needs runtime.device=cuda")
+        return cfg.backend
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+@contextmanager
+def distributed(cfg: RuntimeConfig, env: ProcessEnv, device: torch.device) -> Iterator[Transport]:
+    """The process group for one agent, torn down on the way out whatever happens.
+
+    Without torchrun (a single process) this yields a one-agent in-memory transport instead.
+    """
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    if not env.under_torchrun:
+        yield InMemoryTransport.network(1, cfg.timeout_s)[0]
+        return
+    backend = select_backend(cfg, device)
+    if device.type == "cuda":
+        # nccl binds a communicator to the current device at its first use: set it before anything else.
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.timeout_s),
+                            device_id=device if backend == "nccl" else None)
+    try:
+        # One collective before the first point-to-point call: nccl sets up its communicators lazily, and
+        # a P2P call as the very first operation can hang; on gloo it simply lines everybody up.
+        dist.barrier()
+        yield TorchDistTransport()
+    finally:
+        dist.destroy_process_group()
+
+
+class _RankFormatter(logging.Formatter):
+    def __init__(self, rank: int):
+        super().__init__(f"%(asctime)s [agent {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+
+
+def setup_logging(rank: int, log_dir: Path | None = None) -> None:
+    """Rank 0 logs progress to stderr; other ranks only warnings. Every rank logs INFO to its own file."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(logging.INFO)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.setFormatter(_RankFormatter(rank))
+    root.addHandler(console)
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_dir / f"agent{rank}.log")
+        fh.setFormatter(_RankFormatter(rank))
+        root.addHandler(fh)

@@ -1,0 +1,47 @@
+"""Sinusoid regression (Finn et al. 2017; Dif-MAML appendix D): y = A sin(x - phase).
+
+Agent k of K draws amplitudes from the k-th of K equal slices of [amplitude_min, amplitude_max]; phases and
+inputs are shared ranges. Support and query points are drawn independently. Samples are generated on the CPU
+in float64 from the caller's generator and then cast, so the task stream is the same whatever the dtype or
+device of the run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import seeding
+from ..config import TaskConfig
+from ..maml import TaskBatch
+
+
+class SinusoidTasks:
+    """Task sampler for one agent (or the full range, for evaluation)."""
+
+    def __init__(self, cfg: TaskConfig, agent: int | None = None, num_agents: int = 1):
+        self.cfg = cfg
+        lo, hi = cfg.amplitude_min, cfg.amplitude_max
+        if agent is None:
+            self.amplitude_range = (lo, hi)
+        else:
+            if not 0 <= agent < num_agents:
+                raise ValueError(f"agent {agent} out of range for {num_agents} agents")
+            width = (hi - lo) / num_agents
+            self.amplitude_range = (lo + agent * width, lo + (agent + 1) * width)
+
+    def sample(self, gen: torch.Generator, num_tasks: int) -> TaskBatch:
+        c = self.cfg
+
+        def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
+            return lo + (hi - lo) * torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+        amp = uniform(*self.amplitude_range, num_tasks, 1, 1)
+        phase = uniform(c.phase_min, c.phase_max, num_tasks, 1, 1)
+        xs = uniform(c.x_min, c.x_max, num_tasks, c.num_support, 1)
+        xq = uniform(c.x_min, c.x_max, num_tasks, c.num_query, 1)
+        return TaskBatch(xs, amp * torch.sin(xs - phase), xq, amp * torch.sin(xq - phase))
+
+    @staticmethod
+    def eval_set(cfg: TaskConfig, seed: int) -> TaskBatch:
+        """The shared test tasks over the full amplitude range: identical on every agent for a given seed."""
+        return SinusoidTasks(cfg).sample(seeding.generator(seed, seeding.EVAL), cfg.eval_tasks)

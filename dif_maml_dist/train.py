@@ -1,0 +1,179 @@
+"""Hydra entry point, one agent per process: ``torchrun --standalone --nproc-per-node=6 -m dif_maml_dist.train``.
+
+This is the edge of the system: it reads torchrun's environment and hydra's config, checks them, sets up the
+process group, runs one agent and writes its outputs. Everything it calls is importable and testable alone.
+
+Outputs, in the run directory shared by all ranks (``hydra.run.dir``):
+``metrics/agent{k}.jsonl`` (per agent), ``metrics/network.jsonl`` (centroid and disagreement, rank 0),
+``models/agent{k}.pt`` and ``models/centroid.pt``, ``logs/agent{k}.log`` and ``summary.json`` (rank 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+import numpy as np
+
+from .config import Config, from_omegaconf
+from .topology import Topology, build_topology, combine_plan, mixing_rate, strategy_weights
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+EXIT_USAGE = 2
+
+log = logging.getLogger("dif_maml_dist")
+
+ConfigStore.instance().store(name="schema", node=Config)
+
+
+def _run_id() -> str:
+    # Same value on every rank of a torchrun job (its rendezvous id); a timestamp for a lone process.
+    return os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+OmegaConf.register_new_resolver("dmd_run_id", _run_id, replace=True)
+
+
+class UsageError(ValueError):
+    """A mistake in the user's command or config: reported as one line, exit status 2."""
+
+
+def _fail(err: Exception, rank: int) -> None:
+    # Every rank fails the same way on a config error; only rank 0 says so, so the message appears once.
+    if rank == 0:
+        print(f"dif_maml_dist: error: {err}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
+def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """``group=option`` overrides must name an existing ``conf/group/option.yaml`` (one-line error otherwise)."""
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    for arg in argv:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if sep and key in groups and not (conf_dir / key / f"{value}.yaml").is_file():
+            options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+            raise UsageError(f"unknown {key} {value!r}; choose one of: {', '.join(options)}")
+
+
+@dataclass
+class Plan:
+    """Everything decided before any process group exists (so a bad config fails fast, on every rank)."""
+
+    cfg: Config
+    topology: Topology
+    weights: np.ndarray  #: the strategy's effective combination matrix (A, 11^T/K or I)
+    run_dir: Path
+
+
+def plan_run(cfg: Config, world_size: int, run_dir: Path) -> Plan:
+    """Build and check the topology against the launch; refuse to overwrite an earlier run. Raises ``ValueError``."""
+    topo = build_topology(cfg.topology)
+    if topo.num_agents != world_size:
+        raise UsageError(f"topology {cfg.topology.name!r} has {topo.num_agents} agents but {world_size} process(es) "
+                         f"were started; launch with torchrun --nproc-per-node={topo.num_agents} "
+                         f"(or choose a topology with {world_size} agents)")
+    metrics = run_dir / "metrics"
+    if (run_dir / "summary.json").exists() or (metrics.is_dir() and any(metrics.iterdir())):
+        raise UsageError(f"run directory {run_dir} already holds a run; nothing was changed there: choose a new "
+                         f"hydra.run.dir=DIR")
+    return Plan(cfg, topo, strategy_weights(cfg.strategy.name, topo), run_dir)
+
+
+def execute(plan: Plan, env) -> dict | None:
+    """Run this process's agent; rank 0 returns (and writes) the run summary."""
+    from .agent import Agent, make_combiner, run_agent
+    from .metrics import JsonlSink, save_tensors_atomic, write_json_atomic
+    from .runtime import distributed, select_backend, select_device, setup_logging
+
+    cfg, topo, run_dir = plan.cfg, plan.topology, plan.run_dir
+    device = select_device(cfg.runtime, env)
+    with distributed(cfg.runtime, env, device) as transport:
+        # Created only after the first barrier: every rank has passed the "fresh run directory" check by now.
+        setup_logging(env.rank, run_dir / "logs")
+        lam = mixing_rate(plan.weights)
+        if env.rank == 0:
+            log.info("run dir %s", run_dir.resolve())
+            log.info("%s on %s (%d agents, %s weights, lambda_2 = %.4f; effective lambda_2 = %.4f), %s lr=%g, "
+                     "%d iterations, device %s", cfg.strategy.name, topo.name, topo.num_agents, cfg.topology.weights,
+                     topo.lambda2, lam, cfg.optim.name, cfg.optim.lr, cfg.train.iterations, device)
+        plan_k = combine_plan(plan.weights, env.rank)
+        agent = Agent(cfg, env.rank, topo.num_agents, make_combiner(cfg.strategy.name, plan_k, transport), device)
+        log.info("neighbours %s weights %s (self %.4f), %d parameters, meta-gradient path %s",
+                 plan_k.neighbors, [round(w, 4) for w in plan_k.neighbor_weights], plan_k.self_weight,
+                 agent.layout.numel, agent.meta_grad_path)
+        sink = JsonlSink(run_dir / "metrics" / f"agent{env.rank}.jsonl")
+        network_sink = JsonlSink(run_dir / "metrics" / "network.jsonl") if env.rank == 0 else None
+        try:
+            result = run_agent(agent, transport, sink, network_sink, progress=env.rank == 0)
+        finally:
+            sink.close()
+            if network_sink is not None:
+                network_sink.close()
+        if cfg.train.save_models:
+            (run_dir / "models").mkdir(exist_ok=True)
+            save_tensors_atomic(run_dir / "models" / f"agent{env.rank}.pt", agent.named_params())
+        if env.rank != 0:
+            return None
+        net = result.network
+        if cfg.train.save_models:
+            save_tensors_atomic(run_dir / "models" / "centroid.pt", agent.named_params(net["centroid"]))
+        agents = net["agents"]
+        summary = {
+            "strategy": cfg.strategy.name, "topology": topo.name, "weights": cfg.topology.weights,
+            "num_agents": topo.num_agents, "edges": sorted(sorted(e) for e in topo.graph.edges),
+            "lambda2": lam, "topology_lambda2": topo.lambda2,
+            "optim": cfg.optim.name, "lr": cfg.optim.lr, "iterations": cfg.train.iterations, "seed": cfg.seed,
+            "parameters": agent.layout.numel, "meta_grad_path": agent.meta_grad_path,
+            "device": str(device), "backend": select_backend(cfg.runtime, device) if env.under_torchrun else "none",
+            "wall_seconds": result.wall_seconds,
+            "centroid_test_loss": net["centroid_test_loss"], "centroid_test_loss_pre": net["centroid_test_loss_pre"],
+            "centroid_adaptation_curve": net["centroid_adaptation_curve"], "disagreement": net["disagreement"],
+            "mean_final_test_loss": sum(a["final_test_loss"] for a in agents) / len(agents),
+            "agents": agents,
+            "config": asdict(cfg),
+        }
+        write_json_atomic(run_dir / "summary.json", summary)
+        log.info("done in %.1f s: centroid test loss %.4f (after %d step), mean agent %.4f, disagreement %.3g; "
+                 "summary in %s", result.wall_seconds, summary["centroid_test_loss"], cfg.maml.eval_inner_steps,
+                 summary["mean_final_test_loss"], summary["disagreement"], run_dir / "summary.json")
+        return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(node: DictConfig) -> None:
+    from .runtime import ProcessEnv
+
+    env = ProcessEnv.from_environ()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        plan = plan_run(from_omegaconf(node), env.world_size, run_dir)
+    except ValueError as err:
+        _fail(err, env.rank)
+    execute(plan, env)
+
+
+def main() -> None:
+    from .runtime import ProcessEnv
+
+    env = ProcessEnv.from_environ()
+    try:
+        check_group_choices(sys.argv[1:])
+    except UsageError as err:
+        _fail(err, env.rank)
+    if env.rank != 0:
+        # Only rank 0 writes hydra's own record of the run (.hydra/ in the run directory).
+        sys.argv.append("hydra.output_subdir=null")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""How agents talk: a small interface with an in-memory and a torch.distributed implementation.
+
+The agent loop depends only on :class:`Transport`. Training traffic is ``exchange`` (neighbours, Dif-MAML)
+and ``all_reduce_mean`` (the centralized baseline); both count the bytes this agent sends. ``all_gather_object``
+and ``barrier`` are for diagnostics and bookkeeping at evaluation steps and are not counted.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Transport(ABC):
+    """Point-to-point exchange and a few collectives among ``world_size`` agents; this one is ``rank``."""
+
+    rank: int
+    world_size: int
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0  #: training payload handed to the network by this agent so far
+
+    @abstractmethod
+    def exchange(self, tensor: Tensor, peers: Sequence[int]) -> dict[int, Tensor]:
+        """Send ``tensor`` to every peer and receive one tensor of the same shape from each.
+
+        Every peer must call ``exchange`` with this agent among its peers in the same round (the graph is
+        undirected), otherwise the call waits until the timeout.
+        """
+
+    @abstractmethod
+    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
+        """Mean of ``tensor`` over all agents (a new tensor; the input is left unchanged)."""
+
+    @abstractmethod
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every agent's ``obj``, indexed by rank (diagnostics only: pickles, off the training path)."""
+
+    @abstractmethod
+    def barrier(self) -> None:
+        """Wait until every agent has reached this point."""
+
+    def _count_all_reduce(self, tensor: Tensor) -> None:
+        # Charged as a ring all-reduce: each agent sends 2 (K-1)/K of the message.
+        self.bytes_sent += 2 * (self.world_size - 1) * _nbytes(tensor) // self.world_size
+
+
+class _Hub:
+    """Shared mailboxes of an in-memory network; one ``InMemoryTransport`` per agent thread."""
+
+    def __init__(self, world_size: int, timeout_s: float):
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.cond = threading.Condition()
+        self.mail: dict[tuple[int, int], list[Tensor]] = {}
+        self.slots: list[Any] = [None] * world_size
+        self.barrier = threading.Barrier(world_size, timeout=timeout_s)
+
+
+class InMemoryTransport(Transport):
+    """Agents as threads of one process, exchanging cloned tensors through a shared hub (tests, simulation)."""
+
+    def __init__(self, hub: _Hub, rank: int):
+        super().__init__()
+        self.hub, self.rank, self.world_size = hub, rank, hub.world_size
+
+    @classmethod
+    def network(cls, world_size: int, timeout_s: float = 60.0) -> list["InMemoryTransport"]:
+        """One connected transport per agent."""
+        hub = _Hub(world_size, timeout_s)
+        return [cls(hub, r) for r in range(world_size)]
+
+    def exchange(self, tensor: Tensor, peers: Sequence[int]) -> dict[int, Tensor]:
+        hub = self.hub
+        with hub.cond:
+            for p in peers:
+                hub.mail.setdefault((self.rank, p), []).append(tensor.detach().clone())
+                self.bytes_sent += _nbytes(tensor)
+            hub.cond.notify_all()
+            received = {}
+            for p in peers:
+                box = hub.mail.setdefault((p, self.rank), [])
+                if not hub.cond.wait_for(lambda: bool(box), timeout=hub.timeout_s):
+                    raise TimeoutError(f"agent {self.rank}: no message from agent {p} within {hub.timeout_s} s")
+                received[p] = box.pop(0)
+        return received
+
+    def _gather(self, obj: Any) -> list[Any]:
+        # Two barriers: the first makes every slot visible, the second keeps a fast agent from overwriting
+        # its slot (in the next collective) before a slow one has read this round.
+        self.hub.slots[self.rank] = obj
+        self.hub.barrier.wait()
+        out = list(self.hub.slots)
+        self.hub.barrier.wait()
+        return out
+
+    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
+        self._count_all_reduce(tensor)
+        parts = self._gather(tensor.detach().clone())
+        out = torch.zeros_like(tensor)
+        for p in parts:  # rank order: the same sum on every agent
+            out += p
+        return out / self.world_size
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return self._gather(obj)
+
+    def barrier(self) -> None:
+        self.hub.barrier.wait()
+
+
+class TorchDistTransport(Transport):
+    """torch.distributed point-to-point over the default process group (gloo on CPU, nccl on GPU).
+
+    The process group must already be initialised (see ``runtime.distributed``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        assert dist.is_initialized(), "init the process group first (runtime.distributed)"
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.backend = dist.get_backend()
+        # gloo moves CPU tensors only: stage GPU tensors through host memory.
+        self._stage_on_cpu = self.backend == "gloo"
+
+    def _wire(self, tensor: Tensor) -> Tensor:
+        t = tensor.detach()
+        if self._stage_on_cpu and t.is_cuda:
+            t = t.cpu()
+        return t.contiguous()
+
+    def exchange(self, tensor: Tensor, peers: Sequence[int]) -> dict[int, Tensor]:
+        if not peers:
+            return {}
+        send = self._wire(tensor)
+        recv = {p: torch.empty_like(send) for p in peers}
+        ops = []
+        for p in peers:
+            ops.append(dist.P2POp(dist.isend, send, p))
+            ops.append(dist.P2POp(dist.irecv, recv[p], p))
+        # All sends and receives of this round are posted together, so no agent blocks on a send while its
+        # peer blocks on another send: plain blocking send/recv in a fixed order deadlocks on odd cycles.
+        # Each pair exchanges exactly one message per direction per round, so untagged messages cannot be
+        # confused across rounds (nccl ignores tags anyway).
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+        self.bytes_sent += len(peers) * _nbytes(send)
+        return {p: r.to(tensor.device) for p, r in recv.items()}
+
+    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
+        self._count_all_reduce(tensor)
+        buf = self._wire(tensor).clone()
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        return (buf / self.world_size).to(tensor.device)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
