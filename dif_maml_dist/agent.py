@@ -217,8 +217,9 @@ def run_agent(agent: Agent, transport: Transport, sink: MetricsSink | None = Non
             history.append(nrec)
             if progress:
                 rate = (st.iteration - last["it"]) / max(time.perf_counter() - last["t"], 1e-9)
-                log.info("iter %d/%d | train %.4f | agent0 test %.4f -> %.4f | centroid %.4f | "
-                         "disagreement %.3g | %.0f it/s", st.iteration, total, record.get("meta_train_loss", math.nan),
+                train = record.get("meta_train_loss")
+                log.info("iter %d/%d | train %s | agent0 test %.4f -> %.4f | centroid %.4f | disagreement %.3g | "
+                         "%.0f it/s", st.iteration, total, "-" if train is None else f"{train:.4f}",
                          curve[0], curve[-1], net["curve"][-1], net["disagreement"], rate)
                 last["it"], last["t"] = st.iteration, time.perf_counter()
 
