@@ -22,7 +22,7 @@ from .config import Config, OptimConfig
 from .flat import FlatLayout
 from .maml import META_GRADIENT_PATHS, adaptation_curve, choose_path, make_loss
 from .metrics import MetricsSink, NullSink, centroid_and_disagreement
-from .models import MLP
+from .models import MLP, reset_parameters
 from .tasks import SinusoidTasks
 from .topology import CombinePlan
 from .transport import Transport
@@ -107,9 +107,8 @@ def build_model(cfg: Config) -> MLP:
 def initial_params(cfg: Config, agent: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """PyTorch's default initialisation, drawn from a seeded stream: shared by all agents, or per agent."""
     keys = (seeding.INIT,) if cfg.train.init == "shared" else (seeding.INIT, agent)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seeding.derive_seed(cfg.seed, *keys))
-        model = build_model(cfg)
+    model = build_model(cfg)
+    reset_parameters(model, seeding.generator(cfg.seed, *keys))
     layout = FlatLayout.of(model)
     return layout.flatten(dict(model.named_parameters())).detach().to(device=device, dtype=dtype)
 

@@ -1,0 +1,183 @@
+"""Time one MAML meta-gradient, per-task loop vs torch.func vmap, across meta-batch sizes.
+
+The sinusoid learner of the paper: MLP 1-40-40-1, float32, 10 support + 10 query points per task, one inner
+SGD step with alpha = 0.01. For every meta-batch size both paths of ``dif_maml_dist.maml`` are first checked to
+agree (``torch.allclose``), then timed side by side: blocks of calls are interleaved between the paths and the
+median of the per-call times over the blocks is reported. The last lines give the measured crossover (the
+smallest meta-batch from which vmap is faster) and compare it with the config default ``maml.vmap_min_tasks``.
+
+    .venv/bin/python benchmarks/bench_meta_gradient.py            # full run (about a minute on 2 cores)
+    .venv/bin/python benchmarks/bench_meta_gradient.py --quick    # fewer, shorter blocks (about 10 s)
+    .venv/bin/python benchmarks/bench_meta_gradient.py --threads 2 --sizes 1 4 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from dif_maml_dist import seeding  # noqa: E402
+from dif_maml_dist.agent import build_model, initial_params  # noqa: E402
+from dif_maml_dist.config import Config  # noqa: E402
+from dif_maml_dist.flat import FlatLayout  # noqa: E402
+from dif_maml_dist.maml import make_loss, meta_gradient_loop, meta_gradient_vmap  # noqa: E402
+from dif_maml_dist.tasks import SinusoidTasks  # noqa: E402
+
+SIZES = (1, 2, 3, 4, 5, 8, 25, 100)
+PATHS = {"loop": meta_gradient_loop, "vmap": meta_gradient_vmap}
+RTOL, ATOL = 1e-4, 1e-6  # float32; the two paths sum in different orders
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer and shorter timing blocks")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: one agent process per core slice, as in training)")
+    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="meta-batch sizes to time")
+    p.add_argument("--no-first-order", action="store_true", help="skip the first-order (FO-MAML) columns")
+    return p.parse_args(argv)
+
+
+def check_agree(loss, flat, batch, inner_lr, inner_steps, first_order) -> float:
+    """Both paths give the same meta-gradient and loss; returns the max abs gradient difference. Exits if not."""
+    g_loop, l_loop = meta_gradient_loop(loss, flat, batch, inner_lr, inner_steps, first_order)
+    g_vmap, l_vmap = meta_gradient_vmap(loss, flat, batch, inner_lr, inner_steps, first_order)
+    diff = (g_loop - g_vmap).abs().max().item()
+    if not (torch.allclose(g_loop, g_vmap, rtol=RTOL, atol=ATOL) and torch.allclose(l_loop, l_vmap, rtol=RTOL, atol=ATOL)):
+        order = "first-order" if first_order else "second-order"
+        sys.exit(f"ABORT: meta_gradient_loop and meta_gradient_vmap disagree ({order}, meta-batch {len(batch)}): "
+                 f"max |grad diff| = {diff:.3e} (|grad|max = {g_loop.abs().max().item():.3e}), "
+                 f"loss {l_loop.item():.6g} vs {l_vmap.item():.6g}; rtol={RTOL}, atol={ATOL}. Timing skipped.")
+    return diff
+
+
+def time_pair(calls: dict, block_s: float, blocks: int) -> dict[str, float]:
+    """Median seconds per call for each callable; blocks of calls are interleaved between the callables."""
+    for fn in calls.values():  # warm-up (first vmap trace, allocator)
+        for _ in range(3):
+            fn()
+    reps = {}
+    for name, fn in calls.items():  # calibrate: calls per block so that a block lasts about block_s
+        t0 = time.perf_counter()
+        n = 0
+        while time.perf_counter() - t0 < block_s / 2 or n < 2:
+            fn()
+            n += 1
+        per_call = (time.perf_counter() - t0) / n
+        reps[name] = max(1, round(block_s / per_call))
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(blocks):
+        for name, fn in calls.items():
+            r = reps[name]
+            t0 = time.perf_counter()
+            for _ in range(r):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / r)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def crossover(sizes: list[int], loop_ms: list[float], vmap_ms: list[float]) -> tuple[int | None, int | None]:
+    """(first size where vmap wins, smallest size from which vmap wins at every larger measured size)."""
+    wins = [v < lo for lo, v in zip(loop_ms, vmap_ms)]
+    first = next((s for s, w in zip(sizes, wins) if w), None)
+    stable = None
+    for i in range(len(sizes) - 1, -1, -1):
+        if not wins[i]:
+            break
+        stable = sizes[i]
+    return first, stable
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    block_s, blocks = (0.01, 9) if args.quick else (0.05, 25)
+    orders = [False] if args.no_first_order else [False, True]
+    sizes = sorted(set(args.sizes))
+
+    cfg = Config()
+    model = build_model(cfg)
+    layout = FlatLayout.of(model)
+    loss = make_loss(model, layout)
+    flat = initial_params(cfg, 0, torch.float32, torch.device("cpu"))
+    m = cfg.maml
+    print(f"MAML meta-gradient, sinusoid MLP 1-{'-'.join(map(str, cfg.model.hidden))}-1 ({layout.numel} parameters), "
+          f"float32, {cfg.task.num_support} support + {cfg.task.num_query} query points, "
+          f"{m.inner_steps} inner step, alpha={m.inner_lr}")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), python {platform.python_version()}, "
+          f"{'quick' if args.quick else 'full'} mode: median of {blocks} interleaved blocks of ~{block_s * 1e3:.0f} ms "
+          f"per path\n")
+
+    results: dict[bool, tuple[list[float], list[float]]] = {fo: ([], []) for fo in orders}
+    rows = []
+    for n in sizes:
+        batch = SinusoidTasks(cfg.task).sample(seeding.generator(0, 99), n).to(dtype=torch.float32)
+        row = [n]
+        for fo in orders:
+            diff = check_agree(loss, flat, batch, m.inner_lr, m.inner_steps, fo)
+            calls = {name: (lambda fn=fn: fn(loss, flat, batch, m.inner_lr, m.inner_steps, fo))
+                     for name, fn in PATHS.items()}
+            t = time_pair(calls, block_s, blocks)
+            lo_ms, vm_ms = t["loop"] * 1e3, t["vmap"] * 1e3
+            results[fo][0].append(lo_ms)
+            results[fo][1].append(vm_ms)
+            row += [lo_ms, vm_ms, lo_ms / vm_ms, "vmap" if vm_ms < lo_ms else "loop", diff]
+        rows.append(row)
+
+    # ---- table
+    groups = [("second order", False)] + ([("first order (FO-MAML)", True)] if True in orders else [])
+    cell = ["loop ms", "vmap ms", "loop/vmap", "faster", "max|dg|"]
+    widths = [9, 9, 10, 7, 9]
+    head1 = f"{'':>6} |" + " |".join(f" {title:^{sum(widths) + len(widths) - 1}}" for title, _ in groups)
+    head2 = f"{'tasks':>6} |" + " |".join(" " + " ".join(f"{c:>{w}}" for c, w in zip(cell, widths)) for _ in groups)
+    print(head1)
+    print(head2)
+    print("-" * len(head2))
+    for row in rows:
+        parts = []
+        for g in range(len(groups)):
+            lo_ms, vm_ms, ratio, faster, diff = row[1 + 5 * g: 6 + 5 * g]
+            parts.append(f" {lo_ms:>9.3f} {vm_ms:>9.3f} {ratio:>9.2f}x {faster:>7} {diff:>9.1e}")
+        print(f"{row[0]:>6} |" + " |".join(parts))
+    print("-" * len(head2))
+    print("ms = median wall time of one meta-gradient (forward, inner step, backward through it); "
+          "loop/vmap > 1 means vmap is faster;")
+    print(f"max|dg| = largest |loop - vmap| gradient entry (checked with torch.allclose rtol={RTOL}, atol={ATOL} "
+          f"before timing).\n")
+
+    for title, fo in groups:
+        first, stable = crossover(sizes, *results[fo])
+        if first is None:
+            print(f"{title}: vmap never wins at the measured sizes {sizes}.")
+            continue
+        note = "" if first == stable else f" (it first wins at {first}, but not at every larger size)"
+        print(f"{title}: smallest meta-batch from which vmap wins: {stable}{note}.")
+        if not fo:
+            default = m.vmap_min_tasks
+            prev = max((s for s in sizes if s < stable), default=0)
+            if stable == default:
+                verdict = "agrees"
+            elif prev < default < stable:
+                verdict = (f"is consistent with it (the crossover lies in {prev + 1}..{stable}; "
+                           f"{default} itself was not measured)")
+            elif stable < default:
+                verdict = f"disagrees: vmap already wins from {stable} tasks"
+            else:
+                verdict = f"disagrees: the loop is still faster (or tied) at {prev} tasks"
+            print(f"  config default maml.vmap_min_tasks = {default}: the measurement {verdict}.")
+            near = [i for i, s in enumerate(sizes) if abs(results[fo][0][i] / results[fo][1][i] - 1) < 0.1]
+            if near:
+                print(f"  within 10% of a tie at {[sizes[i] for i in near]} tasks: the crossover there is "
+                      f"noise-sensitive.")
+
+
+if __name__ == "__main__":
+    main()

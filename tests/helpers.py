@@ -1,0 +1,31 @@
+"""Shared helpers for the test suite (importable from test modules and spawned worker processes)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+from dif_maml_dist.config import Config, MamlConfig, TaskConfig, TrainConfig, validate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def small_config(strategy: str = "dif_maml", iterations: int = 12, optim: str = "adam", **train) -> Config:
+    """A fast float64 config: few iterations, a small test set, 2 tasks per agent (loop path)."""
+    cfg = Config()
+    cfg.strategy.name = strategy
+    cfg.optim.name = optim
+    cfg.optim.lr = 0.001 if optim == "adam" else 0.005
+    cfg.task = replace(TaskConfig(), eval_tasks=20, meta_batch=2)
+    cfg.maml = replace(MamlConfig(), final_adapt_steps=3)
+    cfg.train = replace(TrainConfig(), iterations=iterations, eval_every=max(iterations // 2, 1), log_every=4,
+                        dtype="float64", save_models=False, **train)
+    return validate(cfg)
+
