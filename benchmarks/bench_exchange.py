@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _cpu_share import CpuShare  # benchmarks/, first on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ("dif_maml", "centralized", "noncooperative")
 AGENTS = 6  # the paper's 6-agent graph (topology=paper6, the default)
@@ -102,11 +104,13 @@ def main(argv=None) -> None:
     print(f"launcher: {' '.join(torchrun_cmd())} --standalone --nproc-per-node={AGENTS} -m dif_maml_dist.train "
           f"strategy=S train.iterations={iterations} train.eval_every={iterations} train.save_models=false "
           f"hydra.run.dir=TMP/S")
+    share = CpuShare().start()
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench_exchange_") as tmp:
         for strategy in args.strategies:
             summary, elapsed = run_strategy(strategy, iterations, Path(tmp), args.timeout)
             results[strategy] = {**figures(summary), "launch_s": elapsed}
+    share.stop()
     first = next(iter(results.values()))
     print(f"\n(meta-gradient path {first['path']}, backend {first['backend']}, "
           f"{first['params']} float32 parameters = {first['params'] * 4} bytes per model)\n")
@@ -135,6 +139,7 @@ def main(argv=None) -> None:
         print("      and finish their compute, not data transfer: that is why it dominates. Without exchange "
               "(noncooperative) the same contention")
         print("      shows up as longer compute time instead (processes are descheduled mid-computation).")
+    print(share.report())
 
 if __name__ == "__main__":
     main()

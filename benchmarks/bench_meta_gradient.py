@@ -14,6 +14,7 @@ smallest meta-batch from which vmap is faster) and compare it with the config de
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -30,6 +31,8 @@ from dif_maml_dist.config import Config  # noqa: E402
 from dif_maml_dist.flat import FlatLayout  # noqa: E402
 from dif_maml_dist.maml import make_loss, meta_gradient_loop, meta_gradient_vmap  # noqa: E402
 from dif_maml_dist.tasks import SinusoidTasks  # noqa: E402
+
+from _cpu_share import CpuShare  # noqa: E402  (benchmarks/, first on sys.path)
 
 SIZES = (1, 2, 3, 4, 5, 8, 25, 100)
 PATHS = {"loop": meta_gradient_loop, "vmap": meta_gradient_vmap}
@@ -116,6 +119,7 @@ def main(argv=None) -> None:
           f"{'quick' if args.quick else 'full'} mode: median of {blocks} interleaved blocks of ~{block_s * 1e3:.0f} ms "
           f"per path\n")
 
+    share = CpuShare().start()
     results: dict[bool, tuple[list[float], list[float]]] = {fo: ([], []) for fo in orders}
     rows = []
     for n in sizes:
@@ -132,6 +136,7 @@ def main(argv=None) -> None:
             row += [lo_ms, vm_ms, lo_ms / vm_ms, "vmap" if vm_ms < lo_ms else "loop", diff]
         rows.append(row)
 
+    share.stop()
     # ---- table
     groups = [("second order", False)] + ([("first order (FO-MAML)", True)] if True in orders else [])
     cell = ["loop ms", "vmap ms", "loop/vmap", "faster", "max|dg|"]
@@ -177,6 +182,7 @@ def main(argv=None) -> None:
             if near:
                 print(f"  within 10% of a tie at {[sizes[i] for i in near]} tasks: the crossover there is "
                       f"noise-sensitive.")
+    print(share.report())
 
 
 if __name__ == "__main__":

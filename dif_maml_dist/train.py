@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -47,10 +48,18 @@ class UsageError(ValueError):
     """A mistake in the user's command or config: reported as one line, exit status 2."""
 
 
-def _fail(err: Exception, rank: int) -> None:
+#: Whether the run directory existed before this launch (set in ``main``; a default run dir is always new).
+_RUN_DIR_EXISTED = False
+
+
+def _fail(err: Exception, rank: int, run_dir: Path | None = None) -> None:
     # Every rank fails the same way on a config error; only rank 0 says so, so the message appears once.
     if rank == 0:
         print(f"dif_maml_dist: error: {err}", file=sys.stderr, flush=True)
+        # Hydra made the run directory (and its .hydra/ record) before the config could be checked: a run
+        # that never started leaves nothing behind, but a directory that was there before is left alone.
+        if run_dir is not None and not _RUN_DIR_EXISTED:
+            shutil.rmtree(run_dir, ignore_errors=True)
     sys.exit(EXIT_USAGE)
 
 
@@ -62,6 +71,23 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         if sep and key in groups and not (conf_dir / key / f"{value}.yaml").is_file():
             options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
             raise UsageError(f"unknown {key} {value!r}; choose one of: {', '.join(options)}")
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """Refuse a directory that already holds a run's results (one-line error; nothing there is touched)."""
+    metrics = run_dir / "metrics"
+    if (run_dir / "summary.json").exists() or (metrics.is_dir() and any(metrics.iterdir())):
+        raise UsageError(f"run directory {run_dir} already holds a run; nothing was changed there: choose a new "
+                         f"hydra.run.dir=DIR")
+
+
+def explicit_run_dir(argv: list[str]) -> Path | None:
+    """The ``hydra.run.dir=DIR`` override, if the command line gives one."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "hydra.run.dir":
+            return Path(value)
+    return None
 
 
 @dataclass
@@ -80,11 +106,8 @@ def plan_run(cfg: Config, world_size: int, run_dir: Path) -> Plan:
     if topo.num_agents != world_size:
         raise UsageError(f"topology {cfg.topology.name!r} has {topo.num_agents} agents but {world_size} process(es) "
                          f"were started; launch with torchrun --nproc-per-node={topo.num_agents} "
-                         f"(or choose a topology with {world_size} agents)")
-    metrics = run_dir / "metrics"
-    if (run_dir / "summary.json").exists() or (metrics.is_dir() and any(metrics.iterdir())):
-        raise UsageError(f"run directory {run_dir} already holds a run; nothing was changed there: choose a new "
-                         f"hydra.run.dir=DIR")
+                         f"(or choose a topology with as many agents as processes)")
+    check_fresh_run_dir(run_dir)
     return Plan(cfg, topo, strategy_weights(cfg.strategy.name, topo), run_dir)
 
 
@@ -157,16 +180,22 @@ def _hydra_main(node: DictConfig) -> None:
     try:
         plan = plan_run(from_omegaconf(node), env.world_size, run_dir)
     except ValueError as err:
-        _fail(err, env.rank)
+        _fail(err, env.rank, run_dir)
     execute(plan, env)
 
 
 def main() -> None:
     from .runtime import ProcessEnv
 
+    global _RUN_DIR_EXISTED
     env = ProcessEnv.from_environ()
     try:
         check_group_choices(sys.argv[1:])
+        run_dir = explicit_run_dir(sys.argv[1:])
+        if run_dir is not None:
+            # Checked before hydra starts: hydra would otherwise rewrite the old run's .hydra/ record first.
+            check_fresh_run_dir(run_dir)
+            _RUN_DIR_EXISTED = run_dir.exists()
     except UsageError as err:
         _fail(err, env.rank)
     if env.rank != 0:
