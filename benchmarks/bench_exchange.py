@@ -10,8 +10,8 @@ of the whole run, the mean (over agents) time per iteration spent computing (tas
 optimizer step) and exchanging (the combine step, communication and waiting included), their ratio, the bytes
 each agent sends per iteration, and each strategy's speed relative to noncooperative (no exchange).
 
-    .venv/bin/python benchmarks/bench_exchange.py            # N = 2000 (about 2 minutes on 2 cores)
-    .venv/bin/python benchmarks/bench_exchange.py --quick    # N = 300
+    .venv/bin/python benchmarks/bench_exchange.py            # N = 2000 (about 1.5 minutes on 2 idle cores)
+    .venv/bin/python benchmarks/bench_exchange.py --quick    # N = 300 (about 50 s: torchrun start-up, ~12 s a run, dominates)
     .venv/bin/python benchmarks/bench_exchange.py --iterations 500 --strategies dif_maml noncooperative
 """
 
@@ -20,13 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _cpu_share import CpuShare  # benchmarks/, first on sys.path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ("dif_maml", "centralized", "noncooperative")
@@ -39,7 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=None, help="iterations per strategy (overrides --quick)")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one torchrun may take before it is killed")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.iterations is not None and args.iterations < 1:
+        p.error("--iterations must be at least 1")
+    return args
 
 
 def torchrun_cmd() -> list[str]:
@@ -57,19 +62,30 @@ def run_strategy(strategy: str, iterations: int, tmp: Path, timeout: float) -> t
     print(f"  running {strategy:<15} ...", end="", flush=True)
     t0 = time.perf_counter()
     with open(log_path, "w") as out:
+        # Own process group, so that a timeout ends torchrun and its agent processes together.
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
-            proc = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            rc = proc.returncode
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            rc = "timeout"
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc = f"timeout after {timeout:.0f} s"
     elapsed = time.perf_counter() - t0
     summary_path = run_dir / "summary.json"
     if rc != 0 or not summary_path.is_file():
         print(" FAILED")
-        tail = log_path.read_text(errors="replace").splitlines()[-30:]
+        lines = log_path.read_text(errors="replace").splitlines()
+        # The workers' own messages come before torchrun's long ChildFailedError report: show them first.
+        cut = next((i for i, line in enumerate(lines) if "Traceback" in line and "elastic" in "".join(lines[i:i + 12])),
+                   len(lines))
+        shown = lines[max(0, cut - 20):cut] or lines[-30:]
         sys.exit(f"ABORT: {strategy} run failed (exit {rc}) after {elapsed:.1f} s:\n  {' '.join(cmd)}\n"
-                 + "\n".join("  | " + line for line in tail))
+                 + "\n".join("  | " + line for line in shown))
     print(f" done in {elapsed:5.1f} s")
     return json.loads(summary_path.read_text()), elapsed
 
@@ -97,7 +113,7 @@ def figures(summary: dict) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    iterations = args.iterations or (300 if args.quick else 2000)
+    iterations = args.iterations if args.iterations is not None else (300 if args.quick else 2000)
     cores = os.cpu_count()
     print(f"Exchange vs compute per iteration: {AGENTS} agents (paper6 graph), one torchrun process each, "
           f"{iterations} iterations per strategy, {cores} CPU core(s)")

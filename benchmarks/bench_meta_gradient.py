@@ -6,22 +6,22 @@ agree (``torch.allclose``), then timed side by side: blocks of calls are interle
 median of the per-call times over the blocks is reported. The last lines give the measured crossover (the
 smallest meta-batch from which vmap is faster) and compare it with the config default ``maml.vmap_min_tasks``.
 
-    .venv/bin/python benchmarks/bench_meta_gradient.py            # full run (about a minute on 2 cores)
-    .venv/bin/python benchmarks/bench_meta_gradient.py --quick    # fewer, shorter blocks (about 10 s)
+    .venv/bin/python benchmarks/bench_meta_gradient.py            # full run (about 45 s on 2 cores)
+    .venv/bin/python benchmarks/bench_meta_gradient.py --quick    # fewer, shorter blocks (about 8 s)
     .venv/bin/python benchmarks/bench_meta_gradient.py --threads 2 --sizes 1 4 25
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, when not installed
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _cpu_share
 
 import torch  # noqa: E402
 
@@ -32,7 +32,7 @@ from dif_maml_dist.flat import FlatLayout  # noqa: E402
 from dif_maml_dist.maml import make_loss, meta_gradient_loop, meta_gradient_vmap  # noqa: E402
 from dif_maml_dist.tasks import SinusoidTasks  # noqa: E402
 
-from _cpu_share import CpuShare  # noqa: E402  (benchmarks/, first on sys.path)
+from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
 
 SIZES = (1, 2, 3, 4, 5, 8, 25, 100)
 PATHS = {"loop": meta_gradient_loop, "vmap": meta_gradient_vmap}
