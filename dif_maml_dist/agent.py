@@ -8,9 +8,8 @@ in-memory transport, and in tests.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -21,7 +20,8 @@ from .combine import combine
 from .config import Config, OptimConfig
 from .flat import FlatLayout
 from .maml import META_GRADIENT_PATHS, adaptation_curve, choose_path, make_loss
-from .metrics import MetricsSink, NullSink, centroid_and_disagreement
+from .loop import RunResult, run_loop
+from .metrics import MetricsSink
 from .models import MLP, reset_parameters
 from .tasks import SinusoidTasks
 from .topology import CombinePlan
@@ -141,25 +141,35 @@ class Agent:
         if self.device.type == "cuda":  # kernels are asynchronous: time them honestly
             torch.cuda.synchronize(self.device)
 
-    def step(self) -> Tensor:
-        """One Dif-MAML iteration; returns the (detached) mean meta-training loss of its task batch."""
+    def adapt(self) -> Tensor:
+        """Adapt: sample tasks, meta-gradient, local optimizer step; ``state.params`` then holds phi_{k,i}.
+
+        Returns the (detached) mean meta-training loss of the task batch.
+        """
         m, st = self.cfg.maml, self.state
         t0 = time.perf_counter()
         batch = self.tasks.sample(st.rng, self.cfg.task.meta_batch).to(self.device, self.dtype)
         grad, loss = self._meta_gradient(self.loss, st.params, batch, m.inner_lr, m.inner_steps, m.first_order)
         st.params.grad = grad
-        st.optimizer.step()  # Adapt: phi_{k,i}
+        st.optimizer.step()
         st.params.grad = None
         self._sync()
-        t1 = time.perf_counter()
-        combined = self.combiner(st.params)  # Combine: w_{k,i}
+        self.compute_seconds += time.perf_counter() - t0
+        return loss
+
+    def set_combined(self, combined: Tensor) -> None:
+        """Combine's result becomes w_{k,i}; the iteration is complete."""
         with torch.no_grad():
-            st.params.copy_(combined)
+            self.state.params.copy_(combined)
+        self.state.iteration += 1
+
+    def step(self) -> Tensor:
+        """One Dif-MAML iteration (Adapt, then Combine through the combiner); returns the meta-training loss."""
+        loss = self.adapt()
+        t1 = time.perf_counter()
+        self.set_combined(self.combiner(self.state.params))
         self._sync()
-        t2 = time.perf_counter()
-        self.compute_seconds += t1 - t0
-        self.exchange_seconds += t2 - t1
-        st.iteration += 1
+        self.exchange_seconds += time.perf_counter() - t1
         return loss
 
     def test_curve(self, max_steps: int, params: Optional[Tensor] = None) -> list[float]:
@@ -172,94 +182,45 @@ class Agent:
 
 
 # ------------------------------------------------------------------------------------------------ agent loop
-@dataclass
-class RunResult:
-    """What one agent knows at the end of a run (rank 0 also holds the network-wide figures)."""
+class AgentCohort:
+    """One agent in its own process: the :class:`~dif_maml_dist.loop.Cohort` that torchrun runs."""
 
-    agent: dict[str, Any]
-    network: Optional[dict[str, Any]] = None
-    wall_seconds: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    def __init__(self, agent: Agent, transport: Transport):
+        self.agent, self.transport = agent, transport
+        self.cfg = agent.cfg
+        self.agent_ids = (agent.rank,)
+        self.is_root = transport.rank == 0
 
+    @property
+    def iteration(self) -> int:
+        return self.agent.state.iteration
 
-def _network_eval(agent: Agent, transport: Transport, max_steps: int) -> Optional[dict[str, Any]]:
-    """Centroid test curve and disagreement. A collective over all agents: every agent must call it."""
-    states = transport.all_gather_object(agent.state.params.detach().cpu())
-    if transport.rank != 0:
-        return None
-    centroid, disagreement = centroid_and_disagreement(torch.stack(states))
-    return {"centroid": centroid, "curve": agent.test_curve(max_steps, centroid), "disagreement": disagreement}
+    def step(self) -> list[Tensor]:
+        return [self.agent.step()]
+
+    def counters(self, i: int) -> dict[str, float]:
+        return {"compute_s": self.agent.compute_seconds, "exchange_s": self.agent.exchange_seconds,
+                "bytes_sent": self.transport.bytes_sent}
+
+    def test_curve(self, i: int, max_steps: int) -> list[float]:
+        return self.agent.test_curve(max_steps)
+
+    def all_states(self) -> Optional[Tensor]:
+        states = self.transport.all_gather_object(self.agent.state.params.detach().cpu())
+        return torch.stack(states) if self.is_root else None
+
+    def gather(self, items: list[dict[str, Any]]) -> Optional[list[dict[str, Any]]]:
+        everyone = self.transport.all_gather_object(items)
+        return [item for part in everyone for item in part] if self.is_root else None
+
+    def params_curve(self, params: Tensor, max_steps: int) -> list[float]:
+        return self.agent.test_curve(max_steps, params)
 
 
 def run_agent(agent: Agent, transport: Transport, sink: MetricsSink | None = None,
               network_sink: MetricsSink | None = None, progress: bool = False) -> RunResult:
-    """Train ``agent`` for ``cfg.train.iterations`` and evaluate it (and, on rank 0, the network) as scheduled.
-
-    All agents must run this together: evaluation steps contain collectives (diagnostics only).
-    """
-    cfg, st = agent.cfg, agent.state
-    sink = sink or NullSink()
-    network_sink = network_sink or NullSink()
-    tr, m = cfg.train, cfg.maml
-    total = tr.iterations
-    history: list[dict[str, Any]] = []
-
-    def evaluate(record: dict[str, Any]) -> None:
-        curve = agent.test_curve(m.eval_inner_steps)
-        record["test_loss_pre"], record["test_loss_post"] = curve[0], curve[-1]
-        net = _network_eval(agent, transport, m.eval_inner_steps)
-        if net is not None:
-            nrec = {"iteration": st.iteration, "centroid_test_loss_pre": net["curve"][0],
-                    "centroid_test_loss_post": net["curve"][-1], "disagreement": net["disagreement"],
-                    "wall_s": time.perf_counter() - start}
-            network_sink.write(nrec)
-            history.append(nrec)
-            if progress:
-                rate = (st.iteration - last["it"]) / max(time.perf_counter() - last["t"], 1e-9)
-                train = record.get("meta_train_loss")
-                log.info("iter %d/%d | train %s | agent0 test %.4f -> %.4f | centroid %.4f | disagreement %.3g | "
-                         "%.0f it/s", st.iteration, total, "-" if train is None else f"{train:.4f}",
-                         curve[0], curve[-1], net["curve"][-1], net["disagreement"], rate)
-                last["it"], last["t"] = st.iteration, time.perf_counter()
-
-    start = time.perf_counter()
-    last = {"it": st.iteration, "t": start}
-    window_loss, window_n = None, 0
-    first = {"iteration": st.iteration, "bytes_sent": transport.bytes_sent}
-    evaluate(first)
-    sink.write(first)
-    while st.iteration < total:
-        loss = agent.step()
-        window_loss = loss if window_loss is None else window_loss + loss
-        window_n += 1
-        it = st.iteration
-        is_eval = it % tr.eval_every == 0 or it == total
-        if is_eval or it % tr.log_every == 0:
-            mean_loss = float(window_loss) / window_n
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"agent {agent.rank}: meta-training loss is {mean_loss} at iteration {it}; "
-                                         f"lower optim.lr or maml.inner_lr")
-            record = {"iteration": it, "meta_train_loss": mean_loss,
-                      "compute_s": agent.compute_seconds, "exchange_s": agent.exchange_seconds,
-                      "bytes_sent": transport.bytes_sent, "wall_s": time.perf_counter() - start}
-            window_loss, window_n = None, 0
-            if is_eval:
-                evaluate(record)
-            sink.write(record)
-
-    # Final figures: loss vs number of adaptation steps, per agent and for the centroid.
-    st.bytes_sent = transport.bytes_sent
-    horizon = max(m.final_adapt_steps, m.eval_inner_steps)
-    curve = agent.test_curve(horizon)
-    mine = {"agent": agent.rank, "final_test_loss": curve[m.eval_inner_steps], "final_test_loss_pre": curve[0],
-            "adaptation_curve": curve[:m.final_adapt_steps + 1], "bytes_sent": transport.bytes_sent,
-            "compute_seconds": agent.compute_seconds, "exchange_seconds": agent.exchange_seconds}
-    agents = transport.all_gather_object(mine)
-    net = _network_eval(agent, transport, horizon)
-    wall = time.perf_counter() - start
-    network = None
-    if net is not None:
-        network = {"agents": agents, "centroid": net["centroid"], "disagreement": net["disagreement"],
-                   "centroid_test_loss": net["curve"][m.eval_inner_steps], "centroid_test_loss_pre": net["curve"][0],
-                   "centroid_adaptation_curve": net["curve"][:m.final_adapt_steps + 1]}
-    return RunResult(mine, network, wall, history)
+    """Train ``agent`` as one process of the network (every agent must run this together: evaluation steps
+    contain collectives, for diagnostics only)."""
+    result = run_loop(AgentCohort(agent, transport), None if sink is None else [sink], network_sink, progress)
+    agent.state.bytes_sent = transport.bytes_sent
+    return result

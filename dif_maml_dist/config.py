@@ -20,6 +20,7 @@ META_GRAD_PATHS = ("auto", "loop", "vmap")
 DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
+RUNTIME_MODES = ("torchrun", "simulate")
 INITS = ("shared", "per_agent")
 
 
@@ -108,6 +109,8 @@ class TrainConfig:
 class RuntimeConfig:
     """Process, device and communication settings for one agent process."""
 
+    mode: str = "torchrun"  #: torchrun: one agent per process; simulate: all agents in one process (python -m ...)
+    vectorize: bool = True  #: simulate only: vmap over agents (fast) or per-agent code (bit-identical to torchrun)
     device: str = "auto"  #: auto: cuda:LOCAL_RANK if CUDA is available and the backend is nccl, else cpu
     backend: str = "auto"  #: auto: nccl on cuda, gloo on cpu
     threads: int = 1  #: torch intra-op threads per agent process on CPU (agents usually outnumber cores)
@@ -196,6 +199,7 @@ def validate(cfg: Config) -> Config:
     _choice(tr.dtype, DTYPES, "train.dtype")
 
     r = cfg.runtime
+    _choice(r.mode, RUNTIME_MODES, "runtime.mode")
     _choice(r.device, DEVICES, "runtime.device")
     _choice(r.backend, BACKENDS, "runtime.backend")
     _positive(r.threads, "runtime.threads")

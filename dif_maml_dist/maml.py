@@ -91,15 +91,21 @@ def _task_meta_loss(loss: LossFn, inner_lr: float, inner_steps: int, first_order
     return task_meta_loss
 
 
-def meta_gradient_vmap(loss: LossFn, flat: Tensor, batch: TaskBatch, inner_lr: float, inner_steps: int,
-                       first_order: bool = False) -> tuple[Tensor, Tensor]:
-    """Meta-gradient and mean meta-loss, all tasks at once: ``grad`` of the ``vmap``-ped task meta-loss."""
+def batched_meta_gradient(loss: LossFn, inner_lr: float, inner_steps: int, first_order: bool = False):
+    """``f(w, xs, ys, xq, yq) -> (meta_gradient, mean_meta_loss)`` over a task batch, as a pure ``torch.func``
+    function: ``grad`` of the ``vmap``-ped task meta-loss. It composes with a further ``vmap`` (over agents)."""
     per_task = torch.vmap(_task_meta_loss(loss, inner_lr, inner_steps, first_order), in_dims=(None, 0, 0, 0, 0))
 
-    def mean_meta_loss(w: Tensor) -> Tensor:
-        return per_task(w, *batch.tensors()).mean()
+    def mean_meta_loss(w: Tensor, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        return per_task(w, xs, ys, xq, yq).mean()
 
-    meta, value = torch.func.grad_and_value(mean_meta_loss)(flat.detach())
+    return torch.func.grad_and_value(mean_meta_loss)
+
+
+def meta_gradient_vmap(loss: LossFn, flat: Tensor, batch: TaskBatch, inner_lr: float, inner_steps: int,
+                       first_order: bool = False) -> tuple[Tensor, Tensor]:
+    """Meta-gradient and mean meta-loss, all tasks at once (see :func:`batched_meta_gradient`)."""
+    meta, value = batched_meta_gradient(loss, inner_lr, inner_steps, first_order)(flat.detach(), *batch.tensors())
     return meta, value.detach()
 
 

@@ -103,72 +103,127 @@ class Plan:
 def plan_run(cfg: Config, world_size: int, run_dir: Path) -> Plan:
     """Build and check the topology against the launch; refuse to overwrite an earlier run. Raises ``ValueError``."""
     topo = build_topology(cfg.topology)
-    if topo.num_agents != world_size:
+    if cfg.runtime.mode == "simulate":
+        if world_size != 1:
+            raise UsageError(f"runtime=simulate runs all {topo.num_agents} agents in one process, but {world_size} "
+                             f"were started: run it with python -m dif_maml_dist.train, not torchrun")
+    elif topo.num_agents != world_size:
         raise UsageError(f"topology {cfg.topology.name!r} has {topo.num_agents} agents but {world_size} process(es) "
                          f"were started; launch with torchrun --nproc-per-node={topo.num_agents} "
-                         f"(or choose a topology with as many agents as processes)")
+                         f"(or choose a topology with as many agents as processes, or runtime=simulate)")
     check_fresh_run_dir(run_dir)
     return Plan(cfg, topo, strategy_weights(cfg.strategy.name, topo), run_dir)
 
 
+def _log_start(plan: Plan, device) -> None:
+    cfg, topo = plan.cfg, plan.topology
+    log.info("run dir %s", plan.run_dir.resolve())
+    log.info("%s on %s (%d agents, %s weights, lambda_2 = %.4f; effective lambda_2 = %.4f), %s lr=%g, "
+             "%d iterations, %s on %s", cfg.strategy.name, topo.name, topo.num_agents, cfg.topology.weights,
+             topo.lambda2, mixing_rate(plan.weights), cfg.optim.name, cfg.optim.lr, cfg.train.iterations,
+             cfg.runtime.mode, device)
+
+
+def _write_summary(plan: Plan, result, named_params, extra: dict) -> dict:
+    """The root's closing act: centroid model and ``summary.json`` (both written atomically)."""
+    from .metrics import save_tensors_atomic, write_json_atomic
+
+    cfg, topo, net = plan.cfg, plan.topology, result.network
+    if cfg.train.save_models:
+        save_tensors_atomic(plan.run_dir / "models" / "centroid.pt", named_params(net["centroid"]))
+    agents = net["agents"]
+    summary = {
+        "strategy": cfg.strategy.name, "topology": topo.name, "weights": cfg.topology.weights,
+        "num_agents": topo.num_agents, "edges": sorted(sorted(e) for e in topo.graph.edges),
+        "lambda2": mixing_rate(plan.weights), "topology_lambda2": topo.lambda2,
+        "optim": cfg.optim.name, "lr": cfg.optim.lr, "iterations": cfg.train.iterations, "seed": cfg.seed,
+        "runtime": cfg.runtime.mode, **extra,
+        "wall_seconds": result.wall_seconds,
+        "centroid_test_loss": net["centroid_test_loss"], "centroid_test_loss_pre": net["centroid_test_loss_pre"],
+        "centroid_adaptation_curve": net["centroid_adaptation_curve"], "disagreement": net["disagreement"],
+        "mean_final_test_loss": sum(a["final_test_loss"] for a in agents) / len(agents),
+        "agents": agents,
+        "config": asdict(cfg),
+    }
+    write_json_atomic(plan.run_dir / "summary.json", summary)
+    log.info("done in %.1f s: centroid test loss %.4f (after %d step), mean agent %.4f, disagreement %.3g; "
+             "summary in %s", result.wall_seconds, summary["centroid_test_loss"], cfg.maml.eval_inner_steps,
+             summary["mean_final_test_loss"], summary["disagreement"], plan.run_dir / "summary.json")
+    return summary
+
+
+def _sinks(run_dir: Path, agent_ids, root: bool):
+    from .metrics import JsonlSink
+
+    sinks = [JsonlSink(run_dir / "metrics" / f"agent{k}.jsonl") for k in agent_ids]
+    return sinks, (JsonlSink(run_dir / "metrics" / "network.jsonl") if root else None)
+
+
 def execute(plan: Plan, env) -> dict | None:
-    """Run this process's agent; rank 0 returns (and writes) the run summary."""
+    """Run this process's agent (or, with runtime=simulate, all agents); the root returns the run summary."""
     from .agent import Agent, make_combiner, run_agent
-    from .metrics import JsonlSink, save_tensors_atomic, write_json_atomic
+    from .metrics import save_tensors_atomic
     from .runtime import distributed, select_backend, select_device, setup_logging
 
     cfg, topo, run_dir = plan.cfg, plan.topology, plan.run_dir
     device = select_device(cfg.runtime, env)
+    if cfg.runtime.mode == "simulate":
+        return simulate(plan, device)
     with distributed(cfg.runtime, env, device) as transport:
         # Created only after the first barrier: every rank has passed the "fresh run directory" check by now.
         setup_logging(env.rank, run_dir / "logs")
-        lam = mixing_rate(plan.weights)
         if env.rank == 0:
-            log.info("run dir %s", run_dir.resolve())
-            log.info("%s on %s (%d agents, %s weights, lambda_2 = %.4f; effective lambda_2 = %.4f), %s lr=%g, "
-                     "%d iterations, device %s", cfg.strategy.name, topo.name, topo.num_agents, cfg.topology.weights,
-                     topo.lambda2, lam, cfg.optim.name, cfg.optim.lr, cfg.train.iterations, device)
+            _log_start(plan, device)
         plan_k = combine_plan(plan.weights, env.rank)
         agent = Agent(cfg, env.rank, topo.num_agents, make_combiner(cfg.strategy.name, plan_k, transport), device)
         log.info("neighbours %s weights %s (self %.4f), %d parameters, meta-gradient path %s",
                  plan_k.neighbors, [round(w, 4) for w in plan_k.neighbor_weights], plan_k.self_weight,
                  agent.layout.numel, agent.meta_grad_path)
-        sink = JsonlSink(run_dir / "metrics" / f"agent{env.rank}.jsonl")
-        network_sink = JsonlSink(run_dir / "metrics" / "network.jsonl") if env.rank == 0 else None
+        sinks, network_sink = _sinks(run_dir, [env.rank], env.rank == 0)
         try:
-            result = run_agent(agent, transport, sink, network_sink, progress=env.rank == 0)
+            result = run_agent(agent, transport, sinks[0], network_sink, progress=env.rank == 0)
         finally:
-            sink.close()
-            if network_sink is not None:
-                network_sink.close()
+            for sink in [*sinks, network_sink]:
+                if sink is not None:
+                    sink.close()
         if cfg.train.save_models:
             (run_dir / "models").mkdir(exist_ok=True)
             save_tensors_atomic(run_dir / "models" / f"agent{env.rank}.pt", agent.named_params())
         if env.rank != 0:
             return None
-        net = result.network
-        if cfg.train.save_models:
-            save_tensors_atomic(run_dir / "models" / "centroid.pt", agent.named_params(net["centroid"]))
-        agents = net["agents"]
-        summary = {
-            "strategy": cfg.strategy.name, "topology": topo.name, "weights": cfg.topology.weights,
-            "num_agents": topo.num_agents, "edges": sorted(sorted(e) for e in topo.graph.edges),
-            "lambda2": lam, "topology_lambda2": topo.lambda2,
-            "optim": cfg.optim.name, "lr": cfg.optim.lr, "iterations": cfg.train.iterations, "seed": cfg.seed,
-            "parameters": agent.layout.numel, "meta_grad_path": agent.meta_grad_path,
-            "device": str(device), "backend": select_backend(cfg.runtime, device) if env.under_torchrun else "none",
-            "wall_seconds": result.wall_seconds,
-            "centroid_test_loss": net["centroid_test_loss"], "centroid_test_loss_pre": net["centroid_test_loss_pre"],
-            "centroid_adaptation_curve": net["centroid_adaptation_curve"], "disagreement": net["disagreement"],
-            "mean_final_test_loss": sum(a["final_test_loss"] for a in agents) / len(agents),
-            "agents": agents,
-            "config": asdict(cfg),
-        }
-        write_json_atomic(run_dir / "summary.json", summary)
-        log.info("done in %.1f s: centroid test loss %.4f (after %d step), mean agent %.4f, disagreement %.3g; "
-                 "summary in %s", result.wall_seconds, summary["centroid_test_loss"], cfg.maml.eval_inner_steps,
-                 summary["mean_final_test_loss"], summary["disagreement"], run_dir / "summary.json")
-        return summary
+        return _write_summary(plan, result, agent.named_params, {
+            "parameters": agent.layout.numel, "meta_grad_path": agent.meta_grad_path, "device": str(device),
+            "backend": select_backend(cfg.runtime, device) if env.under_torchrun else "none"})
+
+
+def simulate(plan: Plan, device) -> dict:
+    """All agents in this one process (runtime=simulate); same outputs as a torchrun job."""
+    import torch
+
+    from .loop import run_loop
+    from .metrics import save_tensors_atomic
+    from .runtime import setup_logging
+    from .simulate import Simulation
+
+    cfg, run_dir = plan.cfg, plan.run_dir
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.runtime.threads)
+    setup_logging(0, run_dir / "logs")
+    _log_start(plan, device)
+    sim = Simulation(cfg, plan.weights, device, vectorize=cfg.runtime.vectorize)
+    sinks, network_sink = _sinks(run_dir, sim.agent_ids, True)
+    try:
+        result = run_loop(sim, sinks, network_sink, progress=True)
+    finally:
+        for sink in [*sinks, network_sink]:
+            sink.close()
+    if cfg.train.save_models:
+        (run_dir / "models").mkdir(exist_ok=True)
+        for k, params in enumerate(sim.states()):
+            save_tensors_atomic(run_dir / "models" / f"agent{k}.pt", sim.named_params(params))
+    return _write_summary(plan, result, sim.named_params, {
+        "parameters": sim.layout.numel, "meta_grad_path": "vmap (over agents)" if sim.vectorize else "per agent",
+        "device": str(device), "backend": "none"})
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -29,3 +29,13 @@ def small_config(strategy: str = "dif_maml", iterations: int = 12, optim: str = 
                         dtype="float64", save_models=False, **train)
     return validate(cfg)
 
+
+
+def simulated_states(cfg: Config, weights, iterations: int, vectorize: bool = True):
+    """Final ``[K, P]`` parameters of the in-process simulator after ``iterations`` lock-step iterations."""
+    from dif_maml_dist.simulate import Simulation
+
+    sim = Simulation(cfg, weights, vectorize=vectorize)
+    for _ in range(iterations):
+        sim.step()
+    return sim.states().detach().clone()

@@ -40,7 +40,7 @@ def test_torchrun_six_agents_short_run(tmp_path, strategy, extra, degrees):
     iters, run_dir = 40, tmp_path / "run"
     proc = train([f"strategy={strategy}", *extra, f"train.iterations={iters}", "train.eval_every=20",
                   "train.log_every=10", "task.eval_tasks=100", f"hydra.run.dir={run_dir}"], nproc=6)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[:4000] + " ... " + proc.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["strategy"] == strategy and summary["num_agents"] == 6 and summary["iterations"] == iters
     assert summary["parameters"] == PARAMS
@@ -71,6 +71,21 @@ def test_torchrun_six_agents_short_run(tmp_path, strategy, extra, degrees):
         assert summary["disagreement"] > 1e-6
     # rank 0 alone prints progress
     assert proc.stderr.count("[agent 0] INFO iter 40/40") == 1 and "[agent 3] INFO" not in proc.stderr
+    if strategy == "dif_maml":
+        # The same command with runtime=simulate (per-agent engine) runs all six agents in this one process
+        # and must reproduce the torchrun job exactly: same float32 arithmetic in the same order.
+        sim_dir = tmp_path / "sim"
+        sim = train([f"strategy={strategy}", *extra, f"train.iterations={iters}", "train.eval_every=20",
+                     "train.log_every=10", "task.eval_tasks=100", "runtime=simulate", "runtime.vectorize=false",
+                     f"hydra.run.dir={sim_dir}"])
+        assert sim.returncode == 0, sim.stderr[-3000:]
+        simulated = json.loads((sim_dir / "summary.json").read_text())
+        assert simulated["runtime"] == "simulate"
+        for a, b in zip(summary["agents"], simulated["agents"]):
+            assert a["adaptation_curve"] == b["adaptation_curve"] and a["bytes_sent"] == b["bytes_sent"]
+        assert simulated["centroid_test_loss"] == summary["centroid_test_loss"]
+        assert sorted(p.name for p in (sim_dir / "metrics").iterdir()) == sorted(
+            p.name for p in (run_dir / "metrics").iterdir())
 
 
 def _edge_file(tmp_path: Path, text: str) -> str:
@@ -116,9 +131,14 @@ def test_bad_input_is_one_line_error(tmp_path, case):
         assert not run_dir.exists()  # a run that never started leaves no directory behind
 
 
-def test_nproc_mismatch_under_torchrun_reports_once(tmp_path):
-    """Under torchrun every rank detects the mismatch, but the user sees the message once (from rank 0)."""
+def test_launch_mismatches_under_torchrun_report_once(tmp_path):
+    """Under torchrun every rank detects a bad launch, but the user sees the message once (from rank 0):
+    a process count that is not the topology's, and the single-process simulator started under torchrun."""
     proc = train([f"hydra.run.dir={tmp_path / 'run'}"], nproc=2)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert out.count("dif_maml_dist: error: topology 'paper6' has 6 agents but 2 process(es) were started") == 1
+    proc = train(["runtime=simulate", f"hydra.run.dir={tmp_path / 'run2'}"], nproc=2)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert out.count("dif_maml_dist: error: runtime=simulate runs all 6 agents in one process, but 2 were") == 1

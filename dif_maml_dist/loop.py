@@ -1,0 +1,150 @@
+"""The training schedule, shared by every way of running agents: one agent per process (torchrun), or all
+agents in one process (the simulator). Both drive a :class:`Cohort` — the agents this process owns — through the
+same iterations, evaluations, records and final figures, so their outputs have one format.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, Sequence
+
+from torch import Tensor
+
+from .config import Config
+from .metrics import MetricsSink, NullSink, centroid_and_disagreement
+
+log = logging.getLogger(__name__)
+
+
+class Cohort(Protocol):
+    """The agents one process drives. Methods marked *collective* must be called by every process together."""
+
+    cfg: Config
+    agent_ids: Sequence[int]  #: global ids of the local agents
+    is_root: bool  #: this process computes and writes the network-wide figures
+
+    @property
+    def iteration(self) -> int: ...
+
+    def step(self) -> Sequence[Tensor]:
+        """One iteration of every local agent; their meta-training losses."""
+
+    def counters(self, i: int) -> dict[str, float]:
+        """``compute_s``, ``exchange_s``, ``bytes_sent`` of local agent ``i`` (cumulative)."""
+
+    def test_curve(self, i: int, max_steps: int) -> list[float]:
+        """Local agent ``i``'s mean test loss after 0..max_steps adaptation steps."""
+
+    def all_states(self) -> Optional[Tensor]:
+        """*Collective*: every agent's flat parameters ``[K, P]`` on the root, ``None`` elsewhere."""
+
+    def gather(self, items: list[dict[str, Any]]) -> Optional[list[dict[str, Any]]]:
+        """*Collective*: the local agents' ``items`` from every process, by agent id, on the root."""
+
+    def params_curve(self, params: Tensor, max_steps: int) -> list[float]:
+        """Test curve of arbitrary parameters (the centroid)."""
+
+
+@dataclass
+class RunResult:
+    """What a process knows at the end of a run (the root also holds the network-wide figures)."""
+
+    agents: list[dict[str, Any]]  #: final figures of the local agents
+    network: Optional[dict[str, Any]] = None  #: root only: all agents, centroid, disagreement
+    wall_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  #: root only: the network records
+
+
+def _network_eval(cohort: Cohort, max_steps: int) -> Optional[dict[str, Any]]:
+    states = cohort.all_states()
+    if states is None:
+        return None
+    centroid, disagreement = centroid_and_disagreement(states)
+    return {"centroid": centroid, "curve": cohort.params_curve(centroid, max_steps), "disagreement": disagreement}
+
+
+def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network_sink: MetricsSink | None = None,
+             progress: bool = False) -> RunResult:
+    """Train for ``cfg.train.iterations``; evaluate at 0, every ``eval_every`` and at the end; log every
+    ``log_every``. ``sinks[i]`` receives local agent ``i``'s records, ``network_sink`` the root's network records."""
+    cfg = cohort.cfg
+    tr, m = cfg.train, cfg.maml
+    local = range(len(cohort.agent_ids))
+    sinks = list(sinks) if sinks is not None else [NullSink() for _ in local]
+    network_sink = network_sink or NullSink()
+    history: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    last = {"it": cohort.iteration, "t": start}
+
+    def evaluate(records: list[dict[str, Any]]) -> None:
+        curves = [cohort.test_curve(i, m.eval_inner_steps) for i in local]
+        for rec, curve in zip(records, curves):
+            rec["test_loss_pre"], rec["test_loss_post"] = curve[0], curve[-1]
+        net = _network_eval(cohort, m.eval_inner_steps)
+        if net is None:
+            return
+        nrec = {"iteration": cohort.iteration, "centroid_test_loss_pre": net["curve"][0],
+                "centroid_test_loss_post": net["curve"][-1], "disagreement": net["disagreement"],
+                "wall_s": time.perf_counter() - start}
+        network_sink.write(nrec)
+        history.append(nrec)
+        if progress:
+            now = time.perf_counter()
+            rate = (cohort.iteration - last["it"]) / max(now - last["t"], 1e-9)
+            train = records[0].get("meta_train_loss")
+            log.info("iter %d/%d | train %s | agent%d test %.4f -> %.4f | centroid %.4f | disagreement %.3g | "
+                     "%.0f it/s", cohort.iteration, tr.iterations, "-" if train is None else f"{train:.4f}",
+                     cohort.agent_ids[0], curves[0][0], curves[0][-1], net["curve"][-1], net["disagreement"], rate)
+            last["it"], last["t"] = cohort.iteration, now
+
+    first = [{"iteration": cohort.iteration, "bytes_sent": cohort.counters(i)["bytes_sent"]} for i in local]
+    evaluate(first)
+    for sink, rec in zip(sinks, first):
+        sink.write(rec)
+
+    window: list[Any] = [0.0 for _ in local]
+    window_n = 0
+    while cohort.iteration < tr.iterations:
+        losses = cohort.step()
+        window = [w + loss for w, loss in zip(window, losses)]
+        window_n += 1
+        it = cohort.iteration
+        is_eval = it % tr.eval_every == 0 or it == tr.iterations
+        if not (is_eval or it % tr.log_every == 0):
+            continue
+        records = []
+        for i in local:
+            mean_loss = float(window[i]) / window_n
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"agent {cohort.agent_ids[i]}: meta-training loss is {mean_loss} at "
+                                         f"iteration {it}; lower optim.lr or maml.inner_lr")
+            records.append({"iteration": it, "meta_train_loss": mean_loss, **cohort.counters(i),
+                            "wall_s": time.perf_counter() - start})
+        window, window_n = [0.0 for _ in local], 0
+        if is_eval:
+            evaluate(records)
+        for sink, rec in zip(sinks, records):
+            sink.write(rec)
+
+    # Final figures: loss vs number of adaptation steps, per agent and for the centroid.
+    horizon = max(m.final_adapt_steps, m.eval_inner_steps)
+    mine = []
+    for i in local:
+        curve = cohort.test_curve(i, horizon)
+        c = cohort.counters(i)
+        mine.append({"agent": cohort.agent_ids[i], "final_test_loss": curve[m.eval_inner_steps],
+                     "final_test_loss_pre": curve[0], "adaptation_curve": curve[:m.final_adapt_steps + 1],
+                     "bytes_sent": c["bytes_sent"], "compute_seconds": c["compute_s"],
+                     "exchange_seconds": c["exchange_s"]})
+    everyone = cohort.gather(mine)
+    net = _network_eval(cohort, horizon)
+    network = None
+    if net is not None:
+        assert everyone is not None
+        network = {"agents": everyone, "centroid": net["centroid"], "disagreement": net["disagreement"],
+                   "centroid_test_loss": net["curve"][m.eval_inner_steps], "centroid_test_loss_pre": net["curve"][0],
+                   "centroid_adaptation_curve": net["curve"][:m.final_adapt_steps + 1]}
+    return RunResult(mine, network, time.perf_counter() - start, history)

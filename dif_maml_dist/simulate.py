@@ -1,0 +1,149 @@
+"""All K agents in one process, in lock-step, with the dense combination matrix.
+
+The numerical reference for the distributed runtime and the tool for large-K studies. It uses the runtime's
+own building blocks (per-agent seeded task samplers, MAML functions, optimizers, initialisation), and runs
+through the same schedule (:func:`~dif_maml_dist.loop.run_loop`), so its outputs have the runtime's format.
+
+Two engines:
+
+- ``per_agent`` (``simulate.vectorize=false``): K :class:`~dif_maml_dist.agent.Agent` objects; each adapts with
+  exactly the runtime's code, then each combines with the runtime's :func:`~dif_maml_dist.combine.combine`
+  (same terms, same order). Dif-MAML and non-cooperative runs equal the torchrun processes bit for bit.
+- ``vectorized`` (default): one ``[K, P]`` parameter tensor; the meta-gradients of all agents in one
+  ``vmap`` over agents, one optimizer step over the stack (Adam and SGD are elementwise, so this is K local
+  optimizers), and ``W = A^T Phi`` as one (sparse, for sparse graphs) matrix product. Equal to the runtime up
+  to floating-point summation order (~1e-15 relative per step in float64).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import seeding
+from .agent import Agent, build_model, initial_params, make_optimizer
+from .combine import combine
+from .config import Config
+from .flat import FlatLayout
+from .maml import TaskBatch, adaptation_curve, batched_meta_gradient, make_loss
+from .tasks import SinusoidTasks
+from .topology import combine_plan
+
+#: Below this density a sparse matrix product is used for the combine (large, sparse graphs).
+_SPARSE_BELOW = 0.25
+
+
+def nominal_bytes_per_iteration(strategy: str, weights: np.ndarray, agent: int, message_bytes: int) -> int:
+    """What the torchrun runtime sends per iteration for this agent (the simulator sends nothing itself)."""
+    k = weights.shape[0]
+    if strategy == "dif_maml":
+        return combine_plan(weights, agent).degree * message_bytes
+    if strategy == "centralized":
+        return 2 * (k - 1) * message_bytes // k  # ring all-reduce volume, as TorchDistTransport counts it
+    return 0
+
+
+class Simulation:
+    """K agents in lock-step; also the :class:`~dif_maml_dist.loop.Cohort` the simulator mode runs."""
+
+    is_root = True
+
+    def __init__(self, cfg: Config, weights: np.ndarray, device: torch.device | str = "cpu", vectorize: bool = True):
+        self.cfg, self.weights = cfg, np.asarray(weights, dtype=np.float64)
+        k = self.weights.shape[0]
+        self.num_agents, self.agent_ids = k, tuple(range(k))
+        self.device, self.dtype = torch.device(device), getattr(torch, cfg.train.dtype)
+        self.vectorize = vectorize
+        model = build_model(cfg).to(device=self.device, dtype=self.dtype)
+        self.layout = FlatLayout.of(model)
+        self.loss = make_loss(model, self.layout)
+        self.eval_batch = SinusoidTasks.eval_set(cfg.task, cfg.seed).to(self.device, self.dtype)
+        self.compute_seconds = self.exchange_seconds = 0.0
+        self._iteration = 0
+        msg = self.layout.numel * torch.empty((), dtype=self.dtype).element_size()
+        self._bytes_per_iter = [nominal_bytes_per_iteration(cfg.strategy.name, self.weights, a, msg) for a in range(k)]
+        if vectorize:
+            self.params = torch.stack([initial_params(cfg, a, self.dtype, self.device) for a in range(k)])
+            self.optimizer = make_optimizer(cfg.optim, self.params)
+            self.tasks = [SinusoidTasks(cfg.task, a, k) for a in range(k)]
+            self.rngs = [seeding.generator(cfg.seed, seeding.TASKS, a) for a in range(k)]
+            m = cfg.maml
+            self._meta_gradients = torch.vmap(batched_meta_gradient(self.loss, m.inner_lr, m.inner_steps,
+                                                                    m.first_order))
+            a_t = torch.as_tensor(self.weights.T, dtype=self.dtype, device=self.device)
+            density = np.count_nonzero(self.weights) / self.weights.size
+            if density < _SPARSE_BELOW and self.device.type == "cpu":
+                with warnings.catch_warnings():  # "sparse CSR support is in beta": a plain product is all we use
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._mix = a_t.to_sparse_csr()
+            else:
+                self._mix = a_t
+        else:
+            self.agents = [Agent(cfg, a, k, combiner=None, device=self.device) for a in range(k)]
+            self.plans = [combine_plan(self.weights, a) for a in range(k)]
+
+    # -- state -------------------------------------------------------------------------------------------
+    @property
+    def iteration(self) -> int:
+        return self._iteration
+
+    def states(self) -> Tensor:
+        """All agents' flat parameters, ``[K, P]``."""
+        if self.vectorize:
+            return self.params
+        return torch.stack([a.state.params for a in self.agents])
+
+    # -- one iteration -----------------------------------------------------------------------------------
+    def step(self) -> Sequence[Tensor]:
+        t0 = time.perf_counter()
+        if self.vectorize:
+            batches = [t.sample(g, self.cfg.task.meta_batch) for t, g in zip(self.tasks, self.rngs)]
+            stacked = TaskBatch(*(torch.stack(parts).to(self.device, self.dtype)
+                                  for parts in zip(*(b.tensors() for b in batches))))
+            grads, losses = self._meta_gradients(self.params.detach(), *stacked.tensors())
+            self.params.grad = grads
+            self.optimizer.step()
+            self.params.grad = None
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                self.params.copy_(self._mix @ self.params)
+            losses = list(losses.detach())
+        else:
+            losses = [a.adapt() for a in self.agents]
+            t1 = time.perf_counter()
+            phis = [a.state.params.clone() for a in self.agents]  # everyone combines the same phi_i
+            for agent, plan in zip(self.agents, self.plans):
+                received = {l: phis[l] for l in plan.neighbors}
+                agent.set_combined(combine(plan, phis[agent.rank], received))
+        self.compute_seconds += t1 - t0
+        self.exchange_seconds += time.perf_counter() - t1
+        self._iteration += 1
+        return losses
+
+    # -- Cohort interface (see loop.py) ------------------------------------------------------------------
+    def counters(self, i: int) -> dict[str, float]:
+        # Time is the whole simulation's (agents are not separable when vectorised); bytes are what agent i
+        # would send under torchrun.
+        return {"compute_s": self.compute_seconds, "exchange_s": self.exchange_seconds,
+                "bytes_sent": self._bytes_per_iter[i] * self._iteration}
+
+    def params_curve(self, params: Tensor, max_steps: int) -> list[float]:
+        return adaptation_curve(self.loss, params.to(self.device, self.dtype), self.eval_batch,
+                                self.cfg.maml.inner_lr, max_steps).tolist()
+
+    def test_curve(self, i: int, max_steps: int) -> list[float]:
+        return self.params_curve(self.states()[i], max_steps)
+
+    def all_states(self) -> Optional[Tensor]:
+        return self.states().detach().cpu()
+
+    def gather(self, items: list[dict[str, Any]]) -> Optional[list[dict[str, Any]]]:
+        return items
+
+    def named_params(self, params: Tensor) -> dict[str, Tensor]:
+        return self.layout.unflatten(params)
