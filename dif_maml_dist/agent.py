@@ -7,6 +7,7 @@ in-memory transport, and in tests.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -88,8 +89,10 @@ class AgentState:
     bytes_sent: int = 0
 
     def state_dict(self) -> dict[str, Any]:
+        # A snapshot: optimizer.state_dict() holds references to the live moment tensors.
         return {"iteration": self.iteration, "params": self.params.detach().clone(),
-                "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(), "bytes_sent": self.bytes_sent}
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "rng": self.rng.get_state(),
+                "bytes_sent": self.bytes_sent}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -117,8 +120,9 @@ def initial_params(cfg: Config, agent: int, dtype: torch.dtype, device: torch.de
 class Agent:
     """Agent ``rank`` of ``num_agents``; ``combiner`` decides the strategy."""
 
-    def __init__(self, cfg: Config, rank: int, num_agents: int, combiner: Callable[[Tensor], Tensor],
+    def __init__(self, cfg: Config, rank: int, num_agents: int, combiner: Optional[Callable[[Tensor], Tensor]],
                  device: torch.device | str = "cpu"):
+        """``combiner`` maps phi to w (see ``make_combiner``); ``None`` when the caller combines (the simulator)."""
         self.cfg, self.rank, self.num_agents = cfg, rank, num_agents
         self.device = torch.device(device)
         self.dtype = getattr(torch, cfg.train.dtype)
@@ -215,6 +219,9 @@ class AgentCohort:
 
     def params_curve(self, params: Tensor, max_steps: int) -> list[float]:
         return self.agent.test_curve(max_steps, params)
+
+    def union(self, ids: list[int]) -> list[int]:
+        return sorted({i for part in self.transport.all_gather_object(ids) for i in part})
 
 
 def run_agent(agent: Agent, transport: Transport, sink: MetricsSink | None = None,

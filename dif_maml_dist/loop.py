@@ -47,6 +47,9 @@ class Cohort(Protocol):
     def params_curve(self, params: Tensor, max_steps: int) -> list[float]:
         """Test curve of arbitrary parameters (the centroid)."""
 
+    def union(self, ids: list[int]) -> list[int]:
+        """*Collective*: the union of every process's ``ids``, on every process."""
+
 
 @dataclass
 class RunResult:
@@ -115,14 +118,15 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
         is_eval = it % tr.eval_every == 0 or it == tr.iterations
         if not (is_eval or it % tr.log_every == 0):
             continue
-        records = []
-        for i in local:
-            mean_loss = float(window[i]) / window_n
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"agent {cohort.agent_ids[i]}: meta-training loss is {mean_loss} at "
-                                         f"iteration {it}; lower optim.lr or maml.inner_lr")
-            records.append({"iteration": it, "meta_train_loss": mean_loss, **cohort.counters(i),
-                            "wall_s": time.perf_counter() - start})
+        means = [float(window[i]) / window_n for i in local]
+        # Decided together: a NaN reaches distant agents only hop by hop, so an agent that stopped alone
+        # would leave its neighbours waiting in the next exchange until the timeout.
+        diverged = cohort.union([cohort.agent_ids[i] for i in local if not math.isfinite(means[i])])
+        if diverged:
+            raise FloatingPointError(f"agents {diverged}: non-finite meta-training loss by iteration {it}; "
+                                     f"lower optim.lr or maml.inner_lr")
+        records = [{"iteration": it, "meta_train_loss": means[i], **cohort.counters(i),
+                    "wall_s": time.perf_counter() - start} for i in local]
         window, window_n = [0.0 for _ in local], 0
         if is_eval:
             evaluate(records)

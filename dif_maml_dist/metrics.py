@@ -34,7 +34,8 @@ class JsonlSink:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._fh = path.open("a", encoding="utf-8")
+        # "x": a stream is never appended to another run's (two jobs sharing a run directory fail instead).
+        self._fh = path.open("x", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record, allow_nan=True) + "\n")

@@ -52,7 +52,8 @@ def select_device(cfg: RuntimeConfig, env: ProcessEnv) -> torch.device:
 def select_backend(cfg: RuntimeConfig, device: torch.device) -> str:
     if cfg.backend != "auto":
         if cfg.backend == "nccl" and device.type != "cuda":
-            raise ValueError("runtime.backend=nccl needs runtime.device=cuda")
+            raise ValueError("runtime.backend=nccl needs GPUs, but this agent runs on the CPU (no CUDA device "
+                             "visible, or runtime.device=cpu): use runtime.backend=gloo")
         return cfg.backend
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -88,22 +89,26 @@ def distributed(cfg: RuntimeConfig, env: ProcessEnv, device: torch.device) -> It
 
 
 class _RankFormatter(logging.Formatter):
-    def __init__(self, rank: int):
-        super().__init__(f"%(asctime)s [agent {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    def __init__(self, who: str):
+        super().__init__(f"%(asctime)s [{who}] %(levelname)s %(message)s", "%H:%M:%S")
 
 
-def setup_logging(rank: int, log_dir: Path | None = None) -> None:
-    """Rank 0 logs progress to stderr; other ranks only warnings. Every rank logs INFO to its own file."""
+def setup_logging(rank: int, log_dir: Path | None = None, who: str | None = None) -> None:
+    """Rank 0 logs progress to stderr; other ranks only warnings. Every rank logs INFO to its own file.
+
+    Lines are tagged ``[agent RANK]`` (or ``who``, e.g. the simulator, which is all agents at once).
+    """
+    who = who or f"agent {rank}"
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     root.setLevel(logging.INFO)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    console.setFormatter(_RankFormatter(rank))
+    console.setFormatter(_RankFormatter(who))
     root.addHandler(console)
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_dir / f"agent{rank}.log")
-        fh.setFormatter(_RankFormatter(rank))
+        fh = logging.FileHandler(log_dir / (f"agent{rank}.log" if who == f"agent {rank}" else "simulator.log"))
+        fh.setFormatter(_RankFormatter(who))
         root.addHandler(fh)

@@ -152,5 +152,8 @@ class Simulation:
     def gather(self, items: list[dict[str, Any]]) -> Optional[list[dict[str, Any]]]:
         return items
 
+    def union(self, ids: list[int]) -> list[int]:
+        return sorted(ids)
+
     def named_params(self, params: Tensor) -> dict[str, Tensor]:
         return self.layout.unflatten(params)

@@ -36,9 +36,17 @@ log = logging.getLogger("dif_maml_dist")
 ConfigStore.instance().store(name="schema", node=Config)
 
 
+#: torchrun's run id when it was given none (multi-node without --rdzv-id, or --master-port): not unique.
+_NO_RUN_ID = ("", "none")
+
+
 def _run_id() -> str:
-    # Same value on every rank of a torchrun job (its rendezvous id); a timestamp for a lone process.
-    return os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y-%m-%d_%H-%M-%S")
+    # Same value on every rank of a torchrun job (its rendezvous id: a fresh uuid under --standalone); a
+    # timestamp and pid for a lone process. main() refuses a torchrun job whose id is not unique.
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id not in _NO_RUN_ID:
+        return run_id
+    return time.strftime("%Y-%m-%d_%H-%M-%S") + f"-{os.getpid()}"
 
 
 OmegaConf.register_new_resolver("dmd_run_id", _run_id, replace=True)
@@ -48,7 +56,7 @@ class UsageError(ValueError):
     """A mistake in the user's command or config: reported as one line, exit status 2."""
 
 
-#: Whether the run directory existed before this launch (set in ``main``; a default run dir is always new).
+#: Whether an explicit ``hydra.run.dir`` existed before this launch (set in ``main``).
 _RUN_DIR_EXISTED = False
 
 
@@ -56,9 +64,11 @@ def _fail(err: Exception, rank: int, run_dir: Path | None = None) -> None:
     # Every rank fails the same way on a config error; only rank 0 says so, so the message appears once.
     if rank == 0:
         print(f"dif_maml_dist: error: {err}", file=sys.stderr, flush=True)
-        # Hydra made the run directory (and its .hydra/ record) before the config could be checked: a run
-        # that never started leaves nothing behind, but a directory that was there before is left alone.
-        if run_dir is not None and not _RUN_DIR_EXISTED:
+        # Hydra made the run directory (and its .hydra/ record) before the config could be checked. Remove it
+        # only when it holds nothing but that record and was not there before: a run that never started
+        # leaves nothing behind, and no earlier run's files are ever deleted.
+        if (run_dir is not None and not _RUN_DIR_EXISTED and run_dir.is_dir()
+                and {p.name for p in run_dir.iterdir()} <= {".hydra"}):
             shutil.rmtree(run_dir, ignore_errors=True)
     sys.exit(EXIT_USAGE)
 
@@ -113,6 +123,15 @@ def plan_run(cfg: Config, world_size: int, run_dir: Path) -> Plan:
                          f"(or choose a topology with as many agents as processes, or runtime=simulate)")
     check_fresh_run_dir(run_dir)
     return Plan(cfg, topo, strategy_weights(cfg.strategy.name, topo), run_dir)
+
+
+def check_devices(cfg: Config, env) -> None:
+    """Device and backend choices this machine cannot honour (``ValueError``), before any process group."""
+    from .runtime import select_backend, select_device
+
+    device = select_device(cfg.runtime, env)
+    if cfg.runtime.mode == "torchrun":
+        select_backend(cfg.runtime, device)
 
 
 def _log_start(plan: Plan, device) -> None:
@@ -208,7 +227,7 @@ def simulate(plan: Plan, device) -> dict:
     cfg, run_dir = plan.cfg, plan.run_dir
     if device.type == "cpu":
         torch.set_num_threads(cfg.runtime.threads)
-    setup_logging(0, run_dir / "logs")
+    setup_logging(0, run_dir / "logs", who="simulator")
     _log_start(plan, device)
     sim = Simulation(cfg, plan.weights, device, vectorize=cfg.runtime.vectorize)
     sinks, network_sink = _sinks(run_dir, sim.agent_ids, True)
@@ -234,6 +253,7 @@ def _hydra_main(node: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         plan = plan_run(from_omegaconf(node), env.world_size, run_dir)
+        check_devices(plan.cfg, env)
     except ValueError as err:
         _fail(err, env.rank, run_dir)
     execute(plan, env)
@@ -251,6 +271,9 @@ def main() -> None:
             # Checked before hydra starts: hydra would otherwise rewrite the old run's .hydra/ record first.
             check_fresh_run_dir(run_dir)
             _RUN_DIR_EXISTED = run_dir.exists()
+        elif env.under_torchrun and os.environ.get("TORCHELASTIC_RUN_ID", "") in _NO_RUN_ID:
+            raise UsageError("torchrun gave this job no run id, so its ranks cannot agree on a run directory: "
+                             "pass --rdzv-id=NAME to torchrun, or hydra.run.dir=DIR")
     except UsageError as err:
         _fail(err, env.rank)
     if env.rank != 0:

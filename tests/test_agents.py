@@ -96,7 +96,8 @@ def test_in_memory_agents_match_simulator(strategy):
 def test_agent_state_round_trip_resumes_identically():
     """Saving and restoring the loop state mid-run gives the same trajectory as an uninterrupted run.
 
-    Catches state that lives outside AgentState (RNG, optimizer moments, iteration count).
+    Catches state that lives outside AgentState (RNG, optimizer moments, iteration count) and a saved state
+    that still aliases the live optimizer tensors.
     """
     cfg = small_config("noncooperative", iterations=8)
 
@@ -110,6 +111,8 @@ def test_agent_state_round_trip_resumes_identically():
     for _ in range(5):
         first.step()
     saved = first.state.state_dict()
+    for _ in range(3):  # keeps training after the save: the saved state must be a snapshot, not live references
+        first.step()
     resumed = fresh()
     resumed.state.load_state_dict(saved)
     for _ in range(3):
@@ -117,3 +120,32 @@ def test_agent_state_round_trip_resumes_identically():
     assert resumed.state.iteration == 8
     torch.testing.assert_close(resumed.state.params, straight.state.params, rtol=0, atol=0)
     assert isinstance(resumed.state, AgentState)
+
+
+def test_divergence_stops_every_agent_together():
+    """When one agent's loss turns NaN, every agent stops with an error naming it, at the same log step.
+
+    Catches a local-only check, which stops the diverged agent alone and leaves its neighbours waiting in the
+    next exchange (here: a 5 s hub timeout instead of FloatingPointError)."""
+    cfg = small_config("dif_maml", iterations=12)
+    k = 6
+    transports = InMemoryTransport.network(k, timeout_s=5)
+    errors = [None] * k
+
+    def body(rank):
+        agent = Agent(cfg, rank, k, make_combiner("dif_maml", PAPER6.plan(rank), transports[rank]))
+        if rank == 5:
+            adapt = agent.adapt
+            agent.adapt = lambda: adapt() * (float("nan") if agent.state.iteration >= 2 else 1.0)
+        try:
+            run_agent(agent, transports[rank])
+        except BaseException as err:
+            errors[rank] = err
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(isinstance(e, FloatingPointError) for e in errors), errors
+    assert all("agents [5]" in str(e) and "iteration 4" in str(e) for e in errors), errors

@@ -61,8 +61,8 @@ def test_gloo_processes_match_simulator(tmp_path):
     order; gloo moves bytes unchanged), to 1e-10 against its vectorised engine and for centralized (gloo's
     ring all-reduce adds the six states in a chunk-dependent order).
 
-    Catches: mis-paired sends/receives, a deadlock-prone exchange (would time out), gloo staging errors,
-    all-reduce scaling mistakes, and any difference between the simulator and the process runtime.
+    Catches: mis-paired sends/receives, a deadlock-prone exchange (would time out), all-reduce scaling
+    mistakes, and any difference between the simulator and the process runtime.
     """
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=6, join=True)
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(6)]
