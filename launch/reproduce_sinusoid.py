@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -49,15 +50,24 @@ def one_run(job: tuple[str, str, int, int, int]) -> dict:
     sim = Simulation(cfg, strategy_weights(strategy, build_topology(cfg.topology)))
     sinks = [ListSink() for _ in range(sim.num_agents)]
     start = time.perf_counter()
-    result = run_loop(sim, sinks)
-    iters = [r["iteration"] for r in sinks[0].records if "test_loss_post" in r]
-    post = np.array([[r["test_loss_post"] for r in s.records if "test_loss_post" in r] for s in sinks]).mean(0)
-    net = result.network
-    return {"optim": optim, "strategy": strategy, "seed": seed, "iterations": iters, "test_loss": post.tolist(),
-            "steps_curve": np.array([a["adaptation_curve"] for a in net["agents"]]).mean(0).tolist(),
-            "final_test_loss": float(np.mean([a["final_test_loss"] for a in net["agents"]])),
-            "centroid_test_loss": net["centroid_test_loss"], "disagreement": net["disagreement"],
-            "seconds": time.perf_counter() - start}
+    out = {"optim": optim, "strategy": strategy, "seed": seed, "diverged": None}
+    try:
+        net = run_loop(sim, sinks).network
+    except FloatingPointError as err:  # a diverged run is a result too: keep its curve up to the divergence
+        out["diverged"] = str(err)
+        net = None
+    evals = [r for r in sinks[0].records if "test_loss_post" in r]
+    post = np.array([[r["test_loss_post"] for r in s.records if "test_loss_post" in r][:len(evals)] for s in sinks])
+    nan_curve = [float("nan")] * (cfg.maml.final_adapt_steps + 1)
+    out.update({
+        "iterations": [r["iteration"] for r in evals], "test_loss": post.mean(0).tolist(),
+        "steps_curve": (np.array([a["adaptation_curve"] for a in net["agents"]]).mean(0).tolist() if net
+                        else nan_curve),
+        "final_test_loss": float(np.mean([a["final_test_loss"] for a in net["agents"]])) if net else float("nan"),
+        "centroid_test_loss": net["centroid_test_loss"] if net else float("nan"),
+        "disagreement": net["disagreement"] if net else float("nan"),
+        "seconds": time.perf_counter() - start})
+    return out
 
 
 def write_csvs(runs: list[dict], out: Path) -> None:
@@ -76,10 +86,11 @@ def write_csvs(runs: list[dict], out: Path) -> None:
     with (out / "sinusoid_final.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["optim", "strategy", "seed", "mean_agent_test_loss_after_1_step", "centroid_test_loss_after_1_step",
-                    "disagreement", "seconds"])
+                    "disagreement", "seconds", "diverged"])
         for r in runs:
             w.writerow([r["optim"], r["strategy"], r["seed"], f"{r['final_test_loss']:.6f}",
-                        f"{r['centroid_test_loss']:.6f}", f"{r['disagreement']:.3e}", f"{r['seconds']:.1f}"])
+                        f"{r['centroid_test_loss']:.6f}", f"{r['disagreement']:.3e}", f"{r['seconds']:.1f}",
+                        r["diverged"] or ""])
 
 
 def plot(runs: list[dict], out: Path) -> None:
@@ -94,12 +105,17 @@ def plot(runs: list[dict], out: Path) -> None:
         fig, axes = plt.subplots(1, len(optims), figsize=(5.5 * len(optims), 4), squeeze=False)
         for ax, optim in zip(axes[0], optims):
             for strategy in STRATEGIES:
-                sel = [r for r in runs if r["optim"] == optim and r["strategy"] == strategy]
+                every = [r for r in runs if r["optim"] == optim and r["strategy"] == strategy]
+                sel = [r for r in every if not r["diverged"]]
+                lost = [r for r in every if r["diverged"]]
+                for r in lost if key == "test_loss" else []:  # up to the divergence, thin and dashed
+                    ax.plot(r["iterations"], r["test_loss"], "--", color=COLORS[strategy], linewidth=0.8)
                 if not sel:
                     continue
                 y = np.array([r[key] for r in sel])
                 x = sel[0]["iterations"] if key == "test_loss" else list(range(y.shape[1]))
-                ax.plot(x, y.mean(0), color=COLORS[strategy], label=f"{strategy} ({len(sel)} seeds)")
+                extra = f", {len(lost)} diverged (dashed)" if lost else ""
+                ax.plot(x, y.mean(0), color=COLORS[strategy], label=f"{strategy} ({len(sel)} seeds{extra})")
                 ax.fill_between(x, y.min(0), y.max(0), color=COLORS[strategy], alpha=0.2, linewidth=0)
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
@@ -124,20 +140,32 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [(o, s, seed, args.iterations, args.eval_every)
             for o, s, seed in itertools.product(args.optims, STRATEGIES, args.seeds)]
-    print(f"{len(jobs)} runs of {args.iterations} iterations, {args.jobs} at a time", flush=True)
-    runs = []
+    # Each finished run is kept as JSON, so an interrupted reproduction resumes where it stopped.
+    cache = args.out / "runs"
+    cache.mkdir(exist_ok=True)
+
+    def cached(job) -> Path:
+        return cache / f"{job[0]}_{job[1]}_seed{job[2]}_{job[3]}it.json"
+
+    todo = [j for j in jobs if not cached(j).is_file()]
+    print(f"{len(jobs)} runs of {args.iterations} iterations ({len(jobs) - len(todo)} cached), "
+          f"{args.jobs} at a time", flush=True)
     with ProcessPoolExecutor(args.jobs) as pool:
-        for r in pool.map(one_run, jobs):
-            runs.append(r)
+        for job, r in zip(todo, pool.map(one_run, todo)):
+            cached(job).write_text(json.dumps(r))
             print(f"  {r['optim']:4s} {r['strategy']:14s} seed {r['seed']}: agents {r['final_test_loss']:.4f}, "
                   f"centroid {r['centroid_test_loss']:.4f}, disagreement {r['disagreement']:.2e} "
-                  f"({r['seconds']:.0f} s)", flush=True)
+                  f"({r['seconds']:.0f} s){'  DIVERGED: ' + r['diverged'] if r['diverged'] else ''}", flush=True)
+    runs = [json.loads(cached(j).read_text()) for j in jobs]
     write_csvs(runs, args.out)
-    print("\nfinal mean test loss after one adaptation step (mean ± std over seeds):")
+    print("\nfinal mean test loss after one adaptation step (mean ± std over the seeds that did not diverge):")
     for optim in args.optims:
         for strategy in STRATEGIES:
-            v = np.array([r["final_test_loss"] for r in runs if r["optim"] == optim and r["strategy"] == strategy])
-            print(f"  {optim:4s} {strategy:14s} {v.mean():.4f} ± {v.std():.4f}")
+            sel = [r for r in runs if r["optim"] == optim and r["strategy"] == strategy]
+            v = np.array([r["final_test_loss"] for r in sel if not r["diverged"]])
+            diverged = [r["seed"] for r in sel if r["diverged"]]
+            stat = f"{v.mean():.4f} ± {v.std():.4f}" if len(v) else "n/a"
+            print(f"  {optim:4s} {strategy:14s} {stat}" + (f"  (diverged: seeds {diverged})" if diverged else ""))
     try:
         plot(runs, args.out)
         print(f"figures and CSVs in {args.out}")
