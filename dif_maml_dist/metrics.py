@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -76,7 +75,3 @@ def save_tensors_atomic(path: Path, tensors: dict[str, Tensor]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -82,7 +82,7 @@ def test_in_memory_agents_match_simulator(strategy):
     if strategy != "noncooperative":  # the reference is non-trivial: agents actually mixed
         assert not torch.allclose(got, simulated_states(cfg, np.eye(6), iters), rtol=1e-6, atol=0)
     p_bytes = agents[0].layout.numel * 8
-    for k, agent in enumerate(agents):
+    for k in range(6):
         expected = {"dif_maml": PAPER6.plan(k).degree * p_bytes * iters,
                     "centralized": (2 * 5 * p_bytes // 6) * iters, "noncooperative": 0}[strategy]
         assert results[k].agents[0]["bytes_sent"] == expected
