@@ -1,0 +1,114 @@
+"""Omniglot reader, cache and episodes on small fixtures in the real on-disk layout (and, when present, the
+real dataset from ../shared/data)."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dif_maml_dist.tasks.omniglot import FewShotEpisodes, load_omniglot, split_classes
+
+from .helpers import REPO
+
+REAL_TARBALL = REPO.parent / "shared" / "data" / "omniglot-py.tar.gz"
+
+
+def make_fixture(root: Path, layout: dict[str, dict[str, int]], drawings: int = 20) -> Path:
+    """``root/omniglot-py/<part>/<alphabet>/characterNN/*.png``: 105x105 1-bit images, each character a
+    distinct filled square (so a test can tell classes and rotations apart)."""
+    c = 0
+    for part, alphabets in layout.items():
+        for alphabet, n_chars in alphabets.items():
+            for j in range(n_chars):
+                folder = root / "omniglot-py" / part / alphabet / f"character{j + 1:02d}"
+                folder.mkdir(parents=True)
+                for d in range(drawings):
+                    img = np.ones((105, 105), dtype=bool)  # white paper
+                    img[10 + 5 * c: 30 + 5 * c, 10:40] = False  # black ink, position encodes the class
+                    Image.fromarray(img).save(folder / f"{c:04d}_{d + 1:02d}.png")
+                c += 1
+    return root
+
+
+LAYOUT = {"images_background": {"Alpha": 3, "Beta": 2}, "images_evaluation": {"Gamma": 2}}
+
+
+def test_reader_builds_a_cache_once_in_the_documented_layout(tmp_path, monkeypatch):
+    """Reads the folders (no zip files), one row per character in a fixed order, ink as high values; the second
+    load reads the cache instead of decoding PNGs again."""
+    make_fixture(tmp_path, LAYOUT)
+    data = load_omniglot(tmp_path, progress=False)
+    assert data.images.shape == (7, 20, 28, 28) and data.images.dtype == torch.uint8
+    assert data.alphabets == ("background/Alpha",) * 3 + ("background/Beta",) * 2 + ("evaluation/Gamma",) * 2
+    assert data.images[0].float().mean() > 0 and data.images[0, :, -1, :].max() == 0  # ink inside, blank bottom
+    assert not torch.equal(data.images[0, 0], data.images[1, 0])
+    import dif_maml_dist.tasks.omniglot as omniglot
+    monkeypatch.setattr(omniglot, "_decode", lambda *a: pytest.fail("decoded a PNG although a cache exists"))
+    assert torch.equal(load_omniglot(tmp_path, progress=False).images, data.images)
+
+
+def test_bad_data_errors_name_the_file_or_folder(tmp_path):
+    """Missing root, an empty class folder and a corrupted PNG: one-line errors saying where."""
+    with pytest.raises(ValueError, match=r"Omniglot not found: .*images_background is missing"):
+        load_omniglot(tmp_path / "nowhere", progress=False)
+    make_fixture(tmp_path / "a", LAYOUT)
+    for png in (tmp_path / "a/omniglot-py/images_background/Beta/character02").glob("*.png"):
+        png.unlink()
+    with pytest.raises(ValueError, match=r"Beta/character02 holds 0 PNG images, expected 20"):
+        load_omniglot(tmp_path / "a", progress=False)
+    make_fixture(tmp_path / "b", LAYOUT)
+    bad = tmp_path / "b/omniglot-py/images_evaluation/Gamma/character01/0005_03.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    with pytest.raises(ValueError, match=r"cannot decode Omniglot image .*Gamma/character01/0005_03\.png"):
+        load_omniglot(tmp_path / "b", progress=False)
+    assert not (tmp_path / "b/omniglot-py/cache-28.pt").exists()  # no half-written cache
+
+
+def test_episodes_are_n_way_k_shot_with_rotated_classes(tmp_path):
+    """Support/query shapes and labels, distinct drawings for support and query, rotations as classes, and
+    too few classes for N-way rejected."""
+    make_fixture(tmp_path, LAYOUT)
+    images = load_omniglot(tmp_path, progress=False).images
+    episodes = FewShotEpisodes(images, [0, 1, 2], n_way=5, k_shot=1, q_query=3, rotations=True)  # 12 classes
+    batch = episodes.sample(torch.Generator().manual_seed(0), 4)
+    assert batch.support_x.shape == (4, 5, 1, 28, 28) and batch.query_x.shape == (4, 15, 1, 28, 28)
+    assert batch.support_y[0].tolist() == [0, 1, 2, 3, 4] and batch.query_y[0].tolist() == sorted([0, 1, 2, 3, 4] * 3)
+    assert 0.0 <= batch.support_x.min() and batch.support_x.max() <= 1.0
+    # every query image of class j is a (rotated) drawing of the same character as support image j
+    for j in range(5):
+        s = batch.support_x[0, j, 0]
+        for q in batch.query_x[0, 3 * j:3 * j + 3, 0]:
+            assert torch.equal(q, s)  # fixture drawings of a character are identical, rotation included
+    rotated = [torch.rot90(images[0, 0], r, dims=(0, 1)) for r in range(4)]
+    assert len({tuple(r.flatten().tolist()) for r in rotated}) == 4  # the fixture's rotations are distinct
+    with pytest.raises(ValueError, match="20-way episodes need 20 classes, but only 12 are available"):
+        FewShotEpisodes(images, [0, 1, 2], n_way=20, k_shot=1, q_query=1, rotations=True)
+
+
+def test_class_split_is_seeded_and_disjoint():
+    """1623 characters -> 1100 / 100 / 423, reproducible from the seed, no character in two splits."""
+    a, b = split_classes(1623, seed=0), split_classes(1623, seed=0)
+    assert a == b and split_classes(1623, seed=1) != a
+    assert [len(a[k]) for k in ("train", "val", "test")] == [1100, 100, 423]
+    assert not set(a["train"]) & set(a["test"]) and not set(a["val"]) & set(a["test"])
+
+
+@pytest.mark.skipif(not REAL_TARBALL.is_file(), reason=f"real Omniglot not present at {REAL_TARBALL}")
+def test_real_omniglot(tmp_path):
+    """The real dataset (opt-in: runs where ../shared/data holds it, as on CI): 1623 characters of 50 alphabets,
+    964 of them in images_background; 20-way 1-shot episodes drawn from the test split."""
+    with tarfile.open(REAL_TARBALL) as tar:
+        tar.extractall(tmp_path, filter="data")
+    data = load_omniglot(tmp_path, progress=False)
+    assert data.images.shape == (1623, 20, 28, 28)
+    assert len(set(data.alphabets)) == 50 and sum(a.startswith("background/") for a in data.alphabets) == 964
+    ink = data.images.float().mean() / 255
+    assert 0.03 < ink < 0.3  # strokes on blank paper, not inverted
+    test = split_classes(data.num_classes, seed=0)["test"]
+    batch = FewShotEpisodes(data.images, test, 20, 1, 1).sample(torch.Generator().manual_seed(0), 2)
+    assert batch.support_x.shape == (2, 20, 1, 28, 28)
