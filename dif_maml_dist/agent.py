@@ -14,17 +14,17 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import seeding
 from .combine import combine
 from .config import Config, OptimConfig
 from .flat import FlatLayout
-from .maml import META_GRADIENT_PATHS, adaptation_curve, choose_path, make_loss
+from .maml import META_GRADIENT_PATHS, LossFn, TaskBatch, adaptation_curve, choose_path, make_loss
 from .loop import RunResult, run_loop
 from .metrics import MetricsSink
-from .models import MLP, reset_parameters
-from .tasks import SinusoidTasks
+from .models import reset_parameters
+from .tasks import TaskFamily, task_family
 from .topology import CombinePlan
 from .transport import Transport
 
@@ -103,8 +103,31 @@ class AgentState:
         self.bytes_sent = int(sd["bytes_sent"])
 
 
-def build_model(cfg: Config) -> MLP:
-    return MLP(1, cfg.model.hidden, 1)
+def build_model(cfg: Config) -> nn.Module:
+    """The architecture of ``cfg``'s task family (weights as PyTorch initialises them)."""
+    return task_family(cfg).build_model()
+
+
+@dataclass
+class Learner:
+    """A task family bound to a device and dtype: what an agent (or the simulator) trains and evaluates."""
+
+    family: TaskFamily
+    layout: FlatLayout
+    loss: LossFn  #: ``loss(flat_params, x, y)``
+    eval_batch: TaskBatch  #: the shared test tasks, on the device
+
+    @classmethod
+    def build(cls, cfg: Config, device: torch.device, dtype: torch.dtype) -> "Learner":
+        family = task_family(cfg)
+        model = family.build_model().to(device=device, dtype=dtype)
+        layout = FlatLayout.of(model)
+        return cls(family, layout, make_loss(model, layout, family.criterion),
+                   family.eval_set(cfg.seed).to(device, dtype))
+
+    def test_curve(self, params: Tensor, inner_lr: float, max_steps: int) -> list[float]:
+        """Mean test loss after 0..max_steps adaptation steps of ``params`` on the shared test tasks."""
+        return adaptation_curve(self.loss, params, self.eval_batch, inner_lr, max_steps).tolist()
 
 
 def initial_params(cfg: Config, agent: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -126,12 +149,9 @@ class Agent:
         self.cfg, self.rank, self.num_agents = cfg, rank, num_agents
         self.device = torch.device(device)
         self.dtype = getattr(torch, cfg.train.dtype)
-        model = build_model(cfg).to(device=self.device, dtype=self.dtype)
-        self.layout = FlatLayout.of(model)
-        self.model = model
-        self.loss = make_loss(model, self.layout)
-        self.tasks = SinusoidTasks(cfg.task, rank, num_agents)
-        self.eval_batch = SinusoidTasks.eval_set(cfg.task, cfg.seed).to(self.device, self.dtype)
+        self.learner = Learner.build(cfg, self.device, self.dtype)
+        self.layout, self.loss = self.learner.layout, self.learner.loss
+        self.tasks = self.learner.family.sampler(rank, num_agents)
         params = initial_params(cfg, rank, self.dtype, self.device)
         self.state = AgentState(0, params, make_optimizer(cfg.optim, params),
                                 seeding.generator(cfg.seed, seeding.TASKS, rank))
@@ -179,7 +199,7 @@ class Agent:
     def test_curve(self, max_steps: int, params: Optional[Tensor] = None) -> list[float]:
         """Mean test loss on the shared test tasks after 0..max_steps adaptation steps (own or given params)."""
         p = self.state.params if params is None else params.to(self.device, self.dtype)
-        return adaptation_curve(self.loss, p, self.eval_batch, self.cfg.maml.inner_lr, max_steps).tolist()
+        return self.learner.test_curve(p, self.cfg.maml.inner_lr, max_steps)
 
     def named_params(self, params: Optional[Tensor] = None) -> dict[str, Tensor]:
         return self.layout.unflatten(self.state.params if params is None else params)

@@ -26,12 +26,10 @@ import torch
 from torch import Tensor
 
 from . import seeding
-from .agent import Agent, build_model, initial_params, make_optimizer
+from .agent import Agent, Learner, initial_params, make_optimizer
 from .combine import combine
 from .config import Config
-from .flat import FlatLayout
-from .maml import TaskBatch, adaptation_curve, batched_meta_gradient, make_loss
-from .tasks import SinusoidTasks
+from .maml import TaskBatch, batched_meta_gradient
 from .topology import combine_plan
 
 #: Below this density a sparse matrix product is used for the combine (large, sparse graphs).
@@ -61,10 +59,8 @@ class Simulation:
         self.num_agents, self.agent_ids = k, tuple(range(k))
         self.device, self.dtype = torch.device(device), getattr(torch, cfg.train.dtype)
         self.vectorize = vectorize
-        model = build_model(cfg).to(device=self.device, dtype=self.dtype)
-        self.layout = FlatLayout.of(model)
-        self.loss = make_loss(model, self.layout)
-        self.eval_batch = SinusoidTasks.eval_set(cfg.task, cfg.seed).to(self.device, self.dtype)
+        self.learner = Learner.build(cfg, self.device, self.dtype)
+        self.layout, self.loss = self.learner.layout, self.learner.loss
         self.compute_seconds = self.exchange_seconds = 0.0
         self._iteration = 0
         msg = self.layout.numel * torch.empty((), dtype=self.dtype).element_size()
@@ -72,7 +68,7 @@ class Simulation:
         if vectorize:
             self.params = torch.stack([initial_params(cfg, a, self.dtype, self.device) for a in range(k)])
             self.optimizer = make_optimizer(cfg.optim, self.params)
-            self.tasks = [SinusoidTasks(cfg.task, a, k) for a in range(k)]
+            self.tasks = [self.learner.family.sampler(a, k) for a in range(k)]
             self.rngs = [seeding.generator(cfg.seed, seeding.TASKS, a) for a in range(k)]
             m = cfg.maml
             self._meta_gradients = torch.vmap(batched_meta_gradient(self.loss, m.inner_lr, m.inner_steps,
@@ -140,8 +136,7 @@ class Simulation:
                 "bytes_sent": self._bytes_per_iter[i] * self._iteration}
 
     def params_curve(self, params: Tensor, max_steps: int) -> list[float]:
-        return adaptation_curve(self.loss, params.to(self.device, self.dtype), self.eval_batch,
-                                self.cfg.maml.inner_lr, max_steps).tolist()
+        return self.learner.test_curve(params.to(self.device, self.dtype), self.cfg.maml.inner_lr, max_steps)
 
     def test_curve(self, i: int, max_steps: int) -> list[float]:
         return self.params_curve(self.states()[i], max_steps)

@@ -9,10 +9,12 @@ device of the run.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import seeding
-from ..config import TaskConfig
+from ..config import Config, TaskConfig
 from ..maml import TaskBatch
+from ..models import MLP
 
 
 class SinusoidTasks:
@@ -46,3 +48,21 @@ class SinusoidTasks:
     def eval_set(cfg: TaskConfig, seed: int) -> TaskBatch:
         """The shared test tasks over the full amplitude range: identical on every agent for a given seed."""
         return SinusoidTasks(cfg).sample(seeding.generator(seed, seeding.EVAL), cfg.eval_tasks)
+
+
+class SinusoidFamily:
+    """The sinusoid task family: a ReLU MLP (1 -> model.hidden -> 1) under MSE."""
+
+    criterion = staticmethod(F.mse_loss)
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def build_model(self) -> MLP:
+        return MLP(1, self.cfg.model.hidden, 1)
+
+    def sampler(self, agent: int, num_agents: int) -> SinusoidTasks:
+        return SinusoidTasks(self.cfg.task, agent, num_agents)
+
+    def eval_set(self, seed: int) -> TaskBatch:
+        return SinusoidTasks.eval_set(self.cfg.task, seed)
