@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -20,7 +21,7 @@ from . import seeding
 from .combine import combine
 from .config import Config, OptimConfig
 from .flat import FlatLayout
-from .maml import META_GRADIENT_PATHS, LossFn, TaskBatch, adaptation_curve, choose_path, make_loss
+from .maml import META_GRADIENT_PATHS, LossFn, TaskBatch, adaptation_curves, choose_path, make_loss, make_predict
 from .loop import RunResult, run_loop
 from .metrics import MetricsSink
 from .models import reset_parameters
@@ -115,19 +116,40 @@ class Learner:
     family: TaskFamily
     layout: FlatLayout
     loss: LossFn  #: ``loss(flat_params, x, y)``
-    eval_batch: TaskBatch  #: the shared test tasks, on the device
+    score: Optional[LossFn]  #: ``score(flat_params, x, y)``, e.g. accuracy; None for regression
+    eval_batch: TaskBatch  #: the shared test tasks evaluated during training, on the device
+    final_batch: TaskBatch  #: the shared test tasks of the final figures (a superset of eval_batch)
 
     @classmethod
     def build(cls, cfg: Config, device: torch.device, dtype: torch.dtype) -> "Learner":
         family = task_family(cfg)
         model = family.build_model().to(device=device, dtype=dtype)
         layout = FlatLayout.of(model)
-        return cls(family, layout, make_loss(model, layout, family.criterion),
-                   family.eval_set(cfg.seed).to(device, dtype))
+        score = None
+        if family.metric is not None:
+            predict, metric = make_predict(model, layout), family.metric
 
-    def test_curve(self, params: Tensor, inner_lr: float, max_steps: int) -> list[float]:
-        """Mean test loss after 0..max_steps adaptation steps of ``params`` on the shared test tasks."""
-        return adaptation_curve(self.loss, params, self.eval_batch, inner_lr, max_steps).tolist()
+            def score(flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
+                return metric(predict(flat, x), y)
+
+        t = cfg.task
+        final_tasks = t.final_eval_tasks or t.eval_tasks
+        final = family.eval_set(cfg.seed, max(final_tasks, t.eval_tasks))
+        # The periodic test set is the first eval_tasks tasks of the final one (same seeded stream).
+        return cls(family, layout, make_loss(model, layout, family.criterion), score,
+                   final.slice(0, t.eval_tasks).to(device, dtype), final.slice(0, final_tasks).to(device, dtype))
+
+    def evaluate(self, params: Tensor, inner_lr: float, max_steps: int, final: bool = False) -> dict[str, list[float]]:
+        """Test figures of ``params`` after 0..max_steps adaptation steps on the shared test tasks: mean ``loss``,
+        and where the family has a score, mean ``accuracy`` with its 95% confidence half-width over tasks."""
+        batch = self.final_batch if final else self.eval_batch
+        losses, scores = adaptation_curves(self.loss, params, batch, inner_lr, max_steps, self.score,
+                                           chunk=self.family.eval_chunk)
+        out = {"loss": losses.mean(0).tolist()}
+        if scores is not None:
+            out["accuracy"] = scores.mean(0).tolist()
+            out["accuracy_ci95"] = (1.96 * scores.std(0) / math.sqrt(len(batch))).tolist()
+        return out
 
 
 def initial_params(cfg: Config, agent: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -196,10 +218,10 @@ class Agent:
         self.exchange_seconds += time.perf_counter() - t1
         return loss
 
-    def test_curve(self, max_steps: int, params: Optional[Tensor] = None) -> list[float]:
-        """Mean test loss on the shared test tasks after 0..max_steps adaptation steps (own or given params)."""
+    def evaluate(self, max_steps: int, params: Optional[Tensor] = None, final: bool = False) -> dict[str, list[float]]:
+        """Test figures after 0..max_steps adaptation steps (own or given params), see ``Learner.evaluate``."""
         p = self.state.params if params is None else params.to(self.device, self.dtype)
-        return self.learner.test_curve(p, self.cfg.maml.inner_lr, max_steps)
+        return self.learner.evaluate(p, self.cfg.maml.inner_lr, max_steps, final)
 
     def named_params(self, params: Optional[Tensor] = None) -> dict[str, Tensor]:
         return self.layout.unflatten(self.state.params if params is None else params)
@@ -226,8 +248,8 @@ class AgentCohort:
         return {"compute_s": self.agent.compute_seconds, "exchange_s": self.agent.exchange_seconds,
                 "bytes_sent": self.transport.bytes_sent}
 
-    def test_curve(self, i: int, max_steps: int) -> list[float]:
-        return self.agent.test_curve(max_steps)
+    def evaluate(self, i: int, max_steps: int, final: bool = False) -> dict[str, list[float]]:
+        return self.agent.evaluate(max_steps, final=final)
 
     def all_states(self) -> Optional[Tensor]:
         states = self.transport.all_gather_object(self.agent.state.params.detach().cpu())
@@ -237,8 +259,8 @@ class AgentCohort:
         everyone = self.transport.all_gather_object(items)
         return [item for part in everyone for item in part] if self.is_root else None
 
-    def params_curve(self, params: Tensor, max_steps: int) -> list[float]:
-        return self.agent.test_curve(max_steps, params)
+    def evaluate_params(self, params: Tensor, max_steps: int, final: bool = False) -> dict[str, list[float]]:
+        return self.agent.evaluate(max_steps, params, final)
 
     def union(self, ids: list[int]) -> list[int]:
         return sorted({i for part in self.transport.all_gather_object(ids) for i in part})

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-TASKS = ("sinusoid",)
+TASKS = ("sinusoid", "omniglot")
+SHARING = ("same", "disjoint_classes", "alphabets")
 TOPOLOGIES = ("paper6", "ring", "complete", "star", "grid", "torus", "erdos_renyi", "edge_list")
 WEIGHT_RULES = ("metropolis", "max_degree")
 STRATEGIES = ("dif_maml", "centralized", "noncooperative")
@@ -39,13 +40,30 @@ class TaskConfig:
     num_query: int = 10  #: points per task used for the meta-loss (x_o), drawn separately from the support
     meta_batch: int = 1  #: tasks per agent per iteration (|S_k|)
     eval_tasks: int = 1000  #: size of the shared test set (full amplitude/phase range), identical on every agent
+    final_eval_tasks: Optional[int] = None  #: test tasks for the final figures (None: the eval_tasks set)
+    # -- few-shot classification (omniglot) --
+    n_way: int = 5  #: classes per task
+    k_shot: int = 1  #: support images per class
+    q_query: int = 15  #: query images per class
+    image_size: int = 28  #: images are resized to image_size x image_size
+    rotations: bool = True  #: rotations by 90, 180, 270 degrees count as extra training classes
+    sharing: str = "same"  #: training classes per agent: same (all), disjoint_classes, alphabets (whole alphabets)
+    split_seed: int = 0  #: seed of the train / validation / test character split
 
 
 @dataclass
 class ModelConfig:
     """The learner."""
 
-    hidden: list[int] = field(default_factory=lambda: [40, 40])  #: hidden widths of the ReLU MLP (1 -> ... -> 1)
+    hidden: list[int] = field(default_factory=lambda: [40, 40])  #: sinusoid: hidden widths of the MLP (1 -> ... -> 1)
+    filters: int = 64  #: classification: Conv4 filters per layer (64 Omniglot, 32 MiniImagenet)
+
+
+@dataclass
+class DataConfig:
+    """Where datasets live."""
+
+    root: Optional[str] = None  #: folder holding the extracted dataset (for Omniglot: ROOT/omniglot-py/...)
 
 
 @dataclass
@@ -124,6 +142,7 @@ class Config:
     seed: int = 0  #: master seed: task streams, model init and the test set derive from it
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -152,8 +171,14 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"task.phase_min ({t.phase_min}) must not exceed task.phase_max ({t.phase_max})")
     if not t.x_min < t.x_max:
         raise ValueError(f"task.x_min ({t.x_min}) must be below task.x_max ({t.x_max})")
-    for key in ("num_support", "num_query", "meta_batch", "eval_tasks"):
+    for key in ("num_support", "num_query", "meta_batch", "eval_tasks", "n_way", "k_shot", "q_query", "image_size"):
         _positive(getattr(t, key), f"task.{key}")
+    if t.final_eval_tasks is not None:
+        _positive(t.final_eval_tasks, "task.final_eval_tasks")
+    _choice(t.sharing, SHARING, "task.sharing")
+    if t.name == "omniglot" and not cfg.data.root:
+        raise ValueError("task=omniglot_* needs the dataset: add data.root=DIR (the folder holding omniglot-py/)")
+    _positive(cfg.model.filters, "model.filters")
 
     if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):
         raise ValueError(f"model.hidden must be a non-empty list of positive widths, got {cfg.model.hidden}")

@@ -35,8 +35,9 @@ class Cohort(Protocol):
     def counters(self, i: int) -> dict[str, float]:
         """``compute_s``, ``exchange_s``, ``bytes_sent`` of local agent ``i`` (cumulative)."""
 
-    def test_curve(self, i: int, max_steps: int) -> list[float]:
-        """Local agent ``i``'s mean test loss after 0..max_steps adaptation steps."""
+    def evaluate(self, i: int, max_steps: int, final: bool = False) -> dict[str, list[float]]:
+        """Local agent ``i``'s test figures after 0..max_steps adaptation steps: ``loss`` (and, for
+        classification, ``accuracy`` and ``accuracy_ci95``); ``final`` uses the final test set."""
 
     def all_states(self) -> Optional[Tensor]:
         """*Collective*: every agent's flat parameters ``[K, P]`` on the root, ``None`` elsewhere."""
@@ -44,8 +45,8 @@ class Cohort(Protocol):
     def gather(self, items: list[dict[str, Any]]) -> Optional[list[dict[str, Any]]]:
         """*Collective*: the local agents' ``items`` from every process, by agent id, on the root."""
 
-    def params_curve(self, params: Tensor, max_steps: int) -> list[float]:
-        """Test curve of arbitrary parameters (the centroid)."""
+    def evaluate_params(self, params: Tensor, max_steps: int, final: bool = False) -> dict[str, list[float]]:
+        """The same figures for arbitrary parameters (the centroid)."""
 
     def union(self, ids: list[int]) -> list[int]:
         """*Collective*: the union of every process's ``ids``, on every process."""
@@ -61,12 +62,34 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)  #: root only: the network records
 
 
-def _network_eval(cohort: Cohort, max_steps: int) -> Optional[dict[str, Any]]:
+def _network_eval(cohort: Cohort, max_steps: int, final: bool = False) -> Optional[dict[str, Any]]:
     states = cohort.all_states()
     if states is None:
         return None
     centroid, disagreement = centroid_and_disagreement(states)
-    return {"centroid": centroid, "curve": cohort.params_curve(centroid, max_steps), "disagreement": disagreement}
+    return {"centroid": centroid, "stats": cohort.evaluate_params(centroid, max_steps, final),
+            "disagreement": disagreement}
+
+
+def _pre_post(stats: dict[str, list[float]], prefix: str) -> dict[str, float]:
+    """``{prefix}loss_pre/post`` (and ``acc``) from an evaluation: before and after the last adaptation step."""
+    out = {f"{prefix}loss_pre": stats["loss"][0], f"{prefix}loss_post": stats["loss"][-1]}
+    if "accuracy" in stats:
+        out[f"{prefix}acc_pre"], out[f"{prefix}acc_post"] = stats["accuracy"][0], stats["accuracy"][-1]
+    return out
+
+
+def _final(stats: dict[str, list[float]], steps: int, last: int, prefix: str, curve_prefix: str) -> dict[str, Any]:
+    """Final figures after ``steps`` adaptation steps (``{prefix}test_loss`` ...), and the curves over 0..last
+    steps (``{curve_prefix}adaptation_curve`` ...)."""
+    out = {f"{prefix}test_loss": stats["loss"][steps], f"{prefix}test_loss_pre": stats["loss"][0],
+           f"{curve_prefix}adaptation_curve": stats["loss"][:last + 1]}
+    if "accuracy" in stats:
+        out.update({f"{prefix}test_accuracy": stats["accuracy"][steps],
+                    f"{prefix}test_accuracy_ci95": stats["accuracy_ci95"][steps],
+                    f"{prefix}test_accuracy_pre": stats["accuracy"][0],
+                    f"{curve_prefix}accuracy_curve": stats["accuracy"][:last + 1]})
+    return out
 
 
 def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network_sink: MetricsSink | None = None,
@@ -83,24 +106,25 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
     last = {"it": cohort.iteration, "t": start}
 
     def evaluate(records: list[dict[str, Any]]) -> None:
-        curves = [cohort.test_curve(i, m.eval_inner_steps) for i in local]
-        for rec, curve in zip(records, curves):
-            rec["test_loss_pre"], rec["test_loss_post"] = curve[0], curve[-1]
+        stats = [cohort.evaluate(i, m.eval_inner_steps) for i in local]
+        for rec, st in zip(records, stats):
+            rec.update(_pre_post(st, "test_"))
         net = _network_eval(cohort, m.eval_inner_steps)
         if net is None:
             return
-        nrec = {"iteration": cohort.iteration, "centroid_test_loss_pre": net["curve"][0],
-                "centroid_test_loss_post": net["curve"][-1], "disagreement": net["disagreement"],
-                "wall_s": time.perf_counter() - start}
+        nrec = {"iteration": cohort.iteration, **_pre_post(net["stats"], "centroid_test_"),
+                "disagreement": net["disagreement"], "wall_s": time.perf_counter() - start}
         network_sink.write(nrec)
         history.append(nrec)
         if progress:
             now = time.perf_counter()
             rate = (cohort.iteration - last["it"]) / max(now - last["t"], 1e-9)
             train = records[0].get("meta_train_loss")
-            log.info("iter %d/%d | train %s | agent%d test %.4f -> %.4f | centroid %.4f | disagreement %.3g | "
+            acc = f" | centroid acc {nrec['centroid_test_acc_post']:.3f}" if "centroid_test_acc_post" in nrec else ""
+            log.info("iter %d/%d | train %s | agent%d test %.4f -> %.4f | centroid %.4f%s | disagreement %.3g | "
                      "%.0f it/s", cohort.iteration, tr.iterations, "-" if train is None else f"{train:.4f}",
-                     cohort.agent_ids[0], curves[0][0], curves[0][-1], net["curve"][-1], net["disagreement"], rate)
+                     cohort.agent_ids[0], stats[0]["loss"][0], stats[0]["loss"][-1], net["stats"]["loss"][-1], acc,
+                     net["disagreement"], rate)
             last["it"], last["t"] = cohort.iteration, now
 
     first = [{"iteration": cohort.iteration, "bytes_sent": cohort.counters(i)["bytes_sent"]} for i in local]
@@ -137,18 +161,17 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
     horizon = max(m.final_adapt_steps, m.eval_inner_steps)
     mine = []
     for i in local:
-        curve = cohort.test_curve(i, horizon)
         c = cohort.counters(i)
-        mine.append({"agent": cohort.agent_ids[i], "final_test_loss": curve[m.eval_inner_steps],
-                     "final_test_loss_pre": curve[0], "adaptation_curve": curve[:m.final_adapt_steps + 1],
+        figures = _final(cohort.evaluate(i, horizon, final=True), m.eval_inner_steps, m.final_adapt_steps,
+                         prefix="final_", curve_prefix="")
+        mine.append({"agent": cohort.agent_ids[i], **figures,
                      "bytes_sent": c["bytes_sent"], "compute_seconds": c["compute_s"],
                      "exchange_seconds": c["exchange_s"]})
     everyone = cohort.gather(mine)
-    net = _network_eval(cohort, horizon)
+    net = _network_eval(cohort, horizon, final=True)
     network = None
     if net is not None:
         assert everyone is not None
         network = {"agents": everyone, "centroid": net["centroid"], "disagreement": net["disagreement"],
-                   "centroid_test_loss": net["curve"][m.eval_inner_steps], "centroid_test_loss_pre": net["curve"][0],
-                   "centroid_adaptation_curve": net["curve"][:m.final_adapt_steps + 1]}
+                   **_final(net["stats"], m.eval_inner_steps, m.final_adapt_steps, "centroid_", "centroid_")}
     return RunResult(mine, network, time.perf_counter() - start, history)

@@ -40,7 +40,9 @@ class TaskBatch:
         return self.support_x.shape[0]
 
     def to(self, device=None, dtype=None) -> "TaskBatch":
-        return TaskBatch(*(t.to(device=device, dtype=dtype) for t in self.tensors()))
+        """Move to ``device``; cast floating-point tensors to ``dtype`` (class labels stay integers)."""
+        return TaskBatch(*(t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+                           for t in self.tensors()))
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.support_x, self.support_y, self.query_x, self.query_y
@@ -49,11 +51,21 @@ class TaskBatch:
         return TaskBatch(*(t[start:stop] for t in self.tensors()))
 
 
+def make_predict(model: nn.Module, layout: FlatLayout) -> Callable[[Tensor, Tensor], Tensor]:
+    """``predict(flat_params, x)``: the architecture run on flat parameters (the module's own weights unused)."""
+
+    def predict(flat: Tensor, x: Tensor) -> Tensor:
+        return functional_call(model, layout.unflatten(flat), (x,))
+
+    return predict
+
+
 def make_loss(model: nn.Module, layout: FlatLayout, criterion=F.mse_loss) -> LossFn:
-    """Bind an architecture to a loss over flat parameters (the module's own weights are never used)."""
+    """Bind an architecture to a loss over flat parameters."""
+    predict = make_predict(model, layout)
 
     def loss(flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        return criterion(functional_call(model, layout.unflatten(flat), (x,)), y)
+        return criterion(predict(flat, x), y)
 
     return loss
 
@@ -121,25 +133,31 @@ def choose_path(path: str, meta_batch: int, vmap_min_tasks: int) -> str:
     return path
 
 
-def adaptation_curve(loss: LossFn, flat: Tensor, batch: TaskBatch, inner_lr: float, max_steps: int,
-                     chunk: int = 1000) -> Tensor:
-    """Mean query loss after 0, 1, ..., ``max_steps`` inner SGD steps on the support data; shape ``[max_steps+1]``.
+def adaptation_curves(loss: LossFn, flat: Tensor, batch: TaskBatch, inner_lr: float, max_steps: int,
+                      score: LossFn | None = None, chunk: int = 1000) -> tuple[Tensor, Tensor | None]:
+    """Per-task query loss after 0, 1, ..., ``max_steps`` inner SGD steps on the support data, ``[tasks, steps+1]``,
+    and the same for ``score(flat, x, y)`` (e.g. accuracy) if given.
 
     Evaluation only (no meta-gradient): vectorised over tasks in chunks of ``chunk`` to bound memory.
     """
     inner_grad = torch.func.grad(loss)
 
-    def curve(w: Tensor, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
-        out = [loss(w, xq, yq)]
+    def curve(w: Tensor, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
+        losses, scores = [loss(w, xq, yq)], [score(w, xq, yq) if score else w.new_zeros(())]
         for _ in range(max_steps):
             w = w - inner_lr * inner_grad(w, xs, ys)
-            out.append(loss(w, xq, yq))
-        return torch.stack(out)
+            losses.append(loss(w, xq, yq))
+            scores.append(score(w, xq, yq) if score else w.new_zeros(()))
+        return torch.stack(losses), torch.stack(scores)
 
     per_task = torch.vmap(curve, in_dims=(None, 0, 0, 0, 0))
     w = flat.detach()
-    total = w.new_zeros(max_steps + 1)
-    for start in range(0, len(batch), chunk):
-        part = batch.slice(start, start + chunk)
-        total += per_task(w, *part.tensors()).sum(0)
-    return total / len(batch)
+    parts = [per_task(w, *batch.slice(i, i + chunk).tensors()) for i in range(0, len(batch), chunk)]
+    losses = torch.cat([p[0] for p in parts]).detach()
+    return losses, torch.cat([p[1] for p in parts]).detach() if score else None
+
+
+def adaptation_curve(loss: LossFn, flat: Tensor, batch: TaskBatch, inner_lr: float, max_steps: int,
+                     chunk: int = 1000) -> Tensor:
+    """Mean query loss over tasks after 0..max_steps inner SGD steps; shape ``[max_steps+1]``."""
+    return adaptation_curves(loss, flat, batch, inner_lr, max_steps, chunk=chunk)[0].mean(0)

@@ -101,8 +101,8 @@ class Simulation:
         t0 = time.perf_counter()
         if self.vectorize:
             batches = [t.sample(g, self.cfg.task.meta_batch) for t, g in zip(self.tasks, self.rngs)]
-            stacked = TaskBatch(*(torch.stack(parts).to(self.device, self.dtype)
-                                  for parts in zip(*(b.tensors() for b in batches))))
+            stacked = TaskBatch(*(torch.stack(parts) for parts in zip(*(b.tensors() for b in batches))))
+            stacked = stacked.to(self.device, self.dtype)
             # In chunks of agents: one vmap over a thousand agents is 3x slower than four over 250 (cache).
             params = self.params.detach()
             parts = [self._meta_gradients(params[i:i + _AGENT_CHUNK],
@@ -135,11 +135,11 @@ class Simulation:
         return {"compute_s": self.compute_seconds, "exchange_s": self.exchange_seconds,
                 "bytes_sent": self._bytes_per_iter[i] * self._iteration}
 
-    def params_curve(self, params: Tensor, max_steps: int) -> list[float]:
-        return self.learner.test_curve(params.to(self.device, self.dtype), self.cfg.maml.inner_lr, max_steps)
+    def evaluate_params(self, params: Tensor, max_steps: int, final: bool = False) -> dict[str, list[float]]:
+        return self.learner.evaluate(params.to(self.device, self.dtype), self.cfg.maml.inner_lr, max_steps, final)
 
-    def test_curve(self, i: int, max_steps: int) -> list[float]:
-        return self.params_curve(self.states()[i], max_steps)
+    def evaluate(self, i: int, max_steps: int, final: bool = False) -> dict[str, list[float]]:
+        return self.evaluate_params(self.states()[i], max_steps, final)
 
     def all_states(self) -> Optional[Tensor]:
         return self.states().detach().cpu()

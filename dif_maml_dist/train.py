@@ -161,6 +161,11 @@ def _write_summary(plan: Plan, result, named_params, extra: dict) -> dict:
         "centroid_test_loss": net["centroid_test_loss"], "centroid_test_loss_pre": net["centroid_test_loss_pre"],
         "centroid_adaptation_curve": net["centroid_adaptation_curve"], "disagreement": net["disagreement"],
         "mean_final_test_loss": sum(a["final_test_loss"] for a in agents) / len(agents),
+        **({"centroid_test_accuracy": net["centroid_test_accuracy"],
+            "centroid_test_accuracy_ci95": net["centroid_test_accuracy_ci95"],
+            "centroid_accuracy_curve": net["centroid_accuracy_curve"],
+            "mean_final_test_accuracy": sum(a["final_test_accuracy"] for a in agents) / len(agents)}
+           if "centroid_test_accuracy" in net else {}),
         "agents": agents,
         "config": asdict(cfg),
     }

@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 from torch import Tensor, nn
 
 from ..maml import TaskBatch
+from .omniglot import OmniglotFamily
 from .sinusoid import SinusoidFamily, SinusoidTasks
 
 if TYPE_CHECKING:
@@ -25,15 +26,18 @@ class TaskFamily(Protocol):
     """What the runtime needs from a kind of task."""
 
     criterion: Callable[[Tensor, Tensor], Tensor]  #: per-task loss, ``criterion(prediction, target)``
+    metric: Optional[Callable[[Tensor, Tensor], Tensor]]  #: e.g. accuracy ``metric(prediction, target)``; None
+    eval_chunk: int  #: test tasks adapted at once (vmap) in evaluation: bounds memory
 
     def build_model(self) -> nn.Module: ...
 
     def sampler(self, agent: int, num_agents: int) -> TaskSampler: ...
 
-    def eval_set(self, seed: int) -> TaskBatch: ...
+    def eval_set(self, seed: int, num_tasks: int) -> TaskBatch:
+        """Shared test tasks, identical on every agent; a smaller ``num_tasks`` gives a prefix of a larger one."""
 
 
-FAMILIES = {"sinusoid": SinusoidFamily}
+FAMILIES = {"sinusoid": SinusoidFamily, "omniglot": OmniglotFamily}
 
 
 def task_family(cfg: "Config") -> TaskFamily:
@@ -42,4 +46,4 @@ def task_family(cfg: "Config") -> TaskFamily:
     return FAMILIES[cfg.task.name](cfg)
 
 
-__all__ = ["FAMILIES", "SinusoidFamily", "SinusoidTasks", "TaskFamily", "TaskSampler", "task_family"]
+__all__ = ["FAMILIES", "OmniglotFamily", "SinusoidFamily", "SinusoidTasks", "TaskFamily", "TaskSampler", "task_family"]

@@ -45,15 +45,18 @@ class SinusoidTasks:
         return TaskBatch(x[:, :ns], y[:, :ns], x[:, ns:], y[:, ns:])
 
     @staticmethod
-    def eval_set(cfg: TaskConfig, seed: int) -> TaskBatch:
-        """The shared test tasks over the full amplitude range: identical on every agent for a given seed."""
-        return SinusoidTasks(cfg).sample(seeding.generator(seed, seeding.EVAL), cfg.eval_tasks)
+    def eval_set(cfg: TaskConfig, seed: int, num_tasks: int | None = None) -> TaskBatch:
+        """The shared test tasks over the full amplitude range: identical on every agent for a given seed (a
+        smaller ``num_tasks`` gives a prefix of a larger one)."""
+        return SinusoidTasks(cfg).sample(seeding.generator(seed, seeding.EVAL), num_tasks or cfg.eval_tasks)
 
 
 class SinusoidFamily:
     """The sinusoid task family: a ReLU MLP (1 -> model.hidden -> 1) under MSE."""
 
     criterion = staticmethod(F.mse_loss)
+    metric = None  #: regression: the loss is the figure
+    eval_chunk = 1000
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -64,5 +67,5 @@ class SinusoidFamily:
     def sampler(self, agent: int, num_agents: int) -> SinusoidTasks:
         return SinusoidTasks(self.cfg.task, agent, num_agents)
 
-    def eval_set(self, seed: int) -> TaskBatch:
-        return SinusoidTasks.eval_set(self.cfg.task, seed)
+    def eval_set(self, seed: int, num_tasks: int) -> TaskBatch:
+        return SinusoidTasks.eval_set(self.cfg.task, seed, num_tasks)
