@@ -152,10 +152,14 @@ class Learner:
         return out
 
 
-def initial_params(cfg: Config, agent: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """PyTorch's default initialisation, drawn from a seeded stream: shared by all agents, or per agent."""
+def initial_params(cfg: Config, agent: int, dtype: torch.dtype, device: torch.device,
+                   family: Optional[TaskFamily] = None) -> Tensor:
+    """PyTorch's default initialisation, drawn from a seeded stream: shared by all agents, or per agent.
+
+    Pass the caller's ``family`` when it has one: building a family may load a dataset.
+    """
     keys = (seeding.INIT,) if cfg.train.init == "shared" else (seeding.INIT, agent)
-    model = build_model(cfg)
+    model = (family or task_family(cfg)).build_model()
     reset_parameters(model, seeding.generator(cfg.seed, *keys))
     layout = FlatLayout.of(model)
     return layout.flatten(dict(model.named_parameters())).detach().to(device=device, dtype=dtype)
@@ -166,15 +170,16 @@ class Agent:
     """Agent ``rank`` of ``num_agents``; ``combiner`` decides the strategy."""
 
     def __init__(self, cfg: Config, rank: int, num_agents: int, combiner: Optional[Callable[[Tensor], Tensor]],
-                 device: torch.device | str = "cpu"):
-        """``combiner`` maps phi to w (see ``make_combiner``); ``None`` when the caller combines (the simulator)."""
+                 device: torch.device | str = "cpu", learner: Optional[Learner] = None):
+        """``combiner`` maps phi to w (see ``make_combiner``); ``None`` when the caller combines (the simulator).
+        ``learner``: share one (its dataset, its test sets) between agents of one process; built if not given."""
         self.cfg, self.rank, self.num_agents = cfg, rank, num_agents
         self.device = torch.device(device)
         self.dtype = getattr(torch, cfg.train.dtype)
-        self.learner = Learner.build(cfg, self.device, self.dtype)
+        self.learner = learner or Learner.build(cfg, self.device, self.dtype)
         self.layout, self.loss = self.learner.layout, self.learner.loss
         self.tasks = self.learner.family.sampler(rank, num_agents)
-        params = initial_params(cfg, rank, self.dtype, self.device)
+        params = initial_params(cfg, rank, self.dtype, self.device, self.learner.family)
         self.state = AgentState(0, params, make_optimizer(cfg.optim, params),
                                 seeding.generator(cfg.seed, seeding.TASKS, rank))
         self.meta_grad_path = choose_path(cfg.maml.meta_grad_path, cfg.task.meta_batch, cfg.maml.vmap_min_tasks)

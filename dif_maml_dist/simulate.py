@@ -66,7 +66,8 @@ class Simulation:
         msg = self.layout.numel * torch.empty((), dtype=self.dtype).element_size()
         self._bytes_per_iter = [nominal_bytes_per_iteration(cfg.strategy.name, self.weights, a, msg) for a in range(k)]
         if vectorize:
-            self.params = torch.stack([initial_params(cfg, a, self.dtype, self.device) for a in range(k)])
+            self.params = torch.stack([initial_params(cfg, a, self.dtype, self.device, self.learner.family)
+                                       for a in range(k)])
             self.optimizer = make_optimizer(cfg.optim, self.params)
             self.tasks = [self.learner.family.sampler(a, k) for a in range(k)]
             self.rngs = [seeding.generator(cfg.seed, seeding.TASKS, a) for a in range(k)]
@@ -82,7 +83,7 @@ class Simulation:
             else:
                 self._mix = a_t
         else:
-            self.agents = [Agent(cfg, a, k, combiner=None, device=self.device) for a in range(k)]
+            self.agents = [Agent(cfg, a, k, combiner=None, device=self.device, learner=self.learner) for a in range(k)]
             self.plans = [combine_plan(self.weights, a) for a in range(k)]
 
     # -- state -------------------------------------------------------------------------------------------
