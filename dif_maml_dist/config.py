@@ -71,12 +71,14 @@ class TopologyConfig:
     """The communication graph and its combination weights."""
 
     name: str = "paper6"  #: one of TOPOLOGIES
-    num_agents: Optional[int] = None  #: K for ring/complete/star/erdos_renyi (default 6); edge_list: nodes 0..K-1 (default: largest node + 1)
+    #: K for ring/complete/star/erdos_renyi (default 6); edge_list: nodes 0..K-1 (default: largest node id + 1)
+    num_agents: Optional[int] = None
     rows: int = 2  #: grid/torus height
     cols: int = 3  #: grid/torus width
     edge_prob: float = 0.5  #: erdos_renyi edge probability
     graph_seed: int = 0  #: erdos_renyi seed; the graph is re-drawn (seed, seed+1, ...) until connected
-    edge_list: Optional[str] = None  #: edge_list: path to a text file with one "u v" pair of node ids per line (# comments)
+    #: edge_list: path to a text file with one "u v" pair of node ids per line (# comments allowed)
+    edge_list: Optional[str] = None
     weights: str = "metropolis"  #: combination rule; one of WEIGHT_RULES
 
 

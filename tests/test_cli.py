@@ -111,8 +111,8 @@ def test_bad_input_is_one_line_error(tmp_path, case):
         "disconnected": (["topology=edge_list", f"topology.edge_list={two_components}"],
                          "disconnected"),
         "unknown_topology": (["topology=hexagon"], "unknown topology 'hexagon'; choose one of: complete"),
-        "unknown_task": (["task=imagenet"],
-                         "unknown task 'imagenet'; choose one of: omniglot_20w1s, omniglot_5w1s, omniglot_5w5s, sinusoid"),
+        "unknown_task": (["task=imagenet"], "unknown task 'imagenet'; choose one of: omniglot_20w1s, "
+                                            "omniglot_5w1s, omniglot_5w5s, sinusoid"),
         "zero_lr": (["optim.lr=0"], "optim.lr must be a positive number"),
         "negative_alpha": (["maml.inner_lr=-0.01"], "maml.inner_lr must be a positive number"),
         "missing_node": (["topology=edge_list", f"topology.edge_list={names_node_5}",
