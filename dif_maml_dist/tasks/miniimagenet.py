@@ -1,0 +1,114 @@
+"""MiniImagenet on disk -> one cached tensor file per split (uint8, 84 x 84 RGB).
+
+Two common layouts are read:
+
+- the pickle caches ``ROOT/mini-imagenet-cache-{train,val,test}.pkl`` (a dict with ``image_data``, an
+  ``[N, 84, 84, 3]`` uint8 array, and ``class_dict``, class name -> image indices). Unpickling runs code from the
+  file: only point ``data.root`` at files you trust;
+- Ravi & Larochelle's ``ROOT/images/*.jpg`` with ``ROOT/{train,val,test}.csv`` (header ``filename,label``).
+
+Either way the split is decoded once into ``ROOT/miniimagenet-{split}-{size}.pt`` (``weights_only`` loadable).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ClassImages:
+    """``images[c, i]``: image i of class c, uint8 ``[3, size, size]``; every class has the same count."""
+
+    images: torch.Tensor
+    classes: tuple[str, ...]
+
+
+def _equal_counts(per_class: dict[str, list], source: str) -> int:
+    counts = {name: len(v) for name, v in per_class.items()}
+    if not counts:
+        raise ValueError(f"{source} lists no images")
+    empty = [name for name, n in counts.items() if n == 0]
+    if empty:
+        raise ValueError(f"{source}: class {empty[0]} has no images")
+    return min(counts.values())  # the standard splits have 600 per class; a ragged copy is cut to its smallest
+
+
+def _from_pickle(path: Path, size: int) -> tuple[np.ndarray, list[str]]:
+    try:
+        with path.open("rb") as f:
+            data = pickle.load(f)  # noqa: S301 (the dataset's own format; see the module docstring)
+        images, class_dict = np.asarray(data["image_data"]), data["class_dict"]
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"cannot read MiniImagenet pickle {path}: {err!r}; expected a dict with 'image_data' and "
+                         f"'class_dict'") from None
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{path}: image_data has shape {images.shape}, expected [N, H, W, 3]")
+    names = sorted(class_dict)
+    n = _equal_counts({k: list(class_dict[k]) for k in names}, str(path))
+    out = np.stack([images[np.asarray(class_dict[k][:n])] for k in names])  # [C, n, H, W, 3]
+    if out.shape[2] != size:
+        out = np.stack([[_resize(img, size) for img in cls] for cls in out])
+    return out, names
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).convert("RGB").resize((size, size), Image.LANCZOS), dtype=np.uint8)
+
+
+def _from_csv(root: Path, split: str, size: int) -> tuple[np.ndarray, list[str]]:
+    from PIL import Image, UnidentifiedImageError
+
+    per_class: dict[str, list[str]] = {}
+    with (root / f"{split}.csv").open(newline="") as f:
+        for row in csv.DictReader(f):
+            if "filename" not in row or "label" not in row:
+                raise ValueError(f"{root / f'{split}.csv'}: expected the header 'filename,label'")
+            per_class.setdefault(row["label"], []).append(row["filename"])
+    names = sorted(per_class)
+    n = _equal_counts(per_class, str(root / f"{split}.csv"))
+    out = np.zeros((len(names), n, size, size, 3), dtype=np.uint8)
+    for c, name in enumerate(names):
+        for i, filename in enumerate(per_class[name][:n]):
+            path = root / "images" / filename
+            if not path.is_file():
+                raise ValueError(f"{root / f'{split}.csv'} names {filename}, which is not in {root / 'images'}")
+            try:
+                with Image.open(path) as img:
+                    out[c, i] = _resize(np.asarray(img.convert("RGB")), size)
+            except (UnidentifiedImageError, OSError, SyntaxError) as err:
+                raise ValueError(f"cannot decode MiniImagenet image {path}: {err}; delete or replace the "
+                                 f"file") from None
+    return out, names
+
+
+def load_miniimagenet(root: Path, split: str, size: int = 84) -> ClassImages:
+    """One split's images (decoded and cached on first use). Raises ``ValueError`` naming what is missing."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown MiniImagenet split {split!r}; choose one of: {', '.join(SPLITS)}")
+    root = Path(root)
+    cache = root / f"miniimagenet-{split}-{size}.pt"
+    if not cache.is_file():
+        pkl = root / f"mini-imagenet-cache-{split}.pkl"
+        if pkl.is_file():
+            images, names = _from_pickle(pkl, size)
+        elif (root / f"{split}.csv").is_file() and (root / "images").is_dir():
+            images, names = _from_csv(root, split, size)
+        else:
+            raise ValueError(f"MiniImagenet {split} split not found in {root}: expected "
+                             f"mini-imagenet-cache-{split}.pkl, or {split}.csv with an images/ folder")
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        torch.save({"images": torch.from_numpy(images).permute(0, 1, 4, 2, 3).contiguous(), "classes": names}, tmp)
+        os.replace(tmp, cache)
+    data = torch.load(cache, weights_only=True)
+    return ClassImages(data["images"], tuple(data["classes"]))
