@@ -31,6 +31,7 @@ from .combine import combine
 from .config import Config
 from .maml import TaskBatch, batched_meta_gradient
 from .topology import combine_plan
+from .transport import ring_all_reduce_bytes
 
 #: Below this density a sparse matrix product is used for the combine (large, sparse graphs).
 _SPARSE_BELOW = 0.25
@@ -44,7 +45,7 @@ def nominal_bytes_per_iteration(strategy: str, weights: np.ndarray, agent: int, 
     if strategy == "dif_maml":
         return combine_plan(weights, agent).degree * message_bytes
     if strategy == "centralized":
-        return 2 * (k - 1) * message_bytes // k  # ring all-reduce volume, as TorchDistTransport counts it
+        return ring_all_reduce_bytes(k, message_bytes)
     return 0
 
 
@@ -97,6 +98,9 @@ class Simulation:
             return self.params
         return torch.stack([a.state.params for a in self.agents])
 
+    def _state(self, i: int) -> Tensor:
+        return self.params[i] if self.vectorize else self.agents[i].state.params
+
     # -- one iteration -----------------------------------------------------------------------------------
     def step(self) -> Sequence[Tensor]:
         t0 = time.perf_counter()
@@ -140,7 +144,7 @@ class Simulation:
         return self.learner.evaluate(params.to(self.device, self.dtype), self.cfg.maml.inner_lr, max_steps, final)
 
     def evaluate(self, i: int, max_steps: int, final: bool = False) -> dict[str, list[float]]:
-        return self.evaluate_params(self.states()[i], max_steps, final)
+        return self.evaluate_params(self._state(i), max_steps, final)  # not states()[i]: no K-agent stack
 
     def all_states(self) -> Optional[Tensor]:
         return self.states().detach().cpu()

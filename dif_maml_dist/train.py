@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -176,11 +177,19 @@ def _write_summary(plan: Plan, result, named_params, extra: dict) -> dict:
     return summary
 
 
-def _sinks(run_dir: Path, agent_ids, root: bool):
+@contextmanager
+def _metric_sinks(run_dir: Path, agent_ids, root: bool):
+    """Per-agent JSONL sinks (and the root's network sink), closed however the run ends."""
     from .metrics import JsonlSink
 
     sinks = [JsonlSink(run_dir / "metrics" / f"agent{k}.jsonl") for k in agent_ids]
-    return sinks, (JsonlSink(run_dir / "metrics" / "network.jsonl") if root else None)
+    network = JsonlSink(run_dir / "metrics" / "network.jsonl") if root else None
+    try:
+        yield sinks, network
+    finally:
+        for sink in [*sinks, network]:
+            if sink is not None:
+                sink.close()
 
 
 def execute(plan: Plan, env) -> dict | None:
@@ -203,13 +212,8 @@ def execute(plan: Plan, env) -> dict | None:
         log.info("neighbours %s weights %s (self %.4f), %d parameters, meta-gradient path %s",
                  plan_k.neighbors, [round(w, 4) for w in plan_k.neighbor_weights], plan_k.self_weight,
                  agent.layout.numel, agent.meta_grad_path)
-        sinks, network_sink = _sinks(run_dir, [env.rank], env.rank == 0)
-        try:
+        with _metric_sinks(run_dir, [env.rank], env.rank == 0) as (sinks, network_sink):
             result = run_agent(agent, transport, sinks[0], network_sink, progress=env.rank == 0)
-        finally:
-            for sink in [*sinks, network_sink]:
-                if sink is not None:
-                    sink.close()
         if cfg.train.save_models:
             (run_dir / "models").mkdir(exist_ok=True)
             save_tensors_atomic(run_dir / "models" / f"agent{env.rank}.pt", agent.named_params())
@@ -235,12 +239,8 @@ def simulate(plan: Plan, device) -> dict:
     setup_logging(0, run_dir / "logs", who="simulator")
     _log_start(plan, device)
     sim = Simulation(cfg, plan.weights, device, vectorize=cfg.runtime.vectorize)
-    sinks, network_sink = _sinks(run_dir, sim.agent_ids, True)
-    try:
+    with _metric_sinks(run_dir, sim.agent_ids, True) as (sinks, network_sink):
         result = run_loop(sim, sinks, network_sink, progress=True)
-    finally:
-        for sink in [*sinks, network_sink]:
-            sink.close()
     if cfg.train.save_models:
         (run_dir / "models").mkdir(exist_ok=True)
         for k, params in enumerate(sim.states()):

@@ -20,6 +20,11 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def ring_all_reduce_bytes(world_size: int, message_bytes: int) -> int:
+    """What each agent sends in a ring all-reduce of one message: 2 (K-1)/K of it (how all-reduces are charged)."""
+    return 2 * (world_size - 1) * message_bytes // world_size
+
+
 class Transport(ABC):
     """Point-to-point exchange and a few collectives among ``world_size`` agents; this one is ``rank``."""
 
@@ -50,8 +55,7 @@ class Transport(ABC):
         """Wait until every agent has reached this point."""
 
     def _count_all_reduce(self, tensor: Tensor) -> None:
-        # Charged as a ring all-reduce: each agent sends 2 (K-1)/K of the message.
-        self.bytes_sent += 2 * (self.world_size - 1) * _nbytes(tensor) // self.world_size
+        self.bytes_sent += ring_all_reduce_bytes(self.world_size, _nbytes(tensor))
 
 
 class _Hub:
