@@ -1,9 +1,13 @@
-"""Conv4 meta-gradient: per-task autograd loop vs torch.func grad∘vmap (Omniglot 5-way 1-shot shapes).
+"""Conv4 meta-gradient and evaluation: per-task loop vs torch.func vmap, at the paper's few-shot settings.
 
-Run: .venv/bin/python benchmarks/bench_conv4.py [--threads N] [--repeats R]
+Run: .venv/bin/python benchmarks/bench_conv4.py [--threads N] [--repeats R] [--settings NAME ...]
 
-Random 28x28 images (the cost does not depend on pixel values), 64 filters, 1 inner step, alpha 0.4, second
-order, float32; 15 query images per class. Both paths are checked to agree before timing.
+For each few-shot config (the shapes and step counts of conf/task/<name>.yaml; random pixels, since the cost does not
+depend on them; second order, float32):
+- meta-gradient of 1 task and of one meta-batch: per-task autograd loop vs grad∘vmap over tasks (both checked to
+  agree before timing) — this chooses ``maml.meta_grad_path`` for the config;
+- evaluation: adapting ``eval_chunk`` test tasks for 10 steps one task at a time vs all at once under vmap
+  (``adaptation_curves``, what ``Learner.evaluate`` runs).
 """
 
 from __future__ import annotations
@@ -11,55 +15,110 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from dif_maml_dist import seeding
 from dif_maml_dist.flat import FlatLayout
-from dif_maml_dist.maml import TaskBatch, make_loss, meta_gradient_loop, meta_gradient_vmap
+from dif_maml_dist.maml import TaskBatch, adaptation_curves, make_loss, meta_gradient_loop, meta_gradient_vmap
 from dif_maml_dist.models import Conv4, reset_parameters
+from dif_maml_dist.tasks.miniimagenet import MiniImagenetFamily
+from dif_maml_dist.tasks.omniglot import OmniglotFamily
+
+
+CONF = Path(__file__).resolve().parent.parent / "conf" / "task"
+FAMILIES = {"omniglot": (1, OmniglotFamily.eval_chunk), "miniimagenet": (3, MiniImagenetFamily.eval_chunk)}
+
+
+@dataclass(frozen=True)
+class Setting:
+    channels: int
+    size: int
+    filters: int
+    way: int
+    shot: int
+    query: int
+    inner_lr: float
+    inner_steps: int
+    meta_batch: int
+    eval_chunk: int
+
+    @classmethod
+    def from_config(cls, name: str) -> "Setting":
+        """The shapes and step counts of conf/task/<name>.yaml."""
+        c = OmegaConf.load(CONF / f"{name}.yaml")
+        t = c.task
+        channels, eval_chunk = FAMILIES[t.name]
+        return cls(channels, t.image_size, c.model.filters, t.n_way, t.k_shot, t.q_query, c.maml.inner_lr,
+                   c.maml.inner_steps, t.meta_batch, eval_chunk)
+
+
+SETTINGS = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem.split("_")[0] in FAMILIES)
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs)
+
+
+def tasks(s: Setting, n: int, g: torch.Generator) -> TaskBatch:
+    def images(per: int) -> torch.Tensor:
+        return torch.rand(n, s.way * per, s.channels, s.size, s.size, generator=g)
+
+    def labels(per: int) -> torch.Tensor:
+        return torch.arange(s.way).repeat_interleave(per).repeat(n, 1)
+
+    return TaskBatch(images(s.shot), labels(s.shot), images(s.query), labels(s.query))
+
+
+def bench(name: str, s: Setting, repeats: int) -> None:
+    model = Conv4(s.channels, s.way, s.filters, s.size)
+    reset_parameters(model, seeding.generator(0, 1))
+    layout = FlatLayout.of(model)
+    flat = layout.flatten(dict(model.named_parameters())).detach()
+    loss = make_loss(model, layout, F.cross_entropy)
+    g = torch.Generator().manual_seed(0)
+    print(f"\n{name}: Conv4 {s.filters} filters on {s.channels}x{s.size}x{s.size} ({layout.numel} parameters), "
+          f"{s.way}-way {s.shot}-shot, {s.query} queries/class, {s.inner_steps} inner step(s), alpha {s.inner_lr}")
+    print(f"  meta-gradient {'tasks':>5} | {'loop s':>8} {'vmap s':>8} | loop/vmap | faster")
+    for n in sorted({1, s.meta_batch}):
+        batch = tasks(s, n, g)
+        args = (loss, flat, batch, s.inner_lr, s.inner_steps, False)
+        loop, vmap = meta_gradient_loop(*args)[0], meta_gradient_vmap(*args)[0]
+        # float32: compare as vectors (single entries carry rounding noise of the whole backward pass)
+        rel = float((loop - vmap).norm() / loop.norm())
+        if rel > 1e-4:
+            raise SystemExit(f"{name}: loop and vmap disagree at {n} tasks: relative difference {rel:.3g}")
+        t_loop = median_time(lambda: meta_gradient_loop(*args), repeats)
+        t_vmap = median_time(lambda: meta_gradient_vmap(*args), repeats)
+        print(f"  {'':13} {n:5d} | {t_loop:8.3f} {t_vmap:8.3f} | {t_loop / t_vmap:8.2f}x | "
+              f"{'vmap' if t_vmap < t_loop else 'loop'} (relative difference {rel:.1e})")
+    batch = tasks(s, s.eval_chunk, g)
+    one_by_one = median_time(lambda: adaptation_curves(loss, flat, batch, s.inner_lr, 10, chunk=1), repeats)
+    at_once = median_time(lambda: adaptation_curves(loss, flat, batch, s.inner_lr, 10, chunk=s.eval_chunk), repeats)
+    print(f"  evaluation, {s.eval_chunk} tasks x 10 steps: one at a time {one_by_one:.3f} s, vmap over "
+          f"{s.eval_chunk} {at_once:.3f} s ({one_by_one / at_once:.2f}x)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--tasks", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--settings", nargs="+", default=SETTINGS, choices=SETTINGS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    way, shot, query = 5, 1, 15
-    model = Conv4(1, way, 64, 28)
-    reset_parameters(model, seeding.generator(0, 1))
-    layout = FlatLayout.of(model)
-    flat = layout.flatten(dict(model.named_parameters())).detach()
-    loss = make_loss(model, layout, F.cross_entropy)
-    g = torch.Generator().manual_seed(0)
-    print(f"Conv4 (64 filters, {layout.numel} parameters) meta-gradient, Omniglot {way}-way {shot}-shot, {query} "
-          f"queries/class, second order, float32, {args.threads} thread(s), median of {args.repeats}")
-    print(f"{'tasks':>6} | {'loop s':>8} {'vmap s':>8} | {'loop/vmap':>9} | faster")
-    for n in args.tasks:
-        batch = TaskBatch(torch.rand(n, way * shot, 1, 28, 28, generator=g),
-                          torch.arange(way).repeat_interleave(shot).repeat(n, 1),
-                          torch.rand(n, way * query, 1, 28, 28, generator=g),
-                          torch.arange(way).repeat_interleave(query).repeat(n, 1))
-        times = {}
-        results = {}
-        for name, fn in (("loop", meta_gradient_loop), ("vmap", meta_gradient_vmap)):
-            results[name] = fn(loss, flat, batch, 0.4, 1, False)[0]  # warm-up and agreement check
-            runs = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                fn(loss, flat, batch, 0.4, 1, False)
-                runs.append(time.perf_counter() - t0)
-            times[name] = statistics.median(runs)
-        # float32: compare as vectors (single entries carry rounding noise of the whole backward pass)
-        rel = float((results["loop"] - results["vmap"]).norm() / results["loop"].norm())
-        if rel > 1e-4:
-            raise SystemExit(f"loop and vmap disagree at {n} tasks: relative difference {rel:.3g}")
-        ratio = times["loop"] / times["vmap"]
-        print(f"{n:6d} | {times['loop']:8.3f} {times['vmap']:8.3f} | {ratio:8.2f}x | {'vmap' if ratio > 1 else 'loop':6s}"
-              f" (relative difference {rel:.1e})")
+    print(f"{args.threads} thread(s), median of {args.repeats} timed runs after one warm-up")
+    for name in args.settings:
+        bench(name, Setting.from_config(name), args.repeats)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from .maml import META_GRADIENT_PATHS, LossFn, TaskBatch, adaptation_curves, cho
 from .loop import RunResult, run_loop
 from .metrics import MetricsSink
 from .models import reset_parameters
-from .tasks import TaskFamily, task_family
+from .tasks import TaskFamily, TaskSet, task_family
 from .topology import CombinePlan
 from .transport import Transport
 
@@ -117,8 +117,10 @@ class Learner:
     layout: FlatLayout
     loss: LossFn  #: ``loss(flat_params, x, y)``
     score: Optional[LossFn]  #: ``score(flat_params, x, y)``, e.g. accuracy; None for regression
-    eval_batch: TaskBatch  #: the shared test tasks evaluated during training, on the device
-    final_batch: TaskBatch  #: the shared test tasks of the final figures (a superset of eval_batch)
+    tests: TaskSet  #: the shared test tasks of the final figures (TaskBatch on the device, or a lazy EpisodeSet)
+    eval_tasks: int  #: the first eval_tasks of ``tests`` are evaluated during training
+    device: torch.device
+    dtype: torch.dtype
 
     @classmethod
     def build(cls, cfg: Config, device: torch.device, dtype: torch.dtype) -> "Learner":
@@ -133,22 +135,27 @@ class Learner:
                 return metric(predict(flat, x), y)
 
         t = cfg.task
-        final_tasks = t.final_eval_tasks or t.eval_tasks
-        final = family.eval_set(cfg.seed, max(final_tasks, t.eval_tasks))
-        # The periodic test set is the first eval_tasks tasks of the final one (same seeded stream).
-        return cls(family, layout, make_loss(model, layout, family.criterion), score,
-                   final.slice(0, t.eval_tasks).to(device, dtype), final.slice(0, final_tasks).to(device, dtype))
+        # One seeded stream: the periodic test set is the first eval_tasks tasks of the final one.
+        tests = family.eval_set(cfg.seed, max(t.final_eval_tasks or t.eval_tasks, t.eval_tasks))
+        if isinstance(tests, TaskBatch):
+            tests = tests.to(device, dtype)  # small enough to live on the device for the whole run
+        return cls(family, layout, make_loss(model, layout, family.criterion), score, tests, t.eval_tasks, device,
+                   dtype)
 
     def evaluate(self, params: Tensor, inner_lr: float, max_steps: int, final: bool = False) -> dict[str, list[float]]:
         """Test figures of ``params`` after 0..max_steps adaptation steps on the shared test tasks: mean ``loss``,
         and where the family has a score, mean ``accuracy`` with its 95% confidence half-width over tasks."""
-        batch = self.final_batch if final else self.eval_batch
-        losses, scores = adaptation_curves(self.loss, params, batch, inner_lr, max_steps, self.score,
-                                           chunk=self.family.eval_chunk)
+        n, chunk = len(self.tests) if final else self.eval_tasks, self.family.eval_chunk
+        parts = []
+        for i in range(0, n, chunk):  # gathered a chunk at a time: see tasks.episodes.EpisodeSet
+            batch = self.tests.slice(i, min(i + chunk, n)).to(self.device, self.dtype)
+            parts.append(adaptation_curves(self.loss, params, batch, inner_lr, max_steps, self.score, chunk=chunk))
+        losses = torch.cat([p[0] for p in parts])
         out = {"loss": losses.mean(0).tolist()}
-        if scores is not None:
+        if self.score is not None:
+            scores = torch.cat([p[1] for p in parts])
             out["accuracy"] = scores.mean(0).tolist()
-            out["accuracy_ci95"] = (1.96 * scores.std(0) / math.sqrt(len(batch))).tolist()
+            out["accuracy_ci95"] = (1.96 * scores.std(0) / math.sqrt(n)).tolist()
         return out
 
 

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-TASKS = ("sinusoid", "omniglot")
+TASKS = ("sinusoid", "omniglot", "miniimagenet")
 SHARING = ("same", "disjoint_classes", "alphabets")
 TOPOLOGIES = ("paper6", "ring", "complete", "star", "grid", "torus", "erdos_renyi", "edge_list")
 WEIGHT_RULES = ("metropolis", "max_degree")
@@ -41,14 +41,15 @@ class TaskConfig:
     meta_batch: int = 1  #: tasks per agent per iteration (|S_k|)
     eval_tasks: int = 1000  #: size of the shared test set (full amplitude/phase range), identical on every agent
     final_eval_tasks: Optional[int] = None  #: test tasks for the final figures (None: the eval_tasks set)
-    # -- few-shot classification (omniglot) --
+    # -- few-shot classification (omniglot, miniimagenet) --
     n_way: int = 5  #: classes per task
     k_shot: int = 1  #: support images per class
     q_query: int = 15  #: query images per class
-    image_size: int = 28  #: images are resized to image_size x image_size
-    rotations: bool = True  #: rotations by 90, 180, 270 degrees count as extra training classes
-    sharing: str = "same"  #: training classes per agent: same (all), disjoint_classes, alphabets (whole alphabets)
-    split_seed: int = 0  #: seed of the train / validation / test character split
+    image_size: int = 28  #: images are resized to image_size x image_size (28 Omniglot, 84 MiniImagenet)
+    rotations: bool = True  #: rotations by 90, 180, 270 degrees count as extra training classes (Omniglot)
+    #: training classes per agent: same (all), disjoint_classes (a partition), alphabets (whole alphabets, Omniglot)
+    sharing: str = "same"
+    split_seed: int = 0  #: Omniglot: seed of the train / validation / test character split (MiniImagenet has its own)
 
 
 @dataclass
@@ -180,6 +181,12 @@ def validate(cfg: Config) -> Config:
     _choice(t.sharing, SHARING, "task.sharing")
     if t.name == "omniglot" and not cfg.data.root:
         raise ValueError("task=omniglot_* needs the dataset: add data.root=DIR (the folder holding omniglot-py/)")
+    if t.name == "miniimagenet" and not cfg.data.root:
+        raise ValueError("task=miniimagenet_* needs the dataset: add data.root=DIR (the folder holding "
+                         "mini-imagenet-cache-{train,test}.pkl, or images/ with train.csv and test.csv)")
+    if t.sharing == "alphabets" and t.name != "omniglot":
+        raise ValueError(f"task.sharing=alphabets needs Omniglot's alphabets; for {t.name} use same or "
+                         f"disjoint_classes")
     _positive(cfg.model.filters, "model.filters")
 
     if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):

@@ -122,7 +122,7 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
             train = records[0].get("meta_train_loss")
             acc = f" | centroid acc {nrec['centroid_test_acc_post']:.3f}" if "centroid_test_acc_post" in nrec else ""
             log.info("iter %d/%d | train %s | agent%d test %.4f -> %.4f | centroid %.4f%s | disagreement %.3g | "
-                     "%.0f it/s", cohort.iteration, tr.iterations, "-" if train is None else f"{train:.4f}",
+                     "%.3g it/s", cohort.iteration, tr.iterations, "-" if train is None else f"{train:.4f}",
                      cohort.agent_ids[0], stats[0]["loss"][0], stats[0]["loss"][-1], net["stats"]["loss"][-1], acc,
                      net["disagreement"], rate)
             last["it"], last["t"] = cohort.iteration, now

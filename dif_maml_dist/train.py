@@ -253,12 +253,14 @@ def simulate(plan: Plan, device) -> dict:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(node: DictConfig) -> None:
     from .runtime import ProcessEnv
+    from .tasks import check_task_data
 
     env = ProcessEnv.from_environ()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         plan = plan_run(from_omegaconf(node), env.world_size, run_dir)
         check_devices(plan.cfg, env)
+        check_task_data(plan.cfg, plan.topology.num_agents)
     except ValueError as err:
         _fail(err, env.rank, run_dir)
     execute(plan, env)

@@ -111,8 +111,9 @@ def test_bad_input_is_one_line_error(tmp_path, case):
         "disconnected": (["topology=edge_list", f"topology.edge_list={two_components}"],
                          "disconnected"),
         "unknown_topology": (["topology=hexagon"], "unknown topology 'hexagon'; choose one of: complete"),
-        "unknown_task": (["task=imagenet"], "unknown task 'imagenet'; choose one of: omniglot_20w1s, "
-                                            "omniglot_5w1s, omniglot_5w5s, sinusoid"),
+        "unknown_task": (["task=imagenet"], "unknown task 'imagenet'; choose one of: miniimagenet_5w1s, "
+                                            "miniimagenet_5w5s, omniglot_20w1s, omniglot_5w1s, omniglot_5w5s, "
+                                            "sinusoid"),
         "zero_lr": (["optim.lr=0"], "optim.lr must be a positive number"),
         "negative_alpha": (["maml.inner_lr=-0.01"], "maml.inner_lr must be a positive number"),
         "missing_node": (["topology=edge_list", f"topology.edge_list={names_node_5}",
@@ -187,3 +188,59 @@ def test_omniglot_task_runs_through_the_cli(tmp_path):
     assert "test_acc_post" in record
     proc = train(["task=omniglot_5w1s", "runtime=simulate", f"hydra.run.dir={tmp_path / 'r2'}"])
     assert proc.returncode == 2 and "needs the dataset: add data.root=DIR" in proc.stderr
+
+
+TINY_CONV4 = ["model.filters=4", "task.q_query=2", "task.eval_tasks=2", "task.final_eval_tasks=3",
+              "train.iterations=2", "train.eval_every=1", "maml.eval_inner_steps=2", "maml.final_adapt_steps=2"]
+
+
+def test_miniimagenet_fixture_under_torchrun_six_agents(tmp_path):
+    """task=miniimagenet_5w1s under torchrun, 6 agent processes, on a pickle fixture: every agent trains (5 inner
+    steps), writes its metrics, and the summary holds accuracy curves for all six and the centroid.
+
+    Catches the RGB family not wired into the per-process runtime (model input channels, 84x84 feature size, the
+    mmap-loaded cache shared by six ranks) and missing per-agent figures."""
+    from .test_miniimagenet import pickle_fixture
+
+    pickle_fixture(tmp_path / "data", "train", classes=6, per_class=4)
+    pickle_fixture(tmp_path / "data", "test", classes=5, per_class=4, first=6)
+    run_dir = tmp_path / "run"
+    proc = train(["task=miniimagenet_5w1s", f"data.root={tmp_path / 'data'}", *TINY_CONV4, f"hydra.run.dir={run_dir}"],
+                 nproc=6)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [a["agent"] for a in summary["agents"]] == list(range(6))
+    for agent in summary["agents"]:
+        assert len(agent["accuracy_curve"]) == 3 and 0.0 <= agent["final_test_accuracy"] <= 1.0
+    assert 0.0 <= summary["centroid_test_accuracy"] <= 1.0
+    for k in range(6):
+        last = json.loads((run_dir / "metrics" / f"agent{k}.jsonl").read_text().splitlines()[-1])
+        assert last["iteration"] == 2 and "test_acc_post" in last
+
+
+@pytest.mark.parametrize("case", ["n_way_above_classes", "missing_split", "missing_root"])
+def test_bad_dataset_is_one_line_error(tmp_path, case):
+    """A dataset that cannot serve the configured episodes stops the run before it starts: exit 2, one line
+    naming the file or the class count and what to change, no run directory left behind.
+
+    Catches tracebacks from deep inside the data pipeline and half-created run directories."""
+    from .test_miniimagenet import pickle_fixture
+
+    data = tmp_path / "data"
+    pickle_fixture(data, "train", classes=6, per_class=4)
+    if case != "missing_split":
+        pickle_fixture(data, "test", classes=5, per_class=4, first=6)
+    args, expect = {
+        "n_way_above_classes": (["task.n_way=7"], "7-way episodes need 7 classes, but only 6 are available; "
+                                                  "lower task.n_way"),
+        "missing_split": ([], f"MiniImagenet test split not found in {data}: expected mini-imagenet-cache-test.pkl"),
+        "missing_root": ([f"data.root={tmp_path / 'nowhere'}"], f"MiniImagenet root {tmp_path / 'nowhere'} is "
+                                                                f"not a folder; set data.root=DIR"),
+    }[case]
+    run_dir = tmp_path / "run"
+    proc = train(["task=miniimagenet_5w1s", f"data.root={data}", "runtime=simulate", *TINY_CONV4, *args,
+                  f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expect in lines[0], proc.stderr
+    assert not run_dir.exists()

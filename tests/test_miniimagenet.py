@@ -11,25 +11,28 @@ import pytest
 import torch
 from PIL import Image
 
-from dif_maml_dist.tasks.miniimagenet import load_miniimagenet
+from dif_maml_dist.config import Config, validate
+from dif_maml_dist.tasks.miniimagenet import MiniImagenetFamily, load_miniimagenet
 
 
 def class_color(c: int) -> tuple[int, int, int]:
-    return (40 * c % 256, 255 - 30 * c % 256, 90)
+    return (40 * c % 256, 255 - 30 * c % 256, 90 + 7 * c % 100)
 
 
-def pickle_fixture(root: Path, split: str, classes: int = 3, per_class: int = 4) -> None:
-    """``mini-imagenet-cache-SPLIT.pkl``: each class a solid colour, images shuffled in image_data."""
+def pickle_fixture(root: Path, split: str, classes: int = 3, per_class: int = 4, first: int = 0) -> np.ndarray:
+    """``mini-imagenet-cache-SPLIT.pkl``: class ``first + c`` a solid colour, images shuffled in image_data;
+    returns image_data."""
     class_dict = {}
     order = np.random.default_rng(0).permutation(classes * per_class)
     data = np.zeros((classes * per_class, 84, 84, 3), dtype=np.uint8)
     for c in range(classes):
         idx = order[c * per_class:(c + 1) * per_class]
-        data[idx] = class_color(c)
-        class_dict[f"n{c:08d}"] = idx.tolist()
+        data[idx] = class_color(first + c)
+        class_dict[f"n{first + c:08d}"] = idx.tolist()
     root.mkdir(parents=True, exist_ok=True)
     with (root / f"mini-imagenet-cache-{split}.pkl").open("wb") as f:
         pickle.dump({"image_data": data, "class_dict": class_dict}, f)
+    return data
 
 
 def csv_fixture(root: Path, split: str, classes: int = 3, per_class: int = 4, size: int = 100) -> None:
@@ -79,3 +82,68 @@ def test_bad_data_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"cannot read MiniImagenet pickle"):
         load_miniimagenet(tmp_path / "e", "train")
     assert not list(tmp_path.glob("*/miniimagenet-*.pt"))
+
+
+def family(root: Path, **task) -> MiniImagenetFamily:
+    cfg = Config()
+    cfg.data.root = str(root)
+    cfg.task.name, cfg.task.image_size, cfg.task.rotations = "miniimagenet", 84, False
+    cfg.model.filters = 4
+    for key, value in task.items():
+        setattr(cfg.task, key, value)
+    return MiniImagenetFamily(validate(cfg))
+
+
+def test_episodes_are_standardised_rgb_tasks_from_the_right_split(tmp_path):
+    """Training episodes come from the train split's classes, test tasks only from the test split's; pixels are
+    standardised with the *train* split's channel statistics (recomputed here with numpy); within a task every
+    image of a label has that class's colour, support and query alike.
+
+    Catches RGB images reshaped as if grayscale, channel statistics of the wrong split or axis, a test set drawn
+    from training classes, and labels that do not follow the class."""
+    train = pickle_fixture(tmp_path, "train", classes=6, per_class=5)
+    pickle_fixture(tmp_path, "test", classes=5, per_class=5, first=10)
+    fam = family(tmp_path, n_way=5, k_shot=2, q_query=3)
+    pixels = train.reshape(-1, 3).astype(np.float64) / 255.0
+    mean, std = pixels.mean(0), pixels.std(0)
+    expected = {c: torch.tensor((np.array(class_color(c)) / 255.0 - mean) / std, dtype=torch.float32)
+                for c in range(16)}
+
+    def colour_of(img: torch.Tensor) -> int:
+        value = img.mean(dim=(1, 2))
+        assert torch.allclose(img, value.view(3, 1, 1).expand_as(img), atol=1e-5)  # a solid colour, per channel
+        return min(expected, key=lambda c: float((expected[c] - value).abs().max()))
+
+    def check(batch, allowed: range) -> None:
+        for xs, ys, xq, yq in zip(batch.support_x, batch.support_y, batch.query_x, batch.query_y):
+            assert xs.shape == (10, 3, 84, 84) and xq.shape == (15, 3, 84, 84)
+            colours = {}
+            for x, y in [*zip(xs, ys), *zip(xq, yq)]:
+                c = colour_of(x)
+                assert c in allowed and torch.allclose(x[:, 0, 0], expected[c], atol=1e-5)
+                assert colours.setdefault(int(y), c) == c  # one colour per label within the task
+            assert len(set(colours.values())) == 5  # five distinct classes
+
+    check(fam.sampler(0, 1).sample(torch.Generator().manual_seed(0), 3), range(0, 6))
+    check(fam.eval_set(seed=0, num_tasks=3).slice(0, 3), range(10, 15))
+    assert fam.build_model()(torch.zeros(2, 3, 84, 84)).shape == (2, 5)
+
+
+def test_class_sharing_and_too_few_classes(tmp_path):
+    """disjoint_classes partitions the train classes among agents; with too few classes per agent for N-way, or
+    alphabets asked of MiniImagenet, the error is one line saying what to change.
+
+    Catches overlapping or missing class shares and an N-way larger than the classes on offer going unnoticed."""
+    pickle_fixture(tmp_path, "train", classes=10, per_class=5)
+    pickle_fixture(tmp_path, "test", classes=5, per_class=5, first=10)
+    fam = family(tmp_path, n_way=5, q_query=2, sharing="disjoint_classes")
+    shares = [[c for c, _ in fam.sampler(k, 2).classes] for k in range(2)]
+    assert sorted(shares[0] + shares[1]) == list(range(10)) and not set(shares[0]) & set(shares[1])
+    # 10 classes dealt to 3 agents: 4, 3, 3
+    with pytest.raises(ValueError, match=r"^agent 0 \(task.sharing=disjoint_classes, MiniImagenet train split\): "
+                                         r"5-way episodes need 5 classes, but only 4 are available; lower task.n_way$"):
+        family(tmp_path, n_way=5, q_query=2, sharing="disjoint_classes").sampler(0, 3)
+    with pytest.raises(ValueError, match=r"^MiniImagenet test split: 6-way episodes need 6 classes, but only 5"):
+        family(tmp_path, n_way=6, q_query=2).eval_set(0, 2)
+    with pytest.raises(ValueError, match="task.sharing=alphabets needs Omniglot's alphabets"):
+        family(tmp_path, sharing="alphabets")

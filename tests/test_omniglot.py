@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dif_maml_dist.tasks.omniglot import FewShotEpisodes, load_omniglot, split_classes
+from dif_maml_dist.tasks.episodes import FewShotEpisodes
+from dif_maml_dist.tasks.omniglot import load_omniglot, split_classes
 
 from .helpers import REPO
 
@@ -88,6 +89,54 @@ def test_episodes_are_n_way_k_shot_with_rotated_classes(tmp_path):
     assert len({tuple(r.flatten().tolist()) for r in rotated}) == 4  # the fixture's rotations are distinct
     with pytest.raises(ValueError, match="20-way episodes need 20 classes, but only 12 are available"):
         FewShotEpisodes(images, [0, 1, 2], n_way=20, k_shot=1, q_query=1, rotations=True)
+
+
+def test_rotated_classes_are_rotated_drawings(tmp_path):
+    """Every image of an episode is a character's drawing turned by the quarter turns of its class, and all four
+    turns occur. Catches rotations dropped, applied to the wrong images, or applied twice."""
+    make_fixture(tmp_path, LAYOUT)
+    images = load_omniglot(tmp_path, progress=False).images
+    episodes = FewShotEpisodes(images, [0, 1, 2, 3], n_way=5, k_shot=2, q_query=1, rotations=True)
+    views = {(c, r): torch.rot90(images[c, 0], r, dims=(0, 1)).float() / 255 for c in range(4) for r in range(4)}
+    batch = episodes.sample(torch.Generator().manual_seed(1), 20)
+    seen = set()
+    for x in torch.cat([batch.support_x, batch.query_x], dim=1).flatten(0, 1):
+        match = [key for key, v in views.items() if torch.equal(x[0], v)]
+        assert len(match) == 1
+        seen.add(match[0][1])
+    assert seen == {0, 1, 2, 3}
+
+
+def test_lazy_test_set_and_chunked_evaluation_match_eager_ones(tmp_path):
+    """The test set held as indices (EpisodeSet) gives, slice by slice, exactly the episodes sample() draws from
+    the same seed, and Learner.evaluate gives the same figures whether it gathers 3 tasks at a time or all 10.
+
+    Catches evaluation chunks that skip, repeat or reorder tasks, and a confidence interval computed per chunk."""
+    from dif_maml_dist.agent import Learner
+    from dif_maml_dist.config import Config, validate
+
+    make_fixture(tmp_path, LAYOUT)
+    images = load_omniglot(tmp_path, progress=False).images
+    episodes = FewShotEpisodes(images, [0, 1, 2], n_way=3, k_shot=1, q_query=2, rotations=True)
+    lazy = episodes.episode_set(torch.Generator().manual_seed(5), 7)
+    eager = episodes.sample(torch.Generator().manual_seed(5), 7)
+    for a, b in zip(eager.tensors(), [torch.cat(t) for t in zip(*(lazy.slice(i, i + 3).tensors() for i in (0, 3, 6)))]):
+        assert torch.equal(a, b)
+
+    cfg = Config()
+    cfg.data.root = str(tmp_path)
+    # the 7-character fixture splits 5 / 0 / 2: two test characters, so 2-way test tasks
+    cfg.task.name, cfg.task.n_way, cfg.task.q_query = "omniglot", 2, 2
+    cfg.task.eval_tasks, cfg.task.final_eval_tasks = 4, 10
+    cfg.model.filters = 4
+    learner = Learner.build(validate(cfg), torch.device("cpu"), torch.float64)
+    params = learner.layout.flatten(dict(learner.family.build_model().double().named_parameters())).detach()
+    figures = []
+    for chunk in (3, 10):
+        learner.family.eval_chunk = chunk
+        figures.append(learner.evaluate(params, 0.4, 2, final=True))
+    for key in ("loss", "accuracy", "accuracy_ci95"):
+        np.testing.assert_allclose(figures[0][key], figures[1][key], rtol=1e-12, atol=1e-15)
 
 
 def test_class_split_is_seeded_and_disjoint():

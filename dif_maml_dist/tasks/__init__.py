@@ -11,11 +11,20 @@ from typing import TYPE_CHECKING, Callable, Optional, Protocol
 from torch import Tensor, nn
 
 from ..maml import TaskBatch
+from .miniimagenet import MiniImagenetFamily
 from .omniglot import OmniglotFamily
 from .sinusoid import SinusoidFamily, SinusoidTasks
 
 if TYPE_CHECKING:
     from ..config import Config
+
+
+class TaskSet(Protocol):
+    """A fixed list of tasks, handed out a slice at a time (a :class:`TaskBatch` is one)."""
+
+    def __len__(self) -> int: ...
+
+    def slice(self, start: int, stop: int) -> TaskBatch: ...
 
 
 class TaskSampler(Protocol):
@@ -27,17 +36,17 @@ class TaskFamily(Protocol):
 
     criterion: Callable[[Tensor, Tensor], Tensor]  #: per-task loss, ``criterion(prediction, target)``
     metric: Optional[Callable[[Tensor, Tensor], Tensor]]  #: e.g. accuracy ``metric(prediction, target)``; None
-    eval_chunk: int  #: test tasks adapted at once (vmap) in evaluation: bounds memory
+    eval_chunk: int  #: test tasks gathered and adapted at once (vmap) in evaluation: bounds memory
 
     def build_model(self) -> nn.Module: ...
 
     def sampler(self, agent: int, num_agents: int) -> TaskSampler: ...
 
-    def eval_set(self, seed: int, num_tasks: int) -> TaskBatch:
+    def eval_set(self, seed: int, num_tasks: int) -> TaskSet:
         """Shared test tasks, identical on every agent; a smaller ``num_tasks`` gives a prefix of a larger one."""
 
 
-FAMILIES = {"sinusoid": SinusoidFamily, "omniglot": OmniglotFamily}
+FAMILIES = {"sinusoid": SinusoidFamily, "omniglot": OmniglotFamily, "miniimagenet": MiniImagenetFamily}
 
 
 def task_family(cfg: "Config") -> TaskFamily:
@@ -46,4 +55,15 @@ def task_family(cfg: "Config") -> TaskFamily:
     return FAMILIES[cfg.task.name](cfg)
 
 
-__all__ = ["FAMILIES", "OmniglotFamily", "SinusoidFamily", "SinusoidTasks", "TaskFamily", "TaskSampler", "task_family"]
+def check_task_data(cfg: "Config", num_agents: int) -> None:
+    """Raise ``ValueError`` now if the dataset cannot serve the configured episodes to every agent and the test set
+    (missing files, too few classes for N-way, too few images for K + Q): called before any process group or run
+    directory exists. Decodes the dataset into its cache on first use."""
+    family = task_family(cfg)
+    for agent in range(num_agents):
+        family.sampler(agent, num_agents)
+    family.eval_set(cfg.seed, 1)
+
+
+__all__ = ["FAMILIES", "MiniImagenetFamily", "OmniglotFamily", "SinusoidFamily", "SinusoidTasks", "TaskFamily",
+           "TaskSampler", "TaskSet", "check_task_data", "task_family"]

@@ -7,19 +7,27 @@ Two common layouts are read:
   file: only point ``data.root`` at files you trust;
 - Ravi & Larochelle's ``ROOT/images/*.jpg`` with ``ROOT/{train,val,test}.csv`` (header ``filename,label``).
 
-Either way the split is decoded once into ``ROOT/miniimagenet-{split}-{size}.pt`` (``weights_only`` loadable).
+Either way the split is decoded once into ``ROOT/miniimagenet-{split}-{size}.pt`` (``weights_only`` loadable), with
+the split's per-channel pixel mean and standard deviation. Training uses the ``train`` split, evaluation the ``test``
+split; ``val`` is read only if asked for.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from .. import seeding
+from ..config import Config
+from ..models import Conv4
+from .cache import load_or_build
+from .episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
 
 SPLITS = ("train", "val", "test")
 
@@ -30,6 +38,8 @@ class ClassImages:
 
     images: torch.Tensor
     classes: tuple[str, ...]
+    mean: tuple[float, float, float]  #: per-channel pixel mean of the split, pixels scaled to [0, 1]
+    std: tuple[float, float, float]  #: per-channel pixel standard deviation, same scale
 
 
 def _equal_counts(per_class: dict[str, list], source: str) -> int:
@@ -97,18 +107,63 @@ def load_miniimagenet(root: Path, split: str, size: int = 84) -> ClassImages:
     if split not in SPLITS:
         raise ValueError(f"unknown MiniImagenet split {split!r}; choose one of: {', '.join(SPLITS)}")
     root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"MiniImagenet root {root} is not a folder; set data.root=DIR to the folder holding "
+                         f"mini-imagenet-cache-{{train,test}}.pkl, or images/ with train.csv and test.csv")
     cache = root / f"miniimagenet-{split}-{size}.pt"
-    if not cache.is_file():
-        pkl = root / f"mini-imagenet-cache-{split}.pkl"
-        if pkl.is_file():
-            images, names = _from_pickle(pkl, size)
-        elif (root / f"{split}.csv").is_file() and (root / "images").is_dir():
-            images, names = _from_csv(root, split, size)
-        else:
-            raise ValueError(f"MiniImagenet {split} split not found in {root}: expected "
-                             f"mini-imagenet-cache-{split}.pkl, or {split}.csv with an images/ folder")
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        torch.save({"images": torch.from_numpy(images).permute(0, 1, 4, 2, 3).contiguous(), "classes": names}, tmp)
-        os.replace(tmp, cache)
-    data = torch.load(cache, weights_only=True)
-    return ClassImages(data["images"], tuple(data["classes"]))
+    pkl, table = root / f"mini-imagenet-cache-{split}.pkl", root / f"{split}.csv"
+    if not (cache.is_file() or pkl.is_file() or (table.is_file() and (root / "images").is_dir())):
+        raise ValueError(f"MiniImagenet {split} split not found in {root}: expected mini-imagenet-cache-{split}.pkl, "
+                         f"or {split}.csv with an images/ folder")
+
+    def build() -> dict:
+        images, names = _from_pickle(pkl, size) if pkl.is_file() else _from_csv(root, split, size)
+        pixels = images.reshape(-1, 3)
+        return {"images": torch.from_numpy(images).permute(0, 1, 4, 2, 3).contiguous(), "classes": names,
+                "mean": (pixels.mean(axis=0, dtype=np.float64) / 255.0).tolist(),
+                "std": (pixels.std(axis=0, dtype=np.float64) / 255.0).tolist()}
+
+    data = load_or_build(cache, build)
+    return ClassImages(data["images"], tuple(data["classes"]), tuple(data["mean"]), tuple(data["std"]))
+
+
+class MiniImagenetFamily:
+    """MiniImagenet N-way K-shot classification with a Conv4 (32 filters, 84 x 84 RGB inputs standardised with the
+    training split's channel statistics) under cross-entropy; accuracy reported. Test tasks come from the test
+    split's classes."""
+
+    criterion = staticmethod(F.cross_entropy)
+    metric = staticmethod(accuracy)
+    #: test tasks adapted at once: bounds memory (a 5-way task with 15 queries per class through Conv4-32 at 84 x 84
+    #: is ~70 MB of first-layer activations in float32)
+    eval_chunk = 2
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        root, size = Path(cfg.data.root), cfg.task.image_size
+        self.train = load_miniimagenet(root, "train", size)
+        self.test = load_miniimagenet(root, "test", size)
+
+    def build_model(self) -> Conv4:
+        t = self.cfg.task
+        return Conv4(3, t.n_way, self.cfg.model.filters, t.image_size)
+
+    def _episodes(self, data: ClassImages, classes: list[int], rotations: bool) -> FewShotEpisodes:
+        t = self.cfg.task
+        return FewShotEpisodes(data.images, classes, t.n_way, t.k_shot, t.q_query, rotations,
+                               mean=self.train.mean, std=self.train.std)
+
+    def sampler(self, agent: int, num_agents: int) -> FewShotEpisodes:
+        t = self.cfg.task
+        classes = share_classes(range(len(self.train.classes)), t.sharing, agent, num_agents)
+        try:
+            return self._episodes(self.train, classes, t.rotations)
+        except ValueError as err:
+            raise ValueError(f"agent {agent} (task.sharing={t.sharing}, MiniImagenet train split): {err}") from None
+
+    def eval_set(self, seed: int, num_tasks: int) -> EpisodeSet:
+        try:
+            test = self._episodes(self.test, list(range(len(self.test.classes))), rotations=False)
+        except ValueError as err:
+            raise ValueError(f"MiniImagenet test split: {err}") from None
+        return test.episode_set(seeding.generator(seed, seeding.EVAL), num_tasks)

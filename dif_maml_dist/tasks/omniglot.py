@@ -8,7 +8,6 @@ per character); a run never decodes images per step.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,9 @@ import torch.nn.functional as F
 
 from .. import seeding
 from ..config import Config
-from ..maml import TaskBatch
 from ..models import Conv4
+from .cache import load_or_build
+from .episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
 DRAWINGS_PER_CHARACTER = 20
@@ -67,9 +67,8 @@ def _decode(path: Path, size: int) -> np.ndarray:
         raise ValueError(f"cannot decode Omniglot image {path}: {err}; delete or replace the file") from None
 
 
-def build_cache(root: Path, size: int = 28, progress: bool = True) -> Path:
-    """Decode every PNG once into ``cache-<size>.pt`` (atomically) and return its path."""
-    root = Path(root)
+def decode_all(root: Path, size: int = 28, progress: bool = True) -> dict:
+    """Every character's drawings decoded to ``size`` x ``size``: the contents of the cache file."""
     folders = character_folders(root)
     images = np.zeros((len(folders), DRAWINGS_PER_CHARACTER, size, size), dtype=np.uint8)
     for c, (_, folder) in enumerate(folders):
@@ -83,20 +82,16 @@ def build_cache(root: Path, size: int = 28, progress: bool = True) -> Path:
             done = (c + 1) / len(folders)
             print(f"\rdecoding Omniglot [{'#' * int(30 * done):<30}] {c + 1}/{len(folders)} characters",
                   end="" if c < len(folders) - 1 else "\n", file=sys.stderr, flush=True)
-    path = root / "omniglot-py" / f"cache-{size}.pt"
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"images": torch.from_numpy(images), "alphabets": [a for a, _ in folders],
-                "characters": [f.name for _, f in folders]}, tmp)
-    os.replace(tmp, path)
-    return path
+    return {"images": torch.from_numpy(images), "alphabets": [a for a, _ in folders],
+            "characters": [f.name for _, f in folders]}
 
 
 def load_omniglot(root: Path, size: int = 28, progress: bool = True) -> OmniglotImages:
-    """The cached images (built on first use)."""
+    """The images, from ``ROOT/omniglot-py/cache-<size>.pt`` (decoded and written on first use)."""
     path = Path(root) / "omniglot-py" / f"cache-{size}.pt"
     if not path.is_file():
-        build_cache(root, size, progress)
-    data = torch.load(path, weights_only=True)
+        character_folders(root)  # a missing dataset is reported before anything is written
+    data = load_or_build(path, lambda: decode_all(root, size, progress))
     return OmniglotImages(data["images"], tuple(data["alphabets"]), tuple(data["characters"]))
 
 
@@ -111,65 +106,16 @@ def split_classes(num_classes: int, seed: int) -> dict[str, list[int]]:
             "test": sorted(order[train + val:])}
 
 
-class FewShotEpisodes:
-    """N-way K-shot episodes with Q queries per class from ``images[classes]``.
-
-    With ``rotations``, each character under each of the rotations 0/90/180/270 degrees is its own class
-    (4x the classes), as in MAML's Omniglot training set.
-    """
-
-    def __init__(self, images: torch.Tensor, classes: list[int], n_way: int, k_shot: int, q_query: int,
-                 rotations: bool = False):
-        self.images, self.n_way, self.k_shot, self.q_query = images, n_way, k_shot, q_query
-        self.classes = [(c, r) for c in classes for r in (range(4) if rotations else (0,))]
-        if n_way > len(self.classes):
-            raise ValueError(f"{n_way}-way episodes need {n_way} classes, but only {len(self.classes)} are available")
-        if k_shot + q_query > images.shape[1]:
-            raise ValueError(f"{k_shot} shots + {q_query} queries per class exceed the {images.shape[1]} "
-                             f"drawings of a character")
-
-    def sample(self, gen: torch.Generator, num_tasks: int) -> TaskBatch:
-        per_class = self.k_shot + self.q_query
-        xs, xq = [], []
-        for _ in range(num_tasks):
-            picks = torch.randperm(len(self.classes), generator=gen)[:self.n_way].tolist()
-            support, query = [], []
-            for idx in picks:
-                c, rot = self.classes[idx]
-                draws = torch.randperm(self.images.shape[1], generator=gen)[:per_class]
-                imgs = torch.rot90(self.images[c, draws], rot, dims=(-2, -1))
-                support.append(imgs[:self.k_shot])
-                query.append(imgs[self.k_shot:])
-            xs.append(torch.stack(support))  # [way, shot, H, W]
-            xq.append(torch.stack(query))
-        h, w = self.images.shape[-2:]
-
-        def as_batch(x: list[torch.Tensor], per: int) -> tuple[torch.Tensor, torch.Tensor]:
-            images = torch.stack(x).reshape(num_tasks, self.n_way * per, 1, h, w).float() / 255.0
-            labels = torch.arange(self.n_way).repeat_interleave(per).expand(num_tasks, -1).clone()
-            return images, labels
-
-        return TaskBatch(*as_batch(xs, self.k_shot), *as_batch(xq, self.q_query))
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(dim=-1) == labels).to(logits.dtype).mean()
-
-
 def agent_classes(data: OmniglotImages, train: list[int], sharing: str, agent: int, num_agents: int) -> list[int]:
-    """The training characters agent ``agent`` samples from: all of them (``same``), a seeded-order share
-    (``disjoint_classes``), or the characters of whole alphabets dealt out in turn (``alphabets``)."""
-    if sharing == "same":
-        return train
-    if sharing == "disjoint_classes":
-        return sorted(np.array_split(np.array(train), num_agents)[agent].tolist())
+    """The training characters agent ``agent`` samples from: all of them (``same``), their share of a fixed
+    partition (``disjoint_classes``), or the characters of whole alphabets dealt out in turn (``alphabets``)."""
     if sharing == "alphabets":
         names = sorted({data.alphabets[c] for c in train})
         if len(names) < num_agents:
             raise ValueError(f"task.sharing=alphabets: {len(names)} alphabets cannot be shared by {num_agents} agents")
         mine = set(names[agent::num_agents])
         return [c for c in train if data.alphabets[c] in mine]
-    raise ValueError(f"unknown task.sharing {sharing!r}")
+    return share_classes(train, sharing, agent, num_agents)
 
 
 class OmniglotFamily:
@@ -177,7 +123,9 @@ class OmniglotFamily:
 
     criterion = staticmethod(F.cross_entropy)
     metric = staticmethod(accuracy)
-    eval_chunk = 8  #: a 5-way task's 75 query images through Conv4 take ~15 MB per layer: adapt 8 tasks at once
+    #: test tasks adapted at once: bounds memory (a 20-way task with 15 queries per class is 320 images, ~64 MB of
+    #: first-layer activations in float32)
+    eval_chunk = 8
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -197,7 +145,7 @@ class OmniglotFamily:
         except ValueError as err:
             raise ValueError(f"agent {agent} (task.sharing={t.sharing}): {err}") from None
 
-    def eval_set(self, seed: int, num_tasks: int) -> TaskBatch:
+    def eval_set(self, seed: int, num_tasks: int) -> EpisodeSet:
         t = self.cfg.task
         test = FewShotEpisodes(self.data.images, self.split["test"], t.n_way, t.k_shot, t.q_query, rotations=False)
-        return test.sample(seeding.generator(seed, seeding.EVAL), num_tasks)
+        return test.episode_set(seeding.generator(seed, seeding.EVAL), num_tasks)
