@@ -65,6 +65,7 @@ class DataConfig:
     """Where datasets live."""
 
     root: Optional[str] = None  #: folder holding the extracted dataset (for Omniglot: ROOT/omniglot-py/...)
+    download: bool = False  #: Omniglot: fetch the dataset into root through torchvision if missing (needs internet)
 
 
 @dataclass

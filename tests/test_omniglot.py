@@ -70,6 +70,40 @@ def test_bad_data_errors_name_the_file_or_folder(tmp_path):
     assert not (tmp_path / "b/omniglot-py/cache-28.pt").exists()  # no half-written cache
 
 
+def test_download_fetches_both_halves_once_through_torchvision(tmp_path, monkeypatch):
+    """data.download=true asks torchvision for the background and the evaluation half into data.root (no network
+    here: a stand-in for torchvision's class writes the fixture layout), and not again once they exist; a failed
+    download is a one-line error that says how to do without internet.
+
+    Catches a download that fetches one half only, lands outside torchvision's layout, or repeats every run."""
+    import torchvision.datasets
+
+    calls = []
+
+    class FakeOmniglot:
+        def __init__(self, root, background, download):
+            calls.append((root, background, download))
+            part = "images_background" if background else "images_evaluation"
+            make_fixture(Path(root), {part: LAYOUT[part]})
+
+    monkeypatch.setattr(torchvision.datasets, "Omniglot", FakeOmniglot)
+    data = load_omniglot(tmp_path / "d", progress=False, download=True)
+    assert calls == [(str(tmp_path / "d"), True, True), (str(tmp_path / "d"), False, True)]
+    assert data.images.shape[0] == 7
+    (tmp_path / "d/omniglot-py/cache-28.pt").unlink()
+    load_omniglot(tmp_path / "d", progress=False, download=True)
+    assert len(calls) == 2
+
+    class Offline:
+        def __init__(self, root, background, download):
+            raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "Omniglot", Offline)
+    with pytest.raises(ValueError, match=r"^could not download Omniglot \(images_background\) through torchvision "
+                                         r"into .*: Temporary failure in name resolution; without internet, extract"):
+        load_omniglot(tmp_path / "e", progress=False, download=True)
+
+
 def test_episodes_are_n_way_k_shot_with_rotated_classes(tmp_path):
     """Support/query shapes and labels, distinct drawings for support and query, rotations as classes, and
     too few classes for N-way rejected."""

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+
+
+@contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created if needed): one process at a time, e.g. one rank of a
+    node decoding or downloading a dataset while the others wait. Released when the block ends, also on error."""
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def load_or_build(path: Path, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -20,8 +30,7 @@ def load_or_build(path: Path, build: Callable[[], dict[str, Any]]) -> dict[str, 
     """
     path = Path(path)
     if not path.is_file():
-        with open(path.with_name(path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if build() raises
+        with exclusive(path.with_name(path.name + ".lock")):
             if not path.is_file():
                 data = build()
                 tmp = path.with_name(path.name + f".tmp{os.getpid()}")

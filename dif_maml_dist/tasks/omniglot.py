@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import seeding
 from ..config import Config
 from ..models import Conv4
-from .cache import load_or_build
+from .cache import exclusive, load_or_build
 from .episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
@@ -47,7 +47,8 @@ def character_folders(root: Path) -> list[tuple[str, Path]]:
         top = base / part
         if not top.is_dir():
             raise ValueError(f"Omniglot not found: {top} is missing; extract omniglot-py.tar.gz into {root} "
-                             f"(torchvision's layout: {base}/{BACKGROUND}/<alphabet>/<character>/*.png)")
+                             f"(torchvision's layout: {base}/{BACKGROUND}/<alphabet>/<character>/*.png), or add "
+                             f"data.download=true to fetch it through torchvision")
         for alphabet in sorted(p for p in top.iterdir() if p.is_dir()):
             for char in sorted(p for p in alphabet.iterdir() if p.is_dir()):
                 out.append((f"{part.removeprefix('images_')}/{alphabet.name}", char))
@@ -86,10 +87,30 @@ def decode_all(root: Path, size: int = 28, progress: bool = True) -> dict:
             "characters": [f.name for _, f in folders]}
 
 
-def load_omniglot(root: Path, size: int = 28, progress: bool = True) -> OmniglotImages:
-    """The images, from ``ROOT/omniglot-py/cache-<size>.pt`` (decoded and written on first use)."""
+def download_omniglot(root: Path) -> None:
+    """Fetch both halves of Omniglot into ``root`` through torchvision (needs internet), unless already there."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive(root / "omniglot-py.download.lock"):
+        for background, part in ((True, BACKGROUND), (False, EVALUATION)):
+            if (root / "omniglot-py" / part).is_dir():
+                continue
+            from torchvision.datasets import Omniglot
+
+            try:
+                Omniglot(str(root), background=background, download=True)
+            except Exception as err:  # noqa: BLE001 (network and archive errors come in many types)
+                raise ValueError(f"could not download Omniglot ({part}) through torchvision into {root}: {err}; "
+                                 f"without internet, extract omniglot-py.tar.gz into {root} instead") from None
+
+
+def load_omniglot(root: Path, size: int = 28, progress: bool = True, download: bool = False) -> OmniglotImages:
+    """The images, from ``ROOT/omniglot-py/cache-<size>.pt`` (decoded and written on first use; with
+    ``download``, fetched through torchvision first if the folders are missing)."""
     path = Path(root) / "omniglot-py" / f"cache-{size}.pt"
     if not path.is_file():
+        if download:
+            download_omniglot(root)
         character_folders(root)  # a missing dataset is reported before anything is written
     data = load_or_build(path, lambda: decode_all(root, size, progress))
     return OmniglotImages(data["images"], tuple(data["alphabets"]), tuple(data["characters"]))
@@ -130,7 +151,7 @@ class OmniglotFamily:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         t = cfg.task
-        self.data = load_omniglot(Path(cfg.data.root), t.image_size)
+        self.data = load_omniglot(Path(cfg.data.root), t.image_size, download=cfg.data.download)
         self.split = split_classes(self.data.num_classes, t.split_seed)
 
     def build_model(self) -> Conv4:
