@@ -29,7 +29,10 @@ import numpy as np
 from .config import Config, from_omegaconf
 from .topology import Topology, build_topology, combine_plan, mixing_rate, strategy_weights
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: The hydra config groups: conf/ beside the package in a checkout (or editable install); a wheel carries them
+#: as dif_maml_dist/conf (pyproject.toml maps the top-level conf/ there).
+CONF_DIR = next(d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parent.parent / "conf")
+                if (d / "config.yaml").is_file())
 EXIT_USAGE = 2
 
 log = logging.getLogger("dif_maml_dist")

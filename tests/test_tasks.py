@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from dif_maml_dist import seeding
 from dif_maml_dist.config import TaskConfig
 from dif_maml_dist.tasks import SinusoidTasks
+
+from .helpers import REPO
 
 
 def _amplitude_phase(batch):
@@ -61,3 +64,34 @@ def test_agent_streams_are_independent_and_reproducible():
     s1 = SinusoidTasks(cfg, 1, 6).sample(seeding.generator(0, seeding.TASKS, 1), 3)
     assert torch.equal(s0.support_x, s0b.support_x)
     assert not torch.equal(s0.support_x, s1.support_x)
+
+
+# The paper's few-shot settings (Dif-MAML appendix D; DESIGN.md §1): way, shot, meta-batch, alpha, inner steps in
+# training, adaptation steps at test time, Conv4 filters, image size.
+PAPER_FEW_SHOT = {
+    "omniglot_5w1s": (5, 1, 16, 0.4, 1, 1, 64, 28),
+    "omniglot_5w5s": (5, 5, 8, 0.4, 1, 1, 64, 28),
+    "omniglot_20w1s": (20, 1, 16, 0.4, 1, 1, 64, 28),
+    "miniimagenet_5w1s": (5, 1, 4, 0.01, 5, 10, 32, 84),
+    "miniimagenet_5w5s": (5, 5, 2, 0.01, 5, 10, 32, 84),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_FEW_SHOT))
+@pytest.mark.parametrize("strategy", ["dif_maml", "centralized", "noncooperative"])
+def test_few_shot_configs_carry_the_papers_settings(name, strategy):
+    """Each task config, composed by hydra under each strategy with a data root, validates and holds the paper's
+    hyper-parameters. Catches a config that drifted from the paper or that a strategy override cannot compose
+    with."""
+    from hydra import compose, initialize_config_dir
+
+    import dif_maml_dist.train  # noqa: F401  (registers the schema with hydra's ConfigStore)
+    from dif_maml_dist.config import from_omegaconf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = from_omegaconf(compose("config", [f"task={name}", f"strategy={strategy}", "data.root=/data"]))
+    t, m = cfg.task, cfg.maml
+    assert (t.n_way, t.k_shot, t.meta_batch, m.inner_lr, m.inner_steps, m.eval_inner_steps, cfg.model.filters,
+            t.image_size) == PAPER_FEW_SHOT[name]
+    assert cfg.strategy.name == strategy and not m.first_order
+    assert (t.eval_tasks, t.final_eval_tasks, cfg.optim.name, cfg.optim.lr) == (100, 600, "adam", 0.001)
