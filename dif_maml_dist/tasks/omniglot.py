@@ -95,8 +95,10 @@ def download_omniglot(root: Path) -> None:
         for background, part in ((True, BACKGROUND), (False, EVALUATION)):
             if (root / "omniglot-py" / part).is_dir():
                 continue
-            from torchvision.datasets import Omniglot
-
+            try:
+                from torchvision.datasets import Omniglot
+            except ImportError:
+                raise ValueError("data.download=true needs torchvision: pip install 'dif_maml_dist[download]'") from None
             try:
                 Omniglot(str(root), background=background, download=True)
             except Exception as err:  # noqa: BLE001 (network and archive errors come in many types)
