@@ -22,12 +22,12 @@ from .combine import combine
 from .config import Config, OptimConfig
 from .flat import FlatLayout
 from .maml import META_GRADIENT_PATHS, LossFn, TaskBatch, adaptation_curves, choose_path, make_loss, make_predict
-from .loop import RunResult, run_loop
+from .loop import Checkpointer, RunResult, run_loop
 from .metrics import MetricsSink
 from .models import reset_parameters
 from .tasks import TaskFamily, TaskSet, task_family
 from .topology import CombinePlan
-from .transport import Transport
+from .transport import PeerError, Transport
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,12 @@ class Agent:
         """One Dif-MAML iteration (Adapt, then Combine through the combiner); returns the meta-training loss."""
         loss = self.adapt()
         t1 = time.perf_counter()
-        self.set_combined(self.combiner(self.state.params))
+        try:
+            combined = self.combiner(self.state.params)
+        except PeerError as err:
+            raise PeerError(f"agent {self.rank}, iteration {self.state.iteration + 1}: {err} "
+                            f"[runtime.timeout_s={self.cfg.runtime.timeout_s:g}]", err.peer) from None
+        self.set_combined(combined)
         self._sync()
         self.exchange_seconds += time.perf_counter() - t1
         return loss
@@ -237,6 +242,16 @@ class Agent:
 
     def named_params(self, params: Optional[Tensor] = None) -> dict[str, Tensor]:
         return self.layout.unflatten(self.state.params if params is None else params)
+
+    def checkpoint_state(self, bytes_sent: int) -> dict[str, Any]:
+        """What a checkpoint holds: the loop state (``AgentState``) and the cumulative counters."""
+        self.state.bytes_sent = bytes_sent
+        return {**self.state.state_dict(), "compute_s": self.compute_seconds, "exchange_s": self.exchange_seconds}
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from ``checkpoint_state``'s output: the next iteration is the one after it."""
+        self.state.load_state_dict(checkpoint)
+        self.compute_seconds, self.exchange_seconds = float(checkpoint["compute_s"]), float(checkpoint["exchange_s"])
 
 
 # ------------------------------------------------------------------------------------------------ agent loop
@@ -277,11 +292,16 @@ class AgentCohort:
     def union(self, ids: list[int]) -> list[int]:
         return sorted({i for part in self.transport.all_gather_object(ids) for i in part})
 
+    def nonfinite(self) -> list[int]:
+        return [] if bool(torch.isfinite(self.agent.state.params).all()) else [self.agent.rank]
+
 
 def run_agent(agent: Agent, transport: Transport, sink: MetricsSink | None = None,
-              network_sink: MetricsSink | None = None, progress: bool = False) -> RunResult:
+              network_sink: MetricsSink | None = None, progress: bool = False,
+              checkpointer: Optional[Checkpointer] = None) -> RunResult:
     """Train ``agent`` as one process of the network (every agent must run this together: evaluation steps
     contain collectives, for diagnostics only)."""
-    result = run_loop(AgentCohort(agent, transport), None if sink is None else [sink], network_sink, progress)
+    result = run_loop(AgentCohort(agent, transport), None if sink is None else [sink], network_sink, progress,
+                      checkpointer)
     agent.state.bytes_sent = transport.bytes_sent
     return result

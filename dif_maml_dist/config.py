@@ -14,7 +14,7 @@ from typing import Optional
 TASKS = ("sinusoid", "omniglot", "miniimagenet")
 SHARING = ("same", "disjoint_classes", "alphabets")
 TOPOLOGIES = ("paper6", "ring", "complete", "star", "grid", "torus", "erdos_renyi", "edge_list")
-WEIGHT_RULES = ("metropolis", "max_degree")
+WEIGHT_RULES = ("metropolis", "max_degree", "file")
 STRATEGIES = ("dif_maml", "centralized", "noncooperative")
 OPTIMIZERS = ("adam", "sgd")
 META_GRAD_PATHS = ("auto", "loop", "vmap")
@@ -81,7 +81,10 @@ class TopologyConfig:
     graph_seed: int = 0  #: erdos_renyi seed; the graph is re-drawn (seed, seed+1, ...) until connected
     #: edge_list: path to a text file with one "u v" pair of node ids per line (# comments allowed)
     edge_list: Optional[str] = None
-    weights: str = "metropolis"  #: combination rule; one of WEIGHT_RULES
+    weights: str = "metropolis"  #: combination rule; one of WEIGHT_RULES (file: read from weight_matrix)
+    #: weights=file: a K x K text file (whitespace- or comma-separated) holding A, where A[l, k] is the weight
+    #: agent k gives agent l's state; it must be non-negative, doubly stochastic and supported on the graph's edges
+    weight_matrix: Optional[str] = None
 
 
 @dataclass
@@ -125,6 +128,12 @@ class TrainConfig:
     init: str = "shared"  #: shared: every agent starts from one model; per_agent: each from its own random draw
     dtype: str = "float32"  #: parameter/data precision; float64 for numerical reference runs
     save_models: bool = True  #: write final per-agent and centroid models to DIR/models/
+    #: torchrun jobs: write every agent's loop state to DIR/checkpoints/ every N iterations (0: never)
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2  #: newest checkpoints kept per agent (at least 2: agents may be one apart at a crash)
+    #: continue the run in hydra.run.dir from the newest iteration all agents have a checkpoint of (torchrun
+    #: restarts after a failure, under --max-restarts, do this by themselves)
+    resume: bool = False
 
 
 @dataclass
@@ -202,6 +211,8 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"topology.rows and topology.cols must be at least 1, got {g.rows}x{g.cols}")
     if g.name == "erdos_renyi" and not 0.0 < g.edge_prob <= 1.0:
         raise ValueError(f"topology.edge_prob must be in (0, 1], got {g.edge_prob}")
+    if g.weights == "file" and not g.weight_matrix:
+        raise ValueError("topology.weights=file needs the matrix: add topology.weight_matrix=PATH")
     if g.name == "edge_list" and not g.edge_list:
         raise ValueError("topology=edge_list needs a file: add topology.edge_list=PATH")
 
@@ -231,6 +242,11 @@ def validate(cfg: Config) -> Config:
     _positive(tr.eval_every, "train.eval_every")
     _positive(tr.log_every, "train.log_every")
     _choice(tr.init, INITS, "train.init")
+    if tr.checkpoint_every < 0:
+        raise ValueError(f"train.checkpoint_every must be 0 (no checkpoints) or positive, got {tr.checkpoint_every}")
+    if tr.keep_checkpoints < 2:
+        raise ValueError(f"train.keep_checkpoints must be at least 2 (agents may be one checkpoint apart when a "
+                         f"job dies), got {tr.keep_checkpoints}")
     _choice(tr.dtype, DTYPES, "train.dtype")
 
     r = cfg.runtime
@@ -239,6 +255,8 @@ def validate(cfg: Config) -> Config:
     _choice(r.backend, BACKENDS, "runtime.backend")
     _positive(r.threads, "runtime.threads")
     _positive(r.timeout_s, "runtime.timeout_s")
+    if tr.resume and r.mode != "torchrun":
+        raise ValueError("train.resume=true continues a torchrun job from its checkpoints; the simulator writes none")
     if r.backend == "nccl" and r.device == "cpu":
         raise ValueError("runtime.backend=nccl needs GPUs: use runtime.device=cuda (or auto), or runtime.backend=gloo")
     return cfg

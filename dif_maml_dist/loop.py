@@ -51,6 +51,19 @@ class Cohort(Protocol):
     def union(self, ids: list[int]) -> list[int]:
         """*Collective*: the union of every process's ``ids``, on every process."""
 
+    def nonfinite(self) -> list[int]:
+        """Ids of the local agents whose parameters hold a NaN or an infinity."""
+
+
+class Checkpointer(Protocol):
+    """Writes the local agents' loop states every ``every`` iterations (see ``checkpoint.py``)."""
+
+    every: int  #: 0: never
+    last: Optional[int]  #: iteration of the newest checkpoint written or resumed from
+    where: str  #: where the checkpoints are, for messages
+
+    def save(self, iteration: int) -> None: ...
+
 
 @dataclass
 class RunResult:
@@ -93,9 +106,11 @@ def _final(stats: dict[str, list[float]], steps: int, last: int, prefix: str, cu
 
 
 def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network_sink: MetricsSink | None = None,
-             progress: bool = False) -> RunResult:
-    """Train for ``cfg.train.iterations``; evaluate at 0, every ``eval_every`` and at the end; log every
-    ``log_every``. ``sinks[i]`` receives local agent ``i``'s records, ``network_sink`` the root's network records."""
+             progress: bool = False, checkpointer: Checkpointer | None = None) -> RunResult:
+    """Train from ``cohort.iteration`` (0, or where a checkpoint left off) to ``cfg.train.iterations``; evaluate at
+    the start, every ``eval_every`` and at the end; log every ``log_every``; checkpoint every
+    ``checkpointer.every``. ``sinks[i]`` receives local agent ``i``'s records, ``network_sink`` the root's network
+    records."""
     cfg = cohort.cfg
     tr, m = cfg.train, cfg.maml
     local = range(len(cohort.agent_ids))
@@ -127,11 +142,14 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
                      net["disagreement"], rate)
             last["it"], last["t"] = cohort.iteration, now
 
-    first = [{"iteration": cohort.iteration, "bytes_sent": cohort.counters(i)["bytes_sent"]} for i in local]
+    resumed = {"resumed": True} if cohort.iteration > 0 else {}
+    first = [{"iteration": cohort.iteration, **resumed, "bytes_sent": cohort.counters(i)["bytes_sent"]}
+             for i in local]
     evaluate(first)
     for sink, rec in zip(sinks, first):
         sink.write(rec)
 
+    every = checkpointer.every if checkpointer is not None else 0
     window: list[Any] = [0.0 for _ in local]
     window_n = 0
     while cohort.iteration < tr.iterations:
@@ -140,15 +158,26 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
         window_n += 1
         it = cohort.iteration
         is_eval = it % tr.eval_every == 0 or it == tr.iterations
-        if not (is_eval or it % tr.log_every == 0):
+        is_log = is_eval or it % tr.log_every == 0
+        is_checkpoint = every > 0 and it % every == 0
+        if not (is_log or is_checkpoint):
             continue
         means = [float(window[i]) / window_n for i in local]
         # Decided together: a NaN reaches distant agents only hop by hop, so an agent that stopped alone
-        # would leave its neighbours waiting in the next exchange until the timeout.
-        diverged = cohort.union([cohort.agent_ids[i] for i in local if not math.isfinite(means[i])])
+        # would leave its neighbours waiting in the next exchange until the timeout. Checked before a checkpoint
+        # is written, so the newest checkpoint is always a good one.
+        nonfinite = set(cohort.nonfinite())
+        diverged = cohort.union([cohort.agent_ids[i] for i in local
+                                 if not math.isfinite(means[i]) or cohort.agent_ids[i] in nonfinite])
         if diverged:
-            raise FloatingPointError(f"agents {diverged}: non-finite meta-training loss by iteration {it}; "
-                                     f"lower optim.lr or maml.inner_lr")
+            last = (f"the last good checkpoint is iteration {checkpointer.last} ({checkpointer.where}); "
+                    if checkpointer is not None and checkpointer.last is not None else "")
+            raise FloatingPointError(f"agents {diverged}: non-finite meta-training loss or parameters by iteration "
+                                     f"{it}; {last}lower optim.lr or maml.inner_lr")
+        if is_checkpoint:
+            checkpointer.save(it)
+        if not is_log:
+            continue
         records = [{"iteration": it, "meta_train_loss": means[i], **cohort.counters(i),
                     "wall_s": time.perf_counter() - start} for i in local]
         window, window_n = [0.0 for _ in local], 0

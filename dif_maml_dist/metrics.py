@@ -30,11 +30,28 @@ class NullSink:
 class JsonlSink:
     """One JSON object per line, flushed per record so a crashed run keeps everything logged so far."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_at: int | None = None):
+        """A new stream; or, with ``resume_at``, the existing one continued from a checkpoint of that iteration:
+        records of iterations from ``resume_at`` on (written after the checkpoint, before the crash) are
+        dropped, since the resumed run writes them again."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        # "x": a stream is never appended to another run's (two jobs sharing a run directory fail instead).
-        self._fh = path.open("x", encoding="utf-8")
+        if resume_at is None:
+            # "x": a stream is never appended to another run's (two jobs sharing a run directory fail instead).
+            self._fh = path.open("x", encoding="utf-8")
+            return
+        kept = []
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["iteration"] < resume_at:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass  # a line cut short by the crash
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        self._fh = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record, allow_nan=True) + "\n")

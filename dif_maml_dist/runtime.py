@@ -28,12 +28,14 @@ class ProcessEnv:
     world_size: int = 1
     local_rank: int = 0
     under_torchrun: bool = False
+    restart_count: int = 0  #: how often torchrun has restarted this job after a failure (--max-restarts)
 
     @classmethod
     def from_environ(cls, environ=os.environ) -> "ProcessEnv":
         if "RANK" not in environ or "WORLD_SIZE" not in environ:
             return cls()
-        return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)), True)
+        return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)), True,
+                   int(environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
 
 
 def select_device(cfg: RuntimeConfig, env: ProcessEnv) -> torch.device:
@@ -73,7 +75,13 @@ def distributed(cfg: RuntimeConfig, env: ProcessEnv, device: torch.device) -> It
     if device.type == "cuda":
         # nccl binds a communicator to the current device at its first use: set it before anything else.
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.timeout_s),
+    timeout = timedelta(seconds=cfg.timeout_s)
+    # torchrun's store outlives a restart (--max-restarts), and with torch 2.14 the restarted workers read the
+    # failed attempt's gloo addresses from it ("connectFullMesh failed ... Connection refused"): keys are
+    # prefixed with the attempt number here, so each attempt meets only its own peers.
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"dif_maml_dist/attempt{env.restart_count}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                             device_id=device if backend == "nccl" else None)
     try:
         # One collective before the first point-to-point call: nccl sets up its communicators lazily, and

@@ -155,5 +155,9 @@ class Simulation:
     def union(self, ids: list[int]) -> list[int]:
         return sorted(ids)
 
+    def nonfinite(self) -> list[int]:
+        finite = torch.isfinite(self.states().detach()).all(dim=1)
+        return [int(k) for k in torch.nonzero(~finite).flatten()]
+
     def named_params(self, params: Tensor) -> dict[str, Tensor]:
         return self.layout.unflatten(params)

@@ -7,6 +7,8 @@ stacked states). Columns sum to one; the rules here are symmetric, so rows do to
 
 from __future__ import annotations
 
+import io
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,11 +193,32 @@ class Topology:
         return combine_plan(self.weights, agent)
 
 
+def read_weight_matrix(path: str | Path, graph: nx.Graph) -> np.ndarray:
+    """A user's combination matrix from a text file, checked against ``graph`` (``ValueError`` naming the file)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        a = np.loadtxt(io.StringIO(text.replace(",", " ")), dtype=np.float64, ndmin=2)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the weight matrix {path}: {err}") from None
+    k = graph.number_of_nodes()
+    if a.shape != (k, k):
+        raise ValueError(f"{path}: weight matrix is {a.shape[0]}x{a.shape[1]}, but the topology has {k} agents")
+    try:
+        check_weights(a, graph)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return a
+
+
 def build_topology(cfg: TopologyConfig) -> Topology:
     """Graph + weights + checks, from config."""
     graph = build_graph(cfg)
+    if cfg.weights == "file":
+        a = read_weight_matrix(cfg.weight_matrix, graph)
+        return Topology(cfg.name, graph, a, mixing_rate(a))
     if cfg.weights not in WEIGHT_RULES:
-        raise ValueError(f"unknown topology.weights {cfg.weights!r}; choose one of: {', '.join(WEIGHT_RULES)}")
+        raise ValueError(f"unknown topology.weights {cfg.weights!r}; choose one of: {', '.join(WEIGHT_RULES)}, file")
     a = WEIGHT_RULES[cfg.weights](graph)
     check_weights(a, graph)
     return Topology(cfg.name, graph, a, mixing_rate(a))

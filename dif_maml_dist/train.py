@@ -33,7 +33,8 @@ from .topology import Topology, build_topology, combine_plan, mixing_rate, strat
 #: as dif_maml_dist/conf (pyproject.toml maps the top-level conf/ there).
 CONF_DIR = next(d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parent.parent / "conf")
                 if (d / "config.yaml").is_file())
-EXIT_USAGE = 2
+EXIT_USAGE = 2  #: a mistake in the command, config or data: nothing ran
+EXIT_FAILED = 3  #: the run started and failed: divergence, a peer that did not answer
 
 log = logging.getLogger("dif_maml_dist")
 
@@ -64,7 +65,7 @@ class UsageError(ValueError):
 _RUN_DIR_EXISTED = False
 
 
-def _fail(err: Exception, rank: int, run_dir: Path | None = None) -> None:
+def _fail(err: Exception, rank: int, run_dir: Path | None = None, exit_code: int = EXIT_USAGE) -> None:
     # Every rank fails the same way on a config error; only rank 0 says so, so the message appears once.
     if rank == 0:
         print(f"dif_maml_dist: error: {err}", file=sys.stderr, flush=True)
@@ -74,7 +75,7 @@ def _fail(err: Exception, rank: int, run_dir: Path | None = None) -> None:
         if (run_dir is not None and not _RUN_DIR_EXISTED and run_dir.is_dir()
                 and {p.name for p in run_dir.iterdir()} <= {".hydra"}):
             shutil.rmtree(run_dir, ignore_errors=True)
-    sys.exit(EXIT_USAGE)
+    sys.exit(exit_code)
 
 
 def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
@@ -95,6 +96,12 @@ def check_fresh_run_dir(run_dir: Path) -> None:
                          f"hydra.run.dir=DIR")
 
 
+def _asks_resume(argv: list[str]) -> bool:
+    """Whether the command line sets ``train.resume`` to true (read before hydra parses it)."""
+    return any(arg.lstrip("+").partition("=")[::2] in (("train.resume", "true"), ("train.resume", "True"))
+               for arg in argv)
+
+
 def explicit_run_dir(argv: list[str]) -> Path | None:
     """The ``hydra.run.dir=DIR`` override, if the command line gives one."""
     for arg in argv:
@@ -112,10 +119,13 @@ class Plan:
     topology: Topology
     weights: np.ndarray  #: the strategy's effective combination matrix (A, 11^T/K or I)
     run_dir: Path
+    #: continue from the run directory's checkpoints: asked for (train.resume), or a torchrun restart
+    resuming: bool = False
 
 
-def plan_run(cfg: Config, world_size: int, run_dir: Path) -> Plan:
-    """Build and check the topology against the launch; refuse to overwrite an earlier run. Raises ``ValueError``."""
+def plan_run(cfg: Config, world_size: int, run_dir: Path, restart_count: int = 0) -> Plan:
+    """Build and check the topology against the launch; refuse to overwrite an earlier run unless resuming it.
+    Raises ``ValueError``."""
     topo = build_topology(cfg.topology)
     if cfg.runtime.mode == "simulate":
         if world_size != 1:
@@ -125,8 +135,13 @@ def plan_run(cfg: Config, world_size: int, run_dir: Path) -> Plan:
         raise UsageError(f"topology {cfg.topology.name!r} has {topo.num_agents} agents but {world_size} process(es) "
                          f"were started; launch with torchrun --nproc-per-node={topo.num_agents} "
                          f"(or choose a topology with as many agents as processes, or runtime=simulate)")
-    check_fresh_run_dir(run_dir)
-    return Plan(cfg, topo, strategy_weights(cfg.strategy.name, topo), run_dir)
+    resuming = cfg.train.resume or restart_count > 0
+    if not resuming:
+        check_fresh_run_dir(run_dir)
+    elif restart_count == 0 and not (run_dir / "checkpoints").is_dir():
+        raise UsageError(f"train.resume=true, but {run_dir} holds no checkpoints to resume from (written every "
+                         f"train.checkpoint_every iterations under {run_dir / 'checkpoints'})")
+    return Plan(cfg, topo, strategy_weights(cfg.strategy.name, topo), run_dir, resuming)
 
 
 def check_devices(cfg: Config, env) -> None:
@@ -181,12 +196,13 @@ def _write_summary(plan: Plan, result, named_params, extra: dict) -> dict:
 
 
 @contextmanager
-def _metric_sinks(run_dir: Path, agent_ids, root: bool):
-    """Per-agent JSONL sinks (and the root's network sink), closed however the run ends."""
+def _metric_sinks(run_dir: Path, agent_ids, root: bool, resume_at: int | None = None):
+    """Per-agent JSONL sinks (and the root's network sink), closed however the run ends; ``resume_at``: continue
+    the streams of a resumed run from that iteration."""
     from .metrics import JsonlSink
 
-    sinks = [JsonlSink(run_dir / "metrics" / f"agent{k}.jsonl") for k in agent_ids]
-    network = JsonlSink(run_dir / "metrics" / "network.jsonl") if root else None
+    sinks = [JsonlSink(run_dir / "metrics" / f"agent{k}.jsonl", resume_at) for k in agent_ids]
+    network = JsonlSink(run_dir / "metrics" / "network.jsonl", resume_at) if root else None
     try:
         yield sinks, network
     finally:
@@ -197,6 +213,7 @@ def _metric_sinks(run_dir: Path, agent_ids, root: bool):
 
 def execute(plan: Plan, env) -> dict | None:
     """Run this process's agent (or, with runtime=simulate, all agents); the root returns the run summary."""
+    from . import checkpoint
     from .agent import Agent, make_combiner, run_agent
     from .metrics import save_tensors_atomic
     from .runtime import distributed, select_backend, select_device, setup_logging
@@ -215,8 +232,16 @@ def execute(plan: Plan, env) -> dict | None:
         log.info("neighbours %s weights %s (self %.4f), %d parameters, meta-gradient path %s",
                  plan_k.neighbors, [round(w, 4) for w in plan_k.neighbor_weights], plan_k.self_weight,
                  agent.layout.numel, agent.meta_grad_path)
-        with _metric_sinks(run_dir, [env.rank], env.rank == 0) as (sinks, network_sink):
-            result = run_agent(agent, transport, sinks[0], network_sink, progress=env.rank == 0)
+        prints = checkpoint.fingerprint(cfg, plan.weights, agent.layout.numel)
+        start = _resume(plan, env, agent, transport, prints) if plan.resuming else None
+        saver = None
+        if cfg.train.checkpoint_every > 0:
+            saver = checkpoint.AgentCheckpoints(run_dir, env.rank, lambda: agent.checkpoint_state(transport.bytes_sent),
+                                                prints, cfg.train.checkpoint_every, cfg.train.keep_checkpoints, start)
+        with _metric_sinks(run_dir, [env.rank], env.rank == 0, (start or 0) if plan.resuming else None) as (
+                sinks, network_sink):
+            result = run_agent(agent, transport, sinks[0], network_sink, progress=env.rank == 0,
+                               checkpointer=saver)
         if cfg.train.save_models:
             (run_dir / "models").mkdir(exist_ok=True)
             save_tensors_atomic(run_dir / "models" / f"agent{env.rank}.pt", agent.named_params())
@@ -224,7 +249,37 @@ def execute(plan: Plan, env) -> dict | None:
             return None
         return _write_summary(plan, result, agent.named_params, {
             "parameters": agent.layout.numel, "meta_grad_path": agent.meta_grad_path, "device": str(device),
-            "backend": select_backend(cfg.runtime, device) if env.under_torchrun else "none"})
+            "backend": select_backend(cfg.runtime, device) if env.under_torchrun else "none",
+            "resumed_from_iteration": start, "restarts": env.restart_count})
+
+
+def _resume(plan: Plan, env, agent, transport, prints: dict[str, str]) -> int | None:
+    """*Collective*: restore this agent from the newest iteration that every agent has a checkpoint of; that
+    iteration (``None``: none yet, start from scratch — a restart before the first checkpoint).
+
+    Agreed through the transport rather than read off one filesystem, so nodes without a shared run directory
+    agree too. A failure on any rank (a checkpoint of another run, an unreadable file) is every rank's
+    ``UsageError``, reported once."""
+    from . import checkpoint
+
+    start, err = None, None
+    try:
+        start = checkpoint.newest_common(transport.all_gather_object(checkpoint.available(plan.run_dir, env.rank)))
+        if start is None and env.restart_count == 0:
+            raise UsageError(f"train.resume=true, but no iteration has a checkpoint from every agent in "
+                             f"{plan.run_dir / 'checkpoints'}")
+        if start is not None:
+            state = checkpoint.load(plan.run_dir, env.rank, start, prints)
+            agent.restore(state)
+            transport.bytes_sent = int(state["bytes_sent"])
+    except ValueError as e:
+        err = str(e)
+    errors = [e for e in transport.all_gather_object(err) if e]
+    if errors:
+        raise UsageError(errors[0])
+    if env.rank == 0:
+        log.info("resuming from the checkpoints of iteration %s (restart %d)", start, env.restart_count)
+    return start
 
 
 def simulate(plan: Plan, device) -> dict:
@@ -257,16 +312,25 @@ def simulate(plan: Plan, device) -> dict:
 def _hydra_main(node: DictConfig) -> None:
     from .runtime import ProcessEnv
     from .tasks import check_task_data
+    from .transport import PeerError
 
     env = ProcessEnv.from_environ()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        plan = plan_run(from_omegaconf(node), env.world_size, run_dir)
+        plan = plan_run(from_omegaconf(node), env.world_size, run_dir, env.restart_count)
         check_devices(plan.cfg, env)
         check_task_data(plan.cfg, plan.topology.num_agents)
     except ValueError as err:
         _fail(err, env.rank, run_dir)
-    execute(plan, env)
+    try:
+        execute(plan, env)
+    except UsageError as err:  # found by every rank together (e.g. resuming another run's checkpoints)
+        _fail(err, env.rank)
+    except FloatingPointError as err:  # agreed by every rank: said once
+        _fail(err, env.rank, exit_code=EXIT_FAILED)
+    except PeerError as err:  # this rank's own view of the network: every rank says it
+        print(f"dif_maml_dist: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_FAILED)
 
 
 def main() -> None:
@@ -277,7 +341,7 @@ def main() -> None:
     try:
         check_group_choices(sys.argv[1:])
         run_dir = explicit_run_dir(sys.argv[1:])
-        if run_dir is not None:
+        if run_dir is not None and not (env.restart_count > 0 or _asks_resume(sys.argv[1:])):
             # Checked before hydra starts: hydra would otherwise rewrite the old run's .hydra/ record first.
             check_fresh_run_dir(run_dir)
             _RUN_DIR_EXISTED = run_dir.exists()

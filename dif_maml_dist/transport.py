@@ -16,8 +16,20 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+class PeerError(RuntimeError):
+    """A peer did not deliver its message: it died, hung, or did not answer within the timeout."""
+
+    def __init__(self, message: str, peer: int | None = None):
+        super().__init__(message)
+        self.peer = peer  #: the agent that did not answer (None for a collective, where nobody can tell)
+
+
 def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 def ring_all_reduce_bytes(world_size: int, message_bytes: int) -> int:
@@ -94,7 +106,7 @@ class InMemoryTransport(Transport):
             for p in peers:
                 box = hub.mail.setdefault((p, self.rank), [])
                 if not hub.cond.wait_for(lambda: bool(box), timeout=hub.timeout_s):
-                    raise TimeoutError(f"agent {self.rank}: no message from agent {p} within {hub.timeout_s} s")
+                    raise PeerError(f"no message from agent {p} within {hub.timeout_s:g} s", peer=p)
                 received[p] = box.pop(0)
         return received
 
@@ -147,23 +159,31 @@ class TorchDistTransport(Transport):
             return {}
         send = self._wire(tensor)
         recv = {p: torch.empty_like(send) for p in peers}
-        ops = []
+        ops, peer_of = [], []
         for p in peers:
-            ops.append(dist.P2POp(dist.isend, send, p))
-            ops.append(dist.P2POp(dist.irecv, recv[p], p))
+            ops += [dist.P2POp(dist.isend, send, p), dist.P2POp(dist.irecv, recv[p], p)]
+            peer_of += [p, p]
         # All sends and receives of this round are posted together, so no agent blocks on a send while its
         # peer blocks on another send: plain blocking send/recv in a fixed order deadlocks on odd cycles.
         # Each pair exchanges exactly one message per direction per round, so untagged messages cannot be
         # confused across rounds (nccl ignores tags anyway).
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+        # Each wait ends by the process group's timeout (runtime.timeout_s) at the latest: a dead peer's socket
+        # closes at once, a hung one times out; either way the error names the peer instead of hanging.
+        for p, req in zip(peer_of, dist.batch_isend_irecv(ops)):
+            try:
+                req.wait()
+            except RuntimeError as err:
+                raise PeerError(f"no message from agent {p} ({_first_line(err)})", peer=p) from None
         self.bytes_sent += len(peers) * _nbytes(send)
         return {p: r.to(tensor.device) for p, r in recv.items()}
 
     def all_reduce_mean(self, tensor: Tensor) -> Tensor:
         self._count_all_reduce(tensor)
         buf = self._wire(tensor).clone()
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        try:
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        except RuntimeError as err:
+            raise PeerError(f"the all-reduce over all agents failed ({_first_line(err)})") from None
         return (buf / self.world_size).to(tensor.device)
 
     def all_gather_object(self, obj: Any) -> list[Any]:

@@ -12,6 +12,12 @@ require_count() {  # require_count NAME VALUE: a positive integer
     [[ "$2" =~ ^[1-9][0-9]*$ ]] || fail "$1 must be a positive integer, got '$2'"
 }
 
+require_free_port() {  # require_free_port PORT NAME: nothing on this machine listens on PORT
+    if (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null; then
+        fail "port $1 ($2) is already in use on this machine; choose another $2"
+    fi
+}
+
 if [[ -z "${TORCHRUN:-}" ]]; then
     if command -v torchrun > /dev/null; then
         TORCHRUN=torchrun

@@ -98,7 +98,8 @@ def _edge_file(tmp_path: Path, text: str) -> str:
 
 
 @pytest.mark.parametrize("case", ["disconnected", "unknown_topology", "unknown_task", "zero_lr", "negative_alpha",
-                                  "missing_node", "nproc_mismatch", "existing_run_dir", "nccl_without_gpu"])
+                                  "missing_node", "nproc_mismatch", "existing_run_dir", "nccl_without_gpu",
+                                  "weights_not_doubly_stochastic", "resume_without_checkpoints"])
 def test_bad_input_is_one_line_error(tmp_path, case):
     """Each user mistake ends with exit status 2 and exactly one line on stderr naming the problem.
 
@@ -106,6 +107,9 @@ def test_bad_input_is_one_line_error(tmp_path, case):
     """
     run_dir = tmp_path / "run"
     two_components = _edge_file(tmp_path, "0 1\n2 3\n")
+    # columns sum to 1, rows to 1.2 / 1.05 / 0.75 (the worst, reported): left- but not doubly stochastic
+    matrix = tmp_path / "weights.txt"
+    matrix.write_text("0.5 0.5 0.2\n0.25 0.5 0.3\n0.25 0.0 0.5\n")
     names_node_5 = _edge_file(tmp_path / "m", "0 1\n1 5\n")
     args, expect = {
         "disconnected": (["topology=edge_list", f"topology.edge_list={two_components}"],
@@ -123,15 +127,20 @@ def test_bad_input_is_one_line_error(tmp_path, case):
         # This machine (and CI) has no GPU: asking for nccl must fail before any process group is formed.
         "nccl_without_gpu": (["topology=ring", "topology.num_agents=1", "runtime.backend=nccl"],
                              "runtime.backend=nccl needs GPUs"),
+        "weights_not_doubly_stochastic": (["topology=ring", "topology.num_agents=3", "topology.weights=file",
+                                           f"topology.weight_matrix={matrix}"],
+                                          "weights.txt: combination matrix row 2 sums to 0.75, not 1 (not doubly "
+                                          "stochastic)"),
+        "resume_without_checkpoints": (["train.resume=true"], "holds no checkpoints to resume from"),
     }[case]
-    if case == "existing_run_dir":
+    if case in ("existing_run_dir", "resume_without_checkpoints"):
         run_dir.mkdir()
         (run_dir / "summary.json").write_text("earlier results\n")
     proc = train([*args, f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("dif_maml_dist: error: ") and expect in lines[0], proc.stderr
-    if case == "existing_run_dir":
+    if case in ("existing_run_dir", "resume_without_checkpoints"):
         assert (run_dir / "summary.json").read_text() == "earlier results\n"
         assert sorted(p.name for p in run_dir.iterdir()) == ["summary.json"]
     else:

@@ -79,3 +79,21 @@ def test_multi_node_script_reports_missing_settings_in_one_line(env, expect):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("launch: error: ") and expect in lines[0], proc.stderr
+
+
+def test_single_node_script_refuses_a_taken_port(tmp_path):
+    """MASTER_PORT already in use on this machine: one line saying so, exit 2, no run directory — instead of
+    torchrun's traceback (or a job that joins a stranger's store)."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(["bash", str(REPO / "launch" / "single_node.sh")], cwd=REPO, capture_output=True,
+                              text=True, timeout=30, env=dict(os.environ, TORCHRUN=TORCHRUN, MASTER_PORT=str(port),
+                                                              RUN_DIR=str(tmp_path / "run")))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"launch: error: port {port} (MASTER_PORT) is already in use on this machine; "
+                                   f"choose another MASTER_PORT")
+    assert not (tmp_path / "run").exists()

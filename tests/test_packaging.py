@@ -17,6 +17,7 @@ def test_wheel_carries_every_hydra_config(tmp_path):
                     str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("dif_maml_dist-*.whl")
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
-    expected = {f"dif_maml_dist/conf/{p.relative_to(REPO / 'conf').as_posix()}" for p in (REPO / "conf").rglob("*.yaml")}
+    expected = {f"dif_maml_dist/conf/{p.relative_to(REPO / 'conf').as_posix()}"
+                for p in (REPO / "conf").rglob("*.yaml")}
     assert shipped == expected
     assert "dif_maml_dist/conf/config.yaml" in shipped and "dif_maml_dist/train.py" in zipfile.ZipFile(wheel).namelist()

@@ -98,7 +98,8 @@ def download_omniglot(root: Path) -> None:
             try:
                 from torchvision.datasets import Omniglot
             except ImportError:
-                raise ValueError("data.download=true needs torchvision: pip install 'dif_maml_dist[download]'") from None
+                raise ValueError("data.download=true needs torchvision: pip install "
+                                 "'dif_maml_dist[download]'") from None
             try:
                 Omniglot(str(root), background=background, download=True)
             except Exception as err:  # noqa: BLE001 (network and archive errors come in many types)

@@ -1,0 +1,141 @@
+"""Faults under real gloo processes and torchrun: a hung peer, a killed agent under elastic restarts, divergence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+from dif_maml_dist.agent import Agent, make_combiner, run_agent
+from dif_maml_dist.config import TopologyConfig
+from dif_maml_dist.runtime import ProcessEnv, distributed
+from dif_maml_dist.topology import build_topology
+from dif_maml_dist.transport import PeerError
+
+from .helpers import REPO, free_port, small_config
+
+TIMEOUT_S = 6.0
+HUNG_AGENT, HUNG_AT = 2, 6  # agent 2 stops answering in its 6th exchange
+
+
+def _hung_peer_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="4",
+                      LOCAL_RANK=str(rank))
+    cfg = small_config(iterations=20)
+    cfg.runtime.timeout_s = TIMEOUT_S
+    ring = build_topology(TopologyConfig(name="ring", num_agents=4))
+    result: dict = {}
+    try:
+        with distributed(cfg.runtime, ProcessEnv.from_environ(), torch.device("cpu")) as transport:
+            if rank == HUNG_AGENT:
+                calls = [0]
+                real_exchange = transport.exchange
+
+                def exchange(tensor, peers):
+                    calls[0] += 1
+                    if calls[0] == HUNG_AT:
+                        result["silent_at"] = time.time()
+                        time.sleep(2 * TIMEOUT_S + 5)  # alive but silent, as a hung process
+                        raise SystemExit(0)
+                    return real_exchange(tensor, peers)
+
+                transport.exchange = exchange
+            agent = Agent(cfg, rank, 4, make_combiner("dif_maml", ring.plan(rank), transport))
+            try:
+                run_agent(agent, transport)
+            except PeerError as err:
+                result = {"error": str(err), "peer": err.peer, "at": time.time()}
+                raise
+    except PeerError:
+        pass  # torn down by distributed(); the error is the result
+    finally:
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_hung_peer_is_named_within_the_timeout(tmp_path):
+    """Four gloo processes on a ring; agent 2 stops answering in iteration 6 without dying. Its neighbours 1 and 3
+    stop with a PeerError naming agent 2 and iteration 6 within runtime.timeout_s (plus start-up slack) — never an
+    endless hang. Catches an exchange that waits forever, and errors that do not say which peer or iteration."""
+    start = time.time()
+    ctx = mp.start_processes(_hung_peer_worker, args=(free_port(), str(tmp_path)), nprocs=4, join=False,
+                             start_method="spawn")
+    deadline = start + 120
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise AssertionError("the agents did not stop: a hung peer made the run hang")
+    results = {r: torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)}
+    for neighbour in (1, 3):
+        res = results[neighbour]
+        assert res.get("peer") == HUNG_AGENT, res
+        assert f"agent {neighbour}, iteration {HUNG_AT}: no message from agent {HUNG_AGENT}" in res["error"]
+        assert f"runtime.timeout_s={TIMEOUT_S:g}" in res["error"]
+    # Agent 0 waits for 1 and 3 (which stop after the timeout) and fails in the same iteration or the next.
+    assert "error" in results[0] and results[0]["peer"] in (1, 3)
+    # The neighbours gave up after the timeout, counted from the moment agent 2 went silent (not before: it is
+    # the timeout that ended the wait); agent 0, one hop further, at most one timeout later.
+    silent = results[HUNG_AGENT]["silent_at"]
+    for neighbour in (1, 3):
+        assert TIMEOUT_S - 1 <= results[neighbour]["at"] - silent <= TIMEOUT_S + 5, results[neighbour]["at"] - silent
+    assert results[0]["at"] - silent <= 2 * TIMEOUT_S + 5
+
+
+def test_killed_agent_is_restarted_and_finishes_bit_identical(tmp_path):
+    """launch/fault_injection.py, one trial on 4 agents (ring): an agent process is SIGKILLed mid-run under
+    torchrun --max-restarts=1; the job restarts, every agent resumes from the newest common checkpoint, and the
+    final parameters of all agents equal those of an uninterrupted run bit for bit (float64, CPU).
+
+    Catches checkpoints that miss part of the loop state (optimizer moments, the task-stream RNG, the iteration),
+    a resume point that is not common to all agents, a restarted job refused by the "run directory holds a run"
+    check, and torchrun restarts that cannot form a new process group."""
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "fault_injection.py"), "--trials", "1",
+                           "--iterations", "40", "--checkpoint-every", "10", "--nproc", "4", "--seed", "3",
+                           "--out", str(tmp_path), "topology=ring", "topology.num_agents=4"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "survived 1/1, matched the uninterrupted run 1/1" in proc.stdout
+
+
+def test_resume_continues_a_run_bit_identically_and_refuses_another_runs_checkpoints(tmp_path):
+    """train.resume=true on a finished 10-iteration run (checkpoints every 5) with train.iterations=20 ends with
+    exactly the models of a straight 20-iteration run; resuming it under another optimizer is refused in one
+    line naming the difference, with the run directory left as it was.
+
+    Catches a resume that restarts from scratch or from the wrong iteration, state missing from checkpoints,
+    and a resume that clobbers the run it could not continue."""
+    from .test_cli import train
+
+    common = ["topology=ring", "topology.num_agents=3", "train.dtype=float64", "train.checkpoint_every=5",
+              "train.eval_every=5", "task.eval_tasks=20", "maml.final_adapt_steps=1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train([*common, "train.iterations=20", f"hydra.run.dir={straight}"], nproc=3).returncode == 0
+    assert train([*common, "train.iterations=10", f"hydra.run.dir={resumed}"], nproc=3).returncode == 0
+
+    before = {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file()}
+    refused = train([*common, "train.iterations=20", "optim=sgd", "train.resume=true", f"hydra.run.dir={resumed}"],
+                    nproc=3)
+    assert refused.returncode != 0
+    out = refused.stdout + refused.stderr
+    assert out.count("dif_maml_dist: error: checkpoint ") == 1 and "written by a run with a different optim;" in out
+    for path, content in before.items():  # results and checkpoints as they were; logs only appended to
+        if ".hydra" not in path.parts:
+            now = path.read_bytes()
+            assert now.startswith(content) if "logs" in path.parts else now == content, path
+
+    proc = train([*common, "train.iterations=20", "train.resume=true", f"hydra.run.dir={resumed}"], nproc=3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["resumed_from_iteration"] == 10 and summary["iterations"] == 20
+    for k in range(3):
+        a = torch.load(resumed / "models" / f"agent{k}.pt", weights_only=True)
+        b = torch.load(straight / "models" / f"agent{k}.pt", weights_only=True)
+        assert all(torch.equal(a[n], b[n]) for n in b), f"agent {k}"
+    lines = (resumed / "metrics" / "agent0.jsonl").read_text().splitlines()
+    iterations = [json.loads(line)["iteration"] for line in lines]
+    assert iterations == sorted(set(iterations)) and iterations[-1] == 20  # no record twice
