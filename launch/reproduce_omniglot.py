@@ -7,8 +7,8 @@ Runs (unless their run directories already hold results) one torchrun job per st
 
 then writes, from the runs' summaries and metrics,
 
-- ``omniglot_<task>_accuracy.csv`` / ``.png``: centroid test accuracy (100 tasks, after one adaptation step)
-  every ``eval_every`` iterations, per strategy;
+- ``omniglot_<task>_accuracy.csv`` / ``.png``: test accuracy (100 tasks, after one adaptation step) every
+  ``eval_every`` iterations, per strategy: the mean of the agents' own models, and the centroid model;
 - ``omniglot_<task>_final.csv``: final accuracy on the 600 test tasks with its 95% confidence half-width, per agent
   and for the centroid, after 0, 1 and 10 adaptation steps, with the wall times;
 
@@ -59,7 +59,13 @@ def main() -> None:
         run(args.task, args.data, s, args.iterations, args.eval_every, run_dir)
         summary = json.loads((run_dir / "summary.json").read_text())
         network = [json.loads(line) for line in (run_dir / "metrics" / "network.jsonl").read_text().splitlines()]
-        curves[s] = [(r["iteration"], r["centroid_test_acc_post"]) for r in network]
+        per_agent = []
+        for a in summary["agents"]:
+            lines = (run_dir / "metrics" / f"agent{a['agent']}.jsonl").read_text().splitlines()
+            records = [json.loads(line) for line in lines]
+            per_agent.append({r["iteration"]: r["test_acc_post"] for r in records if "test_acc_post" in r})
+        curves[s] = [(r["iteration"], sum(acc[r["iteration"]] for acc in per_agent) / len(per_agent),
+                      r["centroid_test_acc_post"]) for r in network]
         training_s = network[-1]["wall_s"]  # the last evaluation closes the training loop
         members = [("centroid", summary["centroid_accuracy_curve"], summary["centroid_test_accuracy_ci95"])]
         members += [(f"agent{a['agent']}", a["accuracy_curve"], a["final_test_accuracy_ci95"])
@@ -72,9 +78,9 @@ def main() -> None:
     stem = args.out / f"omniglot_{args.task.removeprefix('omniglot_')}"
     with open(f"{stem}_accuracy.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["iteration", *STRATEGIES])
+        w.writerow(["iteration", *(f"{s}_{who}" for s in STRATEGIES for who in ("agents_mean", "centroid"))])
         for row in zip(*(curves[s] for s in STRATEGIES)):
-            w.writerow([row[0][0], *(f"{acc:.4f}" for _, acc in row)])
+            w.writerow([row[0][0], *(f"{acc:.4f}" for _, mean, cen in row for acc in (mean, cen))])
     with open(f"{stem}_final.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(finals[0]))
         w.writeheader()
@@ -100,14 +106,15 @@ def main() -> None:
         print("matplotlib not installed: CSVs written, no figure (pip install -e '.[plots]')", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for s in STRATEGIES:
-        its, acc = zip(*curves[s])
-        ax.plot(its, acc, marker="o", label=s)
+    for s, colour in zip(STRATEGIES, ("C0", "C1", "C2")):
+        its, mean, cen = zip(*curves[s])
+        ax.plot(its, mean, marker="o", color=colour, label=f"{s}: mean of agents")
+        ax.plot(its, cen, ls="--", color=colour, alpha=0.6, label=f"{s}: centroid")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("centroid test accuracy (100 tasks, 1 step)")
+    ax.set_ylabel("test accuracy (100 tasks, after 1 step)")
     ax.set_title(f"Omniglot {args.task.removeprefix('omniglot_')}, 6 agents (torchrun, CPU)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(f"{stem}_accuracy.png", dpi=120)
 
