@@ -138,10 +138,16 @@ def plan_run(cfg: Config, world_size: int, run_dir: Path, restart_count: int = 0
     resuming = cfg.train.resume or restart_count > 0
     if not resuming:
         check_fresh_run_dir(run_dir)
-    elif restart_count == 0 and not (run_dir / "checkpoints").is_dir():
+    elif restart_count == 0:
+        check_resumable(run_dir)
+    return Plan(cfg, topo, strategy_weights(cfg.strategy.name, topo), run_dir, resuming)
+
+
+def check_resumable(run_dir: Path) -> None:
+    """``train.resume=true`` needs a run directory with checkpoints (one-line error; nothing there is touched)."""
+    if not (run_dir / "checkpoints").is_dir():
         raise UsageError(f"train.resume=true, but {run_dir} holds no checkpoints to resume from (written every "
                          f"train.checkpoint_every iterations under {run_dir / 'checkpoints'})")
-    return Plan(cfg, topo, strategy_weights(cfg.strategy.name, topo), run_dir, resuming)
 
 
 def check_devices(cfg: Config, env) -> None:
@@ -341,9 +347,12 @@ def main() -> None:
     try:
         check_group_choices(sys.argv[1:])
         run_dir = explicit_run_dir(sys.argv[1:])
-        if run_dir is not None and not (env.restart_count > 0 or _asks_resume(sys.argv[1:])):
+        if run_dir is not None and env.restart_count == 0:
             # Checked before hydra starts: hydra would otherwise rewrite the old run's .hydra/ record first.
-            check_fresh_run_dir(run_dir)
+            if _asks_resume(sys.argv[1:]):
+                check_resumable(run_dir)
+            else:
+                check_fresh_run_dir(run_dir)
             _RUN_DIR_EXISTED = run_dir.exists()
         elif env.under_torchrun and os.environ.get("TORCHELASTIC_RUN_ID", "") in _NO_RUN_ID:
             raise UsageError("torchrun gave this job no run id, so its ranks cannot agree on a run directory: "

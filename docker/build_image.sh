@@ -24,7 +24,10 @@ if ! have_image "$base" && ! docker pull -q "$base" > /dev/null 2>&1; then
     base=dif-maml-base:bookworm
     if ! have_image "$base"; then
         command -v debootstrap > /dev/null || { echo "build_image: error: no registry and no debootstrap: apt-get install debootstrap, or set BASE_IMAGE to a local image" >&2; exit 2; }
-        mirror="${DEBIAN_MIRROR:-$(grep -hoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | head -n1)}"
+        # The host's own Debian mirror: a deb822 "URIs:" line, else a classic "deb URL suite" line.
+        mirror="${DEBIAN_MIRROR:-$( { sed -nE 's#^URIs: *(https?://[^ ]*/debian/?)$#\1#p' \
+            /etc/apt/sources.list.d/*.sources; sed -nE 's#^deb +(\[[^]]*\] +)?(https?://[^ ]*/debian/?) .*#\2#p' \
+            /etc/apt/sources.list; } 2> /dev/null | head -n1 || true)}"
         mirror="${mirror:-http://deb.debian.org/debian}"
         rootfs="$(mktemp -d)"
         trap 'rm -rf "$rootfs"' EXIT

@@ -131,7 +131,8 @@ def test_bad_input_is_one_line_error(tmp_path, case):
                                            f"topology.weight_matrix={matrix}"],
                                           "weights.txt: combination matrix row 2 sums to 0.75, not 1 (not doubly "
                                           "stochastic)"),
-        "resume_without_checkpoints": (["train.resume=true"], "holds no checkpoints to resume from"),
+        "resume_without_checkpoints": (["topology=ring", "topology.num_agents=1", "train.resume=true"],
+                                       "holds no checkpoints to resume from"),
     }[case]
     if case in ("existing_run_dir", "resume_without_checkpoints"):
         run_dir.mkdir()
