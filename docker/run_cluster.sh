@@ -29,4 +29,4 @@ if (( failed )); then
     echo "run_cluster: a node failed (exit statuses: $(echo $codes))" >&2
     exit 1
 fi
-echo "run_cluster: all $NNODES nodes finished; results in ${RUNS_DIR:-../runs}/${RUN_ID:-compose}" >&2
+echo "run_cluster: all $NNODES nodes finished; results in $(cd "${RUNS_DIR:-../runs}" && pwd)/${RUN_ID:-compose}" >&2
