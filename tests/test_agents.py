@@ -149,3 +149,53 @@ def test_divergence_stops_every_agent_together():
         t.join(60)
     assert all(isinstance(e, FloatingPointError) for e in errors), errors
     assert all("agents [5]" in str(e) and "iteration 4" in str(e) for e in errors), errors
+
+
+def test_non_finite_parameters_stop_the_run_before_a_checkpoint_is_written():
+    """Agent 5's parameters turn NaN after iteration 5 (its loss still finite then). With checkpoints every 2
+    iterations, every agent stops at the checkpoint of iteration 6, before writing it, naming agent 5 and the
+    last good checkpoint (4); no agent ever saved a non-finite state.
+
+    Catches a divergence check that looks at the loss only, and a checkpoint written after the state went bad
+    (which would make the newest checkpoint useless for a restart)."""
+    cfg = small_config("dif_maml", iterations=12)
+    k = 6
+    transports = InMemoryTransport.network(k, timeout_s=5)
+    errors, saved = [None] * k, [[] for _ in range(k)]
+
+    class Recorder:
+        every, last, where = 2, None, "memory"
+
+        def __init__(self, agent):
+            self.agent = agent
+
+        def save(self, iteration):
+            saved[self.agent.rank].append((iteration, bool(torch.isfinite(self.agent.state.params).all())))
+            self.last = iteration
+
+    def body(rank):
+        agent = Agent(cfg, rank, k, make_combiner("dif_maml", PAPER6.plan(rank), transports[rank]))
+        if rank == 5:
+            combined = agent.set_combined
+
+            def poisoned(w):
+                combined(w)
+                if agent.state.iteration == 5:
+                    with torch.no_grad():
+                        agent.state.params[0] = float("nan")
+
+            agent.set_combined = poisoned
+        try:
+            run_agent(agent, transports[rank], checkpointer=Recorder(agent))
+        except BaseException as err:
+            errors[rank] = err
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(isinstance(e, FloatingPointError) for e in errors), errors
+    for e in errors:
+        assert "5]" in str(e) and "by iteration 6;" in str(e) and "the last good checkpoint is iteration 4" in str(e)
+    assert saved == [[(2, True), (4, True)]] * k
