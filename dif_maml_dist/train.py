@@ -66,7 +66,11 @@ _RUN_DIR_EXISTED = False
 
 
 def _fail(err: Exception, rank: int, run_dir: Path | None = None, exit_code: int = EXIT_USAGE) -> None:
-    # Every rank fails the same way on a config error; only rank 0 says so, so the message appears once.
+    # Every rank fails the same way on a config error; only rank 0 says so, so the message appears once. The
+    # others wait a moment before leaving: torchrun stops the whole job at the first worker that exits, and
+    # would otherwise kill rank 0 before it has spoken.
+    if rank != 0:
+        time.sleep(5)
     if rank == 0:
         print(f"dif_maml_dist: error: {err}", file=sys.stderr, flush=True)
         # Hydra made the run directory (and its .hydra/ record) before the config could be checked. Remove it
