@@ -127,6 +127,19 @@ def test_divergence_stops_every_agent_together():
 
     Catches a local-only check, which stops the diverged agent alone and leaves its neighbours waiting in the
     next exchange (here: a 5 s hub timeout instead of FloatingPointError)."""
+    def nan_loss_from_iteration_2(agent):
+        if agent.rank == 5:
+            adapt = agent.adapt
+            agent.adapt = lambda: adapt() * (float("nan") if agent.state.iteration >= 2 else 1.0)
+
+    errors = _run_paper6_threads(nan_loss_from_iteration_2)
+    assert all(isinstance(e, FloatingPointError) for e in errors), errors
+    assert all("agents [5]" in str(e) and "iteration 4" in str(e) for e in errors), errors
+
+
+def _run_paper6_threads(tamper, checkpointer=None) -> list:
+    """Six dif_maml agents as threads over the in-memory network (12 iterations, 5 s timeout), each after
+    ``tamper(agent)``; every agent's exception (None if it finished)."""
     cfg = small_config("dif_maml", iterations=12)
     k = 6
     transports = InMemoryTransport.network(k, timeout_s=5)
@@ -134,11 +147,9 @@ def test_divergence_stops_every_agent_together():
 
     def body(rank):
         agent = Agent(cfg, rank, k, make_combiner("dif_maml", PAPER6.plan(rank), transports[rank]))
-        if rank == 5:
-            adapt = agent.adapt
-            agent.adapt = lambda: adapt() * (float("nan") if agent.state.iteration >= 2 else 1.0)
+        tamper(agent)
         try:
-            run_agent(agent, transports[rank])
+            run_agent(agent, transports[rank], checkpointer=None if checkpointer is None else checkpointer(agent))
         except BaseException as err:
             errors[rank] = err
 
@@ -147,8 +158,7 @@ def test_divergence_stops_every_agent_together():
         t.start()
     for t in threads:
         t.join(60)
-    assert all(isinstance(e, FloatingPointError) for e in errors), errors
-    assert all("agents [5]" in str(e) and "iteration 4" in str(e) for e in errors), errors
+    return errors
 
 
 def test_non_finite_parameters_stop_the_run_before_a_checkpoint_is_written():
@@ -158,10 +168,8 @@ def test_non_finite_parameters_stop_the_run_before_a_checkpoint_is_written():
 
     Catches a divergence check that looks at the loss only, and a checkpoint written after the state went bad
     (which would make the newest checkpoint useless for a restart)."""
-    cfg = small_config("dif_maml", iterations=12)
     k = 6
-    transports = InMemoryTransport.network(k, timeout_s=5)
-    errors, saved = [None] * k, [[] for _ in range(k)]
+    saved = [[] for _ in range(k)]
 
     class Recorder:
         every, last, where = 2, None, "memory"
@@ -173,9 +181,8 @@ def test_non_finite_parameters_stop_the_run_before_a_checkpoint_is_written():
             saved[self.agent.rank].append((iteration, bool(torch.isfinite(self.agent.state.params).all())))
             self.last = iteration
 
-    def body(rank):
-        agent = Agent(cfg, rank, k, make_combiner("dif_maml", PAPER6.plan(rank), transports[rank]))
-        if rank == 5:
+    def nan_params_after_iteration_5(agent):
+        if agent.rank == 5:
             combined = agent.set_combined
 
             def poisoned(w):
@@ -185,16 +192,8 @@ def test_non_finite_parameters_stop_the_run_before_a_checkpoint_is_written():
                         agent.state.params[0] = float("nan")
 
             agent.set_combined = poisoned
-        try:
-            run_agent(agent, transports[rank], checkpointer=Recorder(agent))
-        except BaseException as err:
-            errors[rank] = err
 
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(k)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    errors = _run_paper6_threads(nan_params_after_iteration_5, checkpointer=Recorder)
     assert all(isinstance(e, FloatingPointError) for e in errors), errors
     for e in errors:
         assert "5]" in str(e) and "by iteration 6;" in str(e) and "the last good checkpoint is iteration 4" in str(e)
