@@ -4,16 +4,16 @@ Run: .venv/bin/python benchmarks/bench_conv4.py [--threads N] [--repeats R] [--s
 
 For each few-shot config (the shapes and step counts of conf/task/<name>.yaml; random pixels, since the cost does not
 depend on them; second order; timed in float32, agreement checked in float64):
-- meta-gradient of 1 task and of one meta-batch: per-task autograd loop vs grad∘vmap over tasks (both checked to
-  agree before timing) — this chooses ``maml.meta_grad_path`` for the config;
-- evaluation: adapting ``eval_chunk`` test tasks for 10 steps one task at a time vs all at once under vmap
-  (``adaptation_curves``, what ``Learner.evaluate`` runs).
+- meta-gradient of 1 task and of one meta-batch: per-task autograd loop (native batch norm) vs grad∘vmap over
+  tasks (written-out batch norm), both checked to agree before timing — this is what ``maml.AUTO_VMAP_FROM["conv4"]``
+  rests on;
+- evaluation: adapting ``eval_chunk`` test tasks for 10 steps one task at a time (``adaptation_curves_loop``) vs all
+  at once under vmap (``adaptation_curves``) — ``Learner.eval_path`` makes the same choice.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from dif_maml_dist import seeding
-from dif_maml_dist.flat import FlatLayout
-from dif_maml_dist.maml import TaskBatch, adaptation_curves, make_loss, meta_gradient_loop, meta_gradient_vmap
-from dif_maml_dist.models import Conv4, reset_parameters
+from dif_maml_dist.maml import (TaskBatch, adaptation_curves, adaptation_curves_loop, make_loss, meta_gradient_loop,
+                                meta_gradient_vmap)
+from dif_maml_dist.models import Conv4, functional, reset_parameters
 from dif_maml_dist.tasks.miniimagenet import MiniImagenetFamily
 from dif_maml_dist.tasks.omniglot import OmniglotFamily
 
@@ -84,34 +84,39 @@ def tasks(s: Setting, n: int, g: torch.Generator) -> TaskBatch:
 def bench(name: str, s: Setting, repeats: int) -> None:
     model = Conv4(s.channels, s.way, s.filters, s.size)
     reset_parameters(model, seeding.generator(0, 1))
-    layout = FlatLayout.of(model)
+    fm = functional(model)
+    layout = fm.layout
     flat = layout.flatten(dict(model.named_parameters())).detach()
-    loss = make_loss(model, layout, F.cross_entropy)
+    params = layout.split(flat)
+    loss, batched = make_loss(fm.forward, F.cross_entropy), make_loss(fm.batched_forward, F.cross_entropy)
     g = torch.Generator().manual_seed(0)
     print(f"\n{name}: Conv4 {s.filters} filters on {s.channels}x{s.size}x{s.size} ({layout.numel} parameters), "
           f"{s.way}-way {s.shot}-shot, {s.query} queries/class, {s.inner_steps} inner step(s), alpha {s.inner_lr}")
     print(f"  meta-gradient {'tasks':>5} | {'loop s':>8} {'vmap s':>8} | loop/vmap | faster")
-    loss64 = make_loss(copy.deepcopy(model).double(), layout, F.cross_entropy)
+    params64 = layout.split(flat.double())
     for n in sorted({1, s.meta_batch}):
         batch = tasks(s, n, g)
-        args = (loss, flat, batch, s.inner_lr, s.inner_steps, False)
+        rest = (batch, s.inner_lr, s.inner_steps, False)
         # Agreement is checked in float64: with random pixels the images of a task are nearly alike, batch
         # norm divides by a tiny variance, and float32 rounding is amplified past any useful tolerance (the
         # float32 loop itself is then far from the float64 one) — a property of the input, not of either path.
         # One task only: a float64 vmap over MiniImagenet 5-shot batches needs several GB (tests/test_conv4.py
         # checks batched agreement on smaller shapes).
-        args64 = (loss64, flat.double(), batch.slice(0, 1).to(dtype=torch.float64), s.inner_lr, s.inner_steps, False)
-        loop, vmap = meta_gradient_loop(*args64)[0], meta_gradient_vmap(*args64)[0]
+        rest64 = (batch.slice(0, 1).to(dtype=torch.float64), s.inner_lr, s.inner_steps, False)
+        loop = layout.join(meta_gradient_loop(loss, params64, *rest64)[0])
+        vmap = layout.join(meta_gradient_vmap(batched, params64, *rest64)[0])
         rel = float((loop - vmap).norm() / loop.norm())
         if rel > 1e-10:
             raise SystemExit(f"{name}: loop and vmap disagree: relative difference {rel:.3g}")
-        t_loop = median_time(lambda: meta_gradient_loop(*args), repeats)
-        t_vmap = median_time(lambda: meta_gradient_vmap(*args), repeats)
+        t_loop = median_time(lambda: meta_gradient_loop(loss, params, *rest), repeats)
+        t_vmap = median_time(lambda: meta_gradient_vmap(batched, params, *rest), repeats)
         print(f"  {'':13} {n:5d} | {t_loop:8.3f} {t_vmap:8.3f} | {t_loop / t_vmap:8.2f}x | "
               f"{'vmap' if t_vmap < t_loop else 'loop'} (float64, 1 task: relative difference {rel:.1e})")
     batch = tasks(s, s.eval_chunk, g)
-    one_by_one = median_time(lambda: adaptation_curves(loss, flat, batch, s.inner_lr, 10, chunk=1), repeats)
-    at_once = median_time(lambda: adaptation_curves(loss, flat, batch, s.inner_lr, 10, chunk=s.eval_chunk), repeats)
+    one_by_one = median_time(lambda: adaptation_curves_loop(fm.forward, F.cross_entropy, params, batch, s.inner_lr,
+                                                            10), repeats)
+    at_once = median_time(lambda: adaptation_curves(fm.batched_forward, F.cross_entropy, params, batch, s.inner_lr,
+                                                    10, chunk=s.eval_chunk), repeats)
     print(f"  evaluation, {s.eval_chunk} tasks x 10 steps: one at a time {one_by_one:.3f} s, vmap over "
           f"{s.eval_chunk} {at_once:.3f} s ({one_by_one / at_once:.2f}x)")
 

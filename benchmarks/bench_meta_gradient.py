@@ -28,8 +28,8 @@ import torch  # noqa: E402
 from dif_maml_dist import seeding  # noqa: E402
 from dif_maml_dist.agent import build_model, initial_params  # noqa: E402
 from dif_maml_dist.config import Config  # noqa: E402
-from dif_maml_dist.flat import FlatLayout  # noqa: E402
-from dif_maml_dist.maml import make_loss, meta_gradient_loop, meta_gradient_vmap  # noqa: E402
+from dif_maml_dist.maml import AUTO_VMAP_FROM, make_loss, meta_gradient_loop, meta_gradient_vmap  # noqa: E402
+from dif_maml_dist.models import functional  # noqa: E402
 from dif_maml_dist.tasks import SinusoidTasks  # noqa: E402
 
 from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
@@ -49,10 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_agree(loss, flat, batch, inner_lr, inner_steps, first_order) -> float:
+def check_agree(loss, params, batch, inner_lr, inner_steps, first_order) -> float:
     """Both paths give the same meta-gradient and loss; returns the max abs gradient difference. Exits if not."""
-    g_loop, l_loop = meta_gradient_loop(loss, flat, batch, inner_lr, inner_steps, first_order)
-    g_vmap, l_vmap = meta_gradient_vmap(loss, flat, batch, inner_lr, inner_steps, first_order)
+    g_loop, l_loop = meta_gradient_loop(loss, params, batch, inner_lr, inner_steps, first_order)
+    g_vmap, l_vmap = meta_gradient_vmap(loss, params, batch, inner_lr, inner_steps, first_order)
+    g_loop, g_vmap = torch.cat([g.reshape(-1) for g in g_loop]), torch.cat([g.reshape(-1) for g in g_vmap])
     diff = (g_loop - g_vmap).abs().max().item()
     if not (torch.allclose(g_loop, g_vmap, rtol=RTOL, atol=ATOL) and torch.allclose(l_loop, l_vmap, rtol=RTOL, atol=ATOL)):
         order = "first-order" if first_order else "second-order"
@@ -107,10 +108,10 @@ def main(argv=None) -> None:
     sizes = sorted(set(args.sizes))
 
     cfg = Config()
-    model = build_model(cfg)
-    layout = FlatLayout.of(model)
-    loss = make_loss(model, layout)
-    flat = initial_params(cfg, 0, torch.float32, torch.device("cpu"))
+    fm = functional(build_model(cfg))
+    layout = fm.layout
+    loss = make_loss(fm.forward)  # the MLP's forward is exact under vmap too
+    flat = layout.split(initial_params(cfg, 0, torch.float32, torch.device("cpu")))
     m = cfg.maml
     print(f"MAML meta-gradient, sinusoid MLP 1-{'-'.join(map(str, cfg.model.hidden))}-1 ({layout.numel} parameters), "
           f"float32, {cfg.task.num_support} support + {cfg.task.num_query} query points, "
@@ -166,7 +167,7 @@ def main(argv=None) -> None:
         note = "" if first == stable else f" (it first wins at {first}, but not at every larger size)"
         print(f"{title}: smallest meta-batch from which vmap wins: {stable}{note}.")
         if not fo:
-            default = m.vmap_min_tasks
+            default = AUTO_VMAP_FROM["mlp"]
             prev = max((s for s in sizes if s < stable), default=0)
             if stable == default:
                 verdict = "agrees"
@@ -177,7 +178,8 @@ def main(argv=None) -> None:
                 verdict = f"disagrees: vmap already wins from {stable} tasks"
             else:
                 verdict = f"disagrees: the loop is still faster (or tied) at {prev} tasks"
-            print(f"  config default maml.vmap_min_tasks = {default}: the measurement {verdict}.")
+            print(f"  maml.AUTO_VMAP_FROM['mlp'] = {default} (what meta_grad_path=auto uses): the measurement "
+                  f"{verdict}.")
             near = [i for i, s in enumerate(sizes) if abs(results[fo][0][i] / results[fo][1][i] - 1) < 0.1]
             if near:
                 print(f"  within 10% of a tie at {[sizes[i] for i in near]} tasks: the crossover there is "

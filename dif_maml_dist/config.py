@@ -114,8 +114,13 @@ class MamlConfig:
     first_order: bool = False  #: drop the Hessian term (FO-MAML); default is the exact second-order gradient
     eval_inner_steps: int = 1  #: adaptation steps for the "after adaptation" test loss logged during training
     final_adapt_steps: int = 10  #: the final loss-vs-steps curve covers 0..final_adapt_steps
-    meta_grad_path: str = "auto"  #: loop | vmap | auto (vmap from vmap_min_tasks tasks up; see benchmarks/)
-    vmap_min_tasks: int = 4  #: smallest meta-batch for which auto picks vmap (measured crossover on a 2-core CPU)
+    #: loop | vmap | auto: per model kind, the faster on a 2-core CPU (maml.AUTO_VMAP_FROM, benchmarks/bench_peers.py)
+    meta_grad_path: str = "auto"
+    #: auto picks vmap from this many tasks per batch up; None: the model kind's measured crossover (MLP: 4;
+    #: Conv4: never, the per-task loop is faster and leaner)
+    vmap_min_tasks: Optional[int] = None
+    #: vmap path: tasks differentiated at once (memory grows with it); None: the whole meta-batch
+    vmap_chunk: Optional[int] = None
 
 
 @dataclass
@@ -235,7 +240,9 @@ def validate(cfg: Config) -> Config:
     if m.final_adapt_steps < 0:
         raise ValueError(f"maml.final_adapt_steps must be non-negative, got {m.final_adapt_steps}")
     _choice(m.meta_grad_path, META_GRAD_PATHS, "maml.meta_grad_path")
-    _positive(m.vmap_min_tasks, "maml.vmap_min_tasks")
+    for key in ("vmap_min_tasks", "vmap_chunk"):
+        if getattr(m, key) is not None:
+            _positive(getattr(m, key), f"maml.{key}")
 
     tr = cfg.train
     _positive(tr.iterations, "train.iterations")

@@ -1,8 +1,9 @@
 """One flat buffer for all parameters, so an exchange is one message per neighbour.
 
-The agent keeps its parameters as a single 1-D tensor; :meth:`FlatLayout.unflatten` gives named views into it
-(no copy) for ``torch.func.functional_call``. Gradients taken with respect to the flat tensor are flat too, so
-the optimizer, the exchange and the combine all work on one contiguous buffer.
+The agent keeps its parameters as a single 1-D tensor (the optimizer and the transport see only that);
+the MAML code sees a tuple of per-parameter views into it, :meth:`FlatLayout.split`, which costs no copy. So
+nothing is flattened on the compute path: only the meta-gradient, a tuple, is joined into one vector for the
+optimizer (:meth:`FlatLayout.join`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,23 @@ class FlatLayout:
     def numel(self) -> int:
         return sum(math.prod(s) for s in self.shapes)
 
+    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-parameter views into ``flat`` (``[..., numel]``: leading dims, e.g. agents, are kept), in layout
+        order. Differentiable, and writes to a view write to ``flat``."""
+        assert flat.shape[-1] == self.numel, (flat.shape, self.numel)
+        out, offset = [], 0
+        for shape in self.shapes:
+            n = math.prod(shape)
+            out.append(flat[..., offset:offset + n].unflatten(-1, shape) if shape else flat[..., offset])
+            offset += n
+        return tuple(out)
+
+    def join(self, tensors) -> torch.Tensor:
+        """The inverse of :meth:`split`: per-parameter tensors (in layout order, with the same leading dims) as
+        one new ``[..., numel]`` tensor."""
+        lead = tensors[0].shape[:tensors[0].dim() - len(self.shapes[0])]
+        return torch.cat([t.reshape(*lead, -1) for t in tensors], dim=-1)
+
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Concatenate ``tensors`` (keyed like the model's parameters) into a new 1-D tensor."""
         missing = set(self.names) - set(tensors)
@@ -38,11 +56,6 @@ class FlatLayout:
         return torch.cat([tensors[n].reshape(-1) for n in self.names])
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named views into ``flat`` (differentiable; writes to a view write to ``flat``)."""
-        assert flat.dim() == 1 and flat.numel() == self.numel, (flat.shape, self.numel)
-        out, offset = {}, 0
-        for name, shape in zip(self.names, self.shapes):
-            n = math.prod(shape)
-            out[name] = flat[offset:offset + n].view(shape)
-            offset += n
-        return out
+        """Named views into ``flat`` (what a saved model holds)."""
+        assert flat.dim() == 1, flat.shape
+        return dict(zip(self.names, self.split(flat)))

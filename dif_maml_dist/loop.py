@@ -35,18 +35,19 @@ class Cohort(Protocol):
     def counters(self, i: int) -> dict[str, float]:
         """``compute_s``, ``exchange_s``, ``bytes_sent`` of local agent ``i`` (cumulative)."""
 
-    def evaluate(self, i: int, max_steps: int, final: bool = False) -> dict[str, list[float]]:
-        """Local agent ``i``'s test figures after 0..max_steps adaptation steps: ``loss`` (and, for
+    def evaluate_agents(self, max_steps: int, final: bool = False) -> list[dict[str, list[float]]]:
+        """Each local agent's test figures after 0..max_steps adaptation steps: ``loss`` (and, for
         classification, ``accuracy`` and ``accuracy_ci95``); ``final`` uses the final test set."""
 
-    def all_states(self) -> Optional[Tensor]:
-        """*Collective*: every agent's flat parameters ``[K, P]`` on the root, ``None`` elsewhere."""
+    def all_states(self) -> Tensor:
+        """*Collective*: every agent's flat parameters ``[K, P]``, on every process."""
 
     def gather(self, items: list[dict[str, Any]]) -> Optional[list[dict[str, Any]]]:
         """*Collective*: the local agents' ``items`` from every process, by agent id, on the root."""
 
-    def evaluate_params(self, params: Tensor, max_steps: int, final: bool = False) -> dict[str, list[float]]:
-        """The same figures for arbitrary parameters (the centroid)."""
+    def evaluate_params(self, params: Tensor, max_steps: int, final: bool = False) -> Optional[dict[str, list[float]]]:
+        """*Collective*: the same figures for parameters every process holds (the centroid), on the root; the
+        work may be shared among processes (each adapting a slice of the test tasks)."""
 
     def union(self, ids: list[int]) -> list[int]:
         """*Collective*: the union of every process's ``ids``, on every process."""
@@ -76,12 +77,13 @@ class RunResult:
 
 
 def _network_eval(cohort: Cohort, max_steps: int, final: bool = False) -> Optional[dict[str, Any]]:
-    states = cohort.all_states()
-    if states is None:
+    # Every process computes the same centroid from the same gathered states, so each can adapt its share of
+    # the test tasks; only the root gets the figures.
+    centroid, disagreement = centroid_and_disagreement(cohort.all_states())
+    stats = cohort.evaluate_params(centroid, max_steps, final)
+    if not cohort.is_root:
         return None
-    centroid, disagreement = centroid_and_disagreement(states)
-    return {"centroid": centroid, "stats": cohort.evaluate_params(centroid, max_steps, final),
-            "disagreement": disagreement}
+    return {"centroid": centroid, "stats": stats, "disagreement": disagreement}
 
 
 def _pre_post(stats: dict[str, list[float]], prefix: str) -> dict[str, float]:
@@ -121,7 +123,7 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
     last = {"it": cohort.iteration, "t": start}
 
     def evaluate(records: list[dict[str, Any]]) -> None:
-        stats = [cohort.evaluate(i, m.eval_inner_steps) for i in local]
+        stats = cohort.evaluate_agents(m.eval_inner_steps)
         for rec, st in zip(records, stats):
             rec.update(_pre_post(st, "test_"))
         net = _network_eval(cohort, m.eval_inner_steps)
@@ -188,11 +190,11 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
 
     # Final figures: loss vs number of adaptation steps, per agent and for the centroid.
     horizon = max(m.final_adapt_steps, m.eval_inner_steps)
+    final_start = time.perf_counter()
     mine = []
-    for i in local:
+    for i, stats in zip(local, cohort.evaluate_agents(horizon, final=True)):
         c = cohort.counters(i)
-        figures = _final(cohort.evaluate(i, horizon, final=True), m.eval_inner_steps, m.final_adapt_steps,
-                         prefix="final_", curve_prefix="")
+        figures = _final(stats, m.eval_inner_steps, m.final_adapt_steps, prefix="final_", curve_prefix="")
         mine.append({"agent": cohort.agent_ids[i], **figures,
                      "bytes_sent": c["bytes_sent"], "compute_seconds": c["compute_s"],
                      "exchange_seconds": c["exchange_s"]})
@@ -202,5 +204,6 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
     if net is not None:
         assert everyone is not None
         network = {"agents": everyone, "centroid": net["centroid"], "disagreement": net["disagreement"],
-                   **_final(net["stats"], m.eval_inner_steps, m.final_adapt_steps, "centroid_", "centroid_")}
+                   **_final(net["stats"], m.eval_inner_steps, m.final_adapt_steps, "centroid_", "centroid_"),
+                   "final_eval_seconds": time.perf_counter() - final_start}
     return RunResult(mine, network, time.perf_counter() - start, history)

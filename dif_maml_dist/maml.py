@@ -1,11 +1,14 @@
-"""MAML as pure functions of (flat parameters, task batch).
+"""MAML as pure functions of (parameter tuple, task batch).
 
-Two interchangeable ways to get the same meta-gradient, chosen per meta-batch size by measurement
-(``benchmarks/bench_meta_gradient.py``):
+Parameters are a tuple of tensors in a :class:`~dif_maml_dist.flat.FlatLayout`'s order (views into the agent's
+flat buffer); gradients come back as a tuple of the same shapes. Two interchangeable ways to get the same
+meta-gradient, chosen per model family and meta-batch size by measurement (:func:`choose_path`,
+``benchmarks/bench_peers.py``):
 
-- ``loop``: one task at a time with ``torch.autograd``; cheapest for the paper's one task per iteration.
-- ``vmap``: ``torch.func.grad`` of a ``vmap`` over tasks; exact for models without batch norm and several
-  times faster from a few tasks up.
+- ``loop``: one task at a time with ``torch.autograd``; each task's graph is differentiated and freed before
+  the next task is built, so memory holds one task's graph, not the meta-batch's.
+- ``vmap``: ``torch.func.grad`` of a ``vmap`` over tasks, in chunks of at most ``chunk`` tasks (memory grows
+  with the chunk); several times faster for small models from a few tasks up.
 
 Both differentiate through the inner SGD steps (second order: the Hessian term ``(I - alpha H)``) unless
 ``first_order`` is set, in which case the inner gradients are treated as constants (FO-MAML).
@@ -14,17 +17,17 @@ Both differentiate through the inner SGD steps (second order: the Hessian term `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
-from .flat import FlatLayout
+from .models import Forward
 
-#: ``loss(flat_params, x, y) -> scalar``: the learner's loss on one task's data.
-LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+Params = tuple[Tensor, ...]
+#: ``loss(params, x, y) -> scalar``: the learner's loss on one task's data.
+LossFn = Callable[[Sequence[Tensor], Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -51,113 +54,193 @@ class TaskBatch:
         return TaskBatch(*(t[start:stop] for t in self.tensors()))
 
 
-def make_predict(model: nn.Module, layout: FlatLayout) -> Callable[[Tensor, Tensor], Tensor]:
-    """``predict(flat_params, x)``: the architecture run on flat parameters (the module's own weights unused)."""
+def make_loss(forward: Forward, criterion=F.mse_loss) -> LossFn:
+    """Bind a model's forward (see :func:`~dif_maml_dist.models.functional`) to a loss."""
 
-    def predict(flat: Tensor, x: Tensor) -> Tensor:
-        return functional_call(model, layout.unflatten(flat), (x,))
-
-    return predict
-
-
-def make_loss(model: nn.Module, layout: FlatLayout, criterion=F.mse_loss) -> LossFn:
-    """Bind an architecture to a loss over flat parameters."""
-    predict = make_predict(model, layout)
-
-    def loss(flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        return criterion(predict(flat, x), y)
+    def loss(params: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return criterion(forward(params, x), y)
 
     return loss
 
 
-def meta_gradient_loop(loss: LossFn, flat: Tensor, batch: TaskBatch, inner_lr: float, inner_steps: int,
-                       first_order: bool = False) -> tuple[Tensor, Tensor]:
-    """Meta-gradient and mean meta-loss, one task at a time with ``torch.autograd``."""
-    w = flat.detach().requires_grad_(True)
-    total = w.new_zeros(())
+def _sgd(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float) -> list[Tensor]:
+    return [torch.add(p, g, alpha=-lr) for p, g in zip(params, grads)]  # one pass over memory, not two
+
+
+def meta_gradient_loop(loss: LossFn, params: Sequence[Tensor], batch: TaskBatch, inner_lr: float,
+                       inner_steps: int, first_order: bool = False) -> tuple[Params, Tensor]:
+    """Meta-gradient (a tuple shaped like ``params``) and mean meta-loss, one task at a time with autograd."""
+    leaves = [p.detach().requires_grad_(True) for p in params]
+    acc: list[Tensor] = []
+    total = leaves[0].new_zeros(())
     for t in range(len(batch)):
         xs, ys, xq, yq = (x[t] for x in batch.tensors())
-        adapted = w
+        adapted = leaves
         for _ in range(inner_steps):
-            (g,) = torch.autograd.grad(loss(adapted, xs, ys), adapted, create_graph=not first_order)
-            adapted = adapted - inner_lr * g
-        total = total + loss(adapted, xq, yq)
-    total = total / len(batch)
-    (meta,) = torch.autograd.grad(total, w)
-    return meta, total.detach()
+            grads = torch.autograd.grad(loss(adapted, xs, ys), adapted, create_graph=not first_order)
+            adapted = _sgd(adapted, grads, inner_lr)
+        query = loss(adapted, xq, yq)
+        # Differentiated per task, like the peers' per-task backward(): autograd frees this task's graph now,
+        # so peak memory is one task's graph whatever the meta-batch.
+        task_grads = torch.autograd.grad(query, leaves)
+        if acc:
+            torch._foreach_add_(acc, task_grads)  # one fused call instead of a Python loop over tensors
+        else:
+            acc = list(task_grads)
+        total = total + query.detach()
+    n = len(batch)
+    return tuple(torch._foreach_div(acc, n)), total / n
 
 
 def _task_meta_loss(loss: LossFn, inner_lr: float, inner_steps: int, first_order: bool):
     inner_grad = torch.func.grad(loss)
 
-    def task_meta_loss(w: Tensor, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
-        adapted = w
+    def task_meta_loss(params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        adapted = params
         for _ in range(inner_steps):
-            g = inner_grad(adapted, xs, ys)
+            grads = inner_grad(adapted, xs, ys)
             if first_order:
                 # Detaches from the outer grad transform only: the inner gradient becomes a constant.
-                g = g.detach()
-            adapted = adapted - inner_lr * g
+                grads = tuple(g.detach() for g in grads)
+            adapted = tuple(_sgd(adapted, grads, inner_lr))
         return loss(adapted, xq, yq)
 
     return task_meta_loss
 
 
-def batched_meta_gradient(loss: LossFn, inner_lr: float, inner_steps: int, first_order: bool = False):
-    """``f(w, xs, ys, xq, yq) -> (meta_gradient, mean_meta_loss)`` over a task batch, as a pure ``torch.func``
-    function: ``grad`` of the ``vmap``-ped task meta-loss. It composes with a further ``vmap`` (over agents)."""
+def batched_meta_gradient(loss: LossFn, inner_lr: float, inner_steps: int, first_order: bool = False,
+                          chunk: Optional[int] = None):
+    """``f(params, xs, ys, xq, yq) -> (meta_gradient, mean_meta_loss)`` over a task batch, as a pure ``torch.func``
+    function: ``grad`` of the ``vmap``-ped task meta-loss, over chunks of at most ``chunk`` tasks (None: all at
+    once). It composes with a further ``vmap`` (over agents: the simulator)."""
     per_task = torch.vmap(_task_meta_loss(loss, inner_lr, inner_steps, first_order), in_dims=(None, 0, 0, 0, 0))
 
-    def mean_meta_loss(w: Tensor, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
-        return per_task(w, xs, ys, xq, yq).mean()
+    def summed_meta_loss(params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        return per_task(params, xs, ys, xq, yq).sum()
 
-    return torch.func.grad_and_value(mean_meta_loss)
+    grad_and_sum = torch.func.grad_and_value(summed_meta_loss)
+
+    def meta_gradient(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor):
+        params, n = tuple(params), xs.shape[0]
+        step = n if chunk is None else chunk
+        acc, total = None, None
+        for i in range(0, n, step):
+            grads, value = grad_and_sum(params, xs[i:i + step], ys[i:i + step], xq[i:i + step], yq[i:i + step])
+            acc = grads if acc is None else tuple(a + g for a, g in zip(acc, grads))
+            total = value if total is None else total + value
+        return tuple(a / n for a in acc), total / n
+
+    return meta_gradient
 
 
-def meta_gradient_vmap(loss: LossFn, flat: Tensor, batch: TaskBatch, inner_lr: float, inner_steps: int,
-                       first_order: bool = False) -> tuple[Tensor, Tensor]:
-    """Meta-gradient and mean meta-loss, all tasks at once (see :func:`batched_meta_gradient`)."""
-    meta, value = batched_meta_gradient(loss, inner_lr, inner_steps, first_order)(flat.detach(), *batch.tensors())
-    return meta, value.detach()
+def meta_gradient_vmap(loss: LossFn, params: Sequence[Tensor], batch: TaskBatch, inner_lr: float,
+                       inner_steps: int, first_order: bool = False, chunk: Optional[int] = None
+                       ) -> tuple[Params, Tensor]:
+    """Meta-gradient and mean meta-loss, ``chunk`` tasks at a time (see :func:`batched_meta_gradient`)."""
+    f = batched_meta_gradient(loss, inner_lr, inner_steps, first_order, chunk)
+    grads, value = f(tuple(p.detach() for p in params), *batch.tensors())
+    return grads, value.detach()
 
 
-META_GRADIENT_PATHS = {"loop": meta_gradient_loop, "vmap": meta_gradient_vmap}
+META_GRADIENT_PATHS = ("loop", "vmap")
+
+#: ``auto``: the smallest meta-batch from which vmap is faster, per model kind (``models.FunctionalModel.kind``),
+#: measured by ``benchmarks/bench_peers.py`` on a 2-core CPU; None: the loop always wins (Conv4: batched
+#: convolutions are memory-bound, and vmap needs the slower written-out batch norm).
+AUTO_VMAP_FROM = {"mlp": 4, "conv4": None, "module": None}
 
 
-def choose_path(path: str, meta_batch: int, vmap_min_tasks: int) -> str:
-    """``auto`` resolves to ``vmap`` from ``vmap_min_tasks`` tasks per batch up, else ``loop``."""
+def choose_path(path: str, kind: str, meta_batch: int, vmap_min_tasks: Optional[int] = None) -> str:
+    """``auto`` resolves to ``vmap`` from ``vmap_min_tasks`` tasks per batch up (default: the model kind's measured
+    crossover, :data:`AUTO_VMAP_FROM`), else ``loop``."""
     if path == "auto":
-        return "vmap" if meta_batch >= vmap_min_tasks else "loop"
+        threshold = vmap_min_tasks if vmap_min_tasks is not None else AUTO_VMAP_FROM.get(kind)
+        return "vmap" if threshold is not None and meta_batch >= threshold else "loop"
     if path not in META_GRADIENT_PATHS:
         raise ValueError(f"unknown maml.meta_grad_path {path!r}; choose one of: auto, loop, vmap")
     return path
 
 
-def adaptation_curves(loss: LossFn, flat: Tensor, batch: TaskBatch, inner_lr: float, max_steps: int,
-                      score: LossFn | None = None, chunk: int = 1000) -> tuple[Tensor, Tensor | None]:
+def meta_gradient(path: str, loss: LossFn, batched_loss: LossFn, params: Sequence[Tensor], batch: TaskBatch,
+                  inner_lr: float, inner_steps: int, first_order: bool = False, chunk: Optional[int] = None
+                  ) -> tuple[Params, Tensor]:
+    """The meta-gradient by ``path`` (``loop`` uses ``loss``, ``vmap`` the vmap-exact ``batched_loss``)."""
+    if path == "loop":
+        return meta_gradient_loop(loss, params, batch, inner_lr, inner_steps, first_order)
+    return meta_gradient_vmap(batched_loss, params, batch, inner_lr, inner_steps, first_order, chunk)
+
+
+#: ``criterion(prediction, target) -> scalar`` (a loss, or a metric such as accuracy).
+Criterion = Callable[[Tensor, Tensor], Tensor]
+
+
+def _curve_point(forward: Forward, criterion: Criterion, metric: Optional[Criterion], params, x: Tensor,
+                 y: Tensor) -> tuple[Tensor, Tensor]:
+    prediction = forward(params, x)  # one forward for both figures
+    return criterion(prediction, y), metric(prediction, y) if metric else prediction.new_zeros(())
+
+
+def adaptation_curves(forward: Forward, criterion: Criterion, params: Sequence[Tensor], batch: TaskBatch,
+                      inner_lr: float, max_steps: int, metric: Optional[Criterion] = None, chunk: int = 1000,
+                      over_agents: bool = False) -> tuple[Tensor, Tensor | None]:
     """Per-task query loss after 0, 1, ..., ``max_steps`` inner SGD steps on the support data, ``[tasks, steps+1]``,
-    and the same for ``score(flat, x, y)`` (e.g. accuracy) if given.
+    and the same for ``metric`` (e.g. accuracy) if given.
 
-    Evaluation only (no meta-gradient): vectorised over tasks in chunks of ``chunk`` to bound memory.
+    Evaluation only (no meta-gradient), vectorised over tasks in chunks of ``chunk`` to bound memory: ``forward``
+    must be exact under vmap. With ``over_agents``, ``params`` hold a leading agent dimension and the results
+    are ``[agents, tasks, steps+1]``: every agent on the same tasks, in one vmap.
     """
-    inner_grad = torch.func.grad(loss)
 
-    def curve(w: Tensor, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
-        losses, scores = [loss(w, xq, yq)], [score(w, xq, yq) if score else w.new_zeros(())]
+    def support_loss(w: Params, xs: Tensor, ys: Tensor) -> Tensor:
+        return criterion(forward(w, xs), ys)
+
+    inner_grad = torch.func.grad(support_loss)
+
+    def curve(w: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
+        points = [_curve_point(forward, criterion, metric, w, xq, yq)]
         for _ in range(max_steps):
-            w = w - inner_lr * inner_grad(w, xs, ys)
-            losses.append(loss(w, xq, yq))
-            scores.append(score(w, xq, yq) if score else w.new_zeros(()))
-        return torch.stack(losses), torch.stack(scores)
+            w = tuple(_sgd(w, inner_grad(w, xs, ys), inner_lr))
+            points.append(_curve_point(forward, criterion, metric, w, xq, yq))
+        return torch.stack([p[0] for p in points]), torch.stack([p[1] for p in points])
 
     per_task = torch.vmap(curve, in_dims=(None, 0, 0, 0, 0))
-    w = flat.detach()
+    if over_agents:
+        per_task = torch.vmap(per_task, in_dims=(0, None, None, None, None))
+    w = tuple(p.detach() for p in params)
     parts = [per_task(w, *batch.slice(i, i + chunk).tensors()) for i in range(0, len(batch), chunk)]
-    losses = torch.cat([p[0] for p in parts]).detach()
-    return losses, torch.cat([p[1] for p in parts]).detach() if score else None
+    dim = 1 if over_agents else 0
+    losses = torch.cat([p[0] for p in parts], dim=dim).detach()
+    return losses, torch.cat([p[1] for p in parts], dim=dim).detach() if metric else None
 
 
-def adaptation_curve(loss: LossFn, flat: Tensor, batch: TaskBatch, inner_lr: float, max_steps: int,
-                     chunk: int = 1000) -> Tensor:
+def adaptation_curves_loop(forward: Forward, criterion: Criterion, params: Sequence[Tensor], batch: TaskBatch,
+                           inner_lr: float, max_steps: int, metric: Optional[Criterion] = None
+                           ) -> tuple[Tensor, Tensor | None]:
+    """:func:`adaptation_curves`, one task at a time with autograd (``params`` without an agent dimension).
+
+    For models whose per-task forward is faster than their vmap-exact one (Conv4: native batch norm, and no
+    batched convolutions): 2x faster there. Each step keeps no graph beyond the support gradient.
+    """
+    losses, scores = [], []
+    for t in range(len(batch)):
+        xs, ys, xq, yq = (x[t] for x in batch.tensors())
+        w = [p.detach() for p in params]
+        points = []
+        for step in range(max_steps + 1):
+            with torch.no_grad():
+                points.append(_curve_point(forward, criterion, metric, w, xq, yq))
+            if step == max_steps:
+                break
+            w = [p.requires_grad_(True) for p in w]
+            grads = torch.autograd.grad(criterion(forward(w, xs), ys), w)
+            with torch.no_grad():
+                w = _sgd(w, grads, inner_lr)
+        losses.append(torch.stack([p[0] for p in points]))
+        scores.append(torch.stack([p[1] for p in points]))
+    return torch.stack(losses), torch.stack(scores) if metric else None
+
+
+def adaptation_curve(forward: Forward, criterion: Criterion, params: Sequence[Tensor], batch: TaskBatch,
+                     inner_lr: float, max_steps: int, chunk: int = 1000) -> Tensor:
     """Mean query loss over tasks after 0..max_steps inner SGD steps; shape ``[max_steps+1]``."""
-    return adaptation_curves(loss, flat, batch, inner_lr, max_steps, chunk=chunk)[0].mean(0)
+    return adaptation_curves(forward, criterion, params, batch, inner_lr, max_steps, chunk=chunk)[0].mean(0)

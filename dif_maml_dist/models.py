@@ -1,11 +1,28 @@
-"""Learners as plain ``nn.Module``s; the MAML code calls them through ``torch.func.functional_call``."""
+"""Learners: an ``nn.Module`` for names, shapes and initialisation, and a pure function of a parameter tuple for
+everything MAML computes (:func:`functional`).
+
+The MAML code runs a model thousands of times per meta-gradient on parameters that are not the module's own
+(adapted weights, other agents' states). ``torch.func.functional_call`` swaps them into the module on every
+call, which costs more than the forward pass of the paper's sinusoid MLP; the written-out forwards below call
+the same ``torch.nn.functional`` ops on the tuple directly. ``tests/test_models.py`` checks each against its
+module.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .flat import FlatLayout
+
+#: ``forward(params, x)``: a model evaluated on a parameter tuple (in its :class:`FlatLayout` order).
+Forward = Callable[[Sequence[Tensor], Tensor], Tensor]
 
 
 class MLP(nn.Sequential):
@@ -26,8 +43,9 @@ class BatchStatNorm2d(nn.Module):
 
     MAML normalises each task's images with that task's own batch statistics (no running averages). PyTorch's
     ``batch_norm`` under ``torch.vmap`` over tasks gives meta-gradients that differ from the per-task loop by
-    ~3e-4 (a functorch batching-rule bug); mean/var written out are exact under both. The affine ``weight`` and
-    ``bias`` are ordinary parameters, adapted and combined like every other.
+    ~3e-4 (a functorch batching-rule bug); mean/var written out are exact under both. One task at a time, the
+    native kernel is exact and faster, so :func:`functional` uses it there (:func:`batch_stat_norm`). The affine
+    ``weight`` and ``bias`` are ordinary parameters, adapted and combined like every other.
     """
 
     def __init__(self, channels: int, eps: float = 1e-5):
@@ -37,10 +55,19 @@ class BatchStatNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)  # biased, as batch norm in training mode
-        x_hat = (x - mean) / torch.sqrt(var + self.eps)
-        return x_hat * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return batch_stat_norm(x, self.weight, self.bias, self.eps, native=False)
+
+
+def batch_stat_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, native: bool) -> Tensor:
+    """Batch norm of ``x`` ``[N, C, H, W]`` on its own statistics (biased variance, as in training mode):
+    PyTorch's kernel (``native``: fast, exact one task at a time, inexact under vmap) or written out (exact
+    under vmap)."""
+    if native:
+        return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+    x_hat = (x - mean) / torch.sqrt(var + eps)
+    return x_hat * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
 
 
 class Conv4(nn.Sequential):
@@ -80,3 +107,51 @@ def reset_parameters(model: nn.Module, gen: torch.Generator) -> None:
             elif isinstance(module, BatchStatNorm2d):  # the identity transform, as nn.BatchNorm2d starts
                 module.weight.fill_(1.0)
                 module.bias.zero_()
+
+
+# ------------------------------------------------------------------------------------------ functional models
+def _mlp_forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
+    last = len(params) // 2 - 1
+    for layer in range(last + 1):
+        x = F.linear(x, params[2 * layer], params[2 * layer + 1])
+        if layer < last:
+            x = F.relu(x)
+    return x
+
+
+def _conv4_forward(eps: float, native_norm: bool) -> Forward:
+    def forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
+        for block in range(4):  # per block: conv weight, conv bias, norm weight, norm bias
+            w, b, gamma, beta = params[4 * block:4 * block + 4]
+            x = F.conv2d(x, w, b, padding=1)
+            x = F.max_pool2d(F.relu(batch_stat_norm(x, gamma, beta, eps, native_norm)), 2)
+        return F.linear(x.flatten(1), params[16], params[17])
+
+    return forward
+
+
+@dataclass(frozen=True)
+class FunctionalModel:
+    """A model as pure functions of its parameter tuple (see :class:`~dif_maml_dist.flat.FlatLayout`)."""
+
+    module: nn.Module  #: the architecture: names, shapes, initialisation; its own weights are not used
+    layout: FlatLayout
+    kind: str  #: mlp | conv4 | module (any other nn.Module, run through functional_call)
+    forward: Forward  #: one task at a time (per-task loop, single evaluations)
+    batched_forward: Forward  #: exact under ``torch.vmap`` over tasks or agents
+
+
+def functional(module: nn.Module) -> FunctionalModel:
+    """The fastest exact forwards for ``module``: written out for :class:`MLP` and :class:`Conv4`, and
+    ``functional_call`` for any other module."""
+    layout = FlatLayout.of(module)
+    if type(module) is MLP:
+        return FunctionalModel(module, layout, "mlp", _mlp_forward, _mlp_forward)
+    if type(module) is Conv4:
+        eps = module[1].eps
+        return FunctionalModel(module, layout, "conv4", _conv4_forward(eps, True), _conv4_forward(eps, False))
+
+    def call(params: Sequence[Tensor], x: Tensor) -> Tensor:
+        return functional_call(module, dict(zip(layout.names, params)), (x,))
+
+    return FunctionalModel(module, layout, "module", call, call)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import seeding
-from .agent import Agent, Learner, initial_params, make_optimizer
+from .agent import Agent, Learner, figures, initial_params, make_optimizer
 from .combine import combine
 from .config import Config
 from .maml import TaskBatch, batched_meta_gradient
@@ -37,6 +37,9 @@ from .transport import ring_all_reduce_bytes
 _SPARSE_BELOW = 0.25
 #: Agents per vmap call in the vectorised engine (measured: 250 agents per call beat 1000 and 50 on a 2-core CPU).
 _AGENT_CHUNK = 256
+#: Agents per evaluation call: their vmap shares the family's ``eval_chunk`` budget of adapted models in flight.
+_EVAL_AGENT_CHUNK = 8
+
 
 
 def nominal_bytes_per_iteration(strategy: str, weights: np.ndarray, agent: int, message_bytes: int) -> int:
@@ -73,8 +76,8 @@ class Simulation:
             self.tasks = [self.learner.family.sampler(a, k) for a in range(k)]
             self.rngs = [seeding.generator(cfg.seed, seeding.TASKS, a) for a in range(k)]
             m = cfg.maml
-            self._meta_gradients = torch.vmap(batched_meta_gradient(self.loss, m.inner_lr, m.inner_steps,
-                                                                    m.first_order))
+            self._meta_gradients = torch.vmap(batched_meta_gradient(self.learner.batched_loss, m.inner_lr,
+                                                                    m.inner_steps, m.first_order, m.vmap_chunk))
             a_t = torch.as_tensor(self.weights.T, dtype=self.dtype, device=self.device)
             density = np.count_nonzero(self.weights) / self.weights.size
             if density < _SPARSE_BELOW and self.device.type == "cpu":
@@ -109,11 +112,12 @@ class Simulation:
             stacked = TaskBatch(*(torch.stack(parts) for parts in zip(*(b.tensors() for b in batches))))
             stacked = stacked.to(self.device, self.dtype)
             # In chunks of agents: one vmap over a thousand agents is 3x slower than four over 250 (cache).
-            params = self.params.detach()
-            parts = [self._meta_gradients(params[i:i + _AGENT_CHUNK],
+            views = self.layout.split(self.params.detach())
+            parts = [self._meta_gradients(tuple(v[i:i + _AGENT_CHUNK] for v in views),
                                           *(t[i:i + _AGENT_CHUNK] for t in stacked.tensors()))
                      for i in range(0, self.num_agents, _AGENT_CHUNK)]
-            grads, losses = torch.cat([g for g, _ in parts]), torch.cat([v for _, v in parts])
+            grads = torch.cat([self.layout.join(g) for g, _ in parts])
+            losses = torch.cat([v for _, v in parts])
             self.params.grad = grads
             self.optimizer.step()
             self.params.grad = None
@@ -143,10 +147,20 @@ class Simulation:
     def evaluate_params(self, params: Tensor, max_steps: int, final: bool = False) -> dict[str, list[float]]:
         return self.learner.evaluate(params.to(self.device, self.dtype), self.cfg.maml.inner_lr, max_steps, final)
 
-    def evaluate(self, i: int, max_steps: int, final: bool = False) -> dict[str, list[float]]:
-        return self.evaluate_params(self._state(i), max_steps, final)  # not states()[i]: no K-agent stack
+    def evaluate_agents(self, max_steps: int, final: bool = False) -> list[dict[str, list[float]]]:
+        if not self.vectorize:  # the runtime's own code, agent after agent
+            return [self.evaluate_params(self._state(i), max_steps, final) for i in range(self.num_agents)]
+        # All agents adapt the same test tasks: one vmap over agents (of the vmap over tasks), a chunk of agents
+        # at a time so that the agents x tasks adapted models in flight stay within the family's budget.
+        learner, n = self.learner, self.learner.num_tests(final)
+        out = []
+        for a in range(0, self.num_agents, _EVAL_AGENT_CHUNK):
+            losses, scores = learner.curves(self.params[a:a + _EVAL_AGENT_CHUNK].detach(), self.cfg.maml.inner_lr, max_steps,
+                                            0, n, over_agents=True)
+            out += [figures(losses[j], None if scores is None else scores[j]) for j in range(losses.shape[0])]
+        return out
 
-    def all_states(self) -> Optional[Tensor]:
+    def all_states(self) -> Tensor:
         return self.states().detach().cpu()
 
     def gather(self, items: list[dict[str, Any]]) -> Optional[list[dict[str, Any]]]:

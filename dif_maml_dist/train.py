@@ -186,7 +186,7 @@ def _write_summary(plan: Plan, result, named_params, extra: dict) -> dict:
         "lambda2": mixing_rate(plan.weights), "topology_lambda2": topo.lambda2,
         "optim": cfg.optim.name, "lr": cfg.optim.lr, "iterations": cfg.train.iterations, "seed": cfg.seed,
         "runtime": cfg.runtime.mode, **extra,
-        "wall_seconds": result.wall_seconds,
+        "wall_seconds": result.wall_seconds, "final_eval_seconds": net["final_eval_seconds"],
         "centroid_test_loss": net["centroid_test_loss"], "centroid_test_loss_pre": net["centroid_test_loss_pre"],
         "centroid_adaptation_curve": net["centroid_adaptation_curve"], "disagreement": net["disagreement"],
         "mean_final_test_loss": sum(a["final_test_loss"] for a in agents) / len(agents),

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dif_maml_dist import seeding
 from dif_maml_dist.flat import FlatLayout
-from dif_maml_dist.maml import TaskBatch, make_loss, meta_gradient_loop, meta_gradient_vmap
-from dif_maml_dist.models import BatchStatNorm2d, Conv4, reset_parameters
+from dif_maml_dist.maml import TaskBatch, adaptation_curves, adaptation_curves_loop, make_loss, meta_gradient
+from dif_maml_dist.models import BatchStatNorm2d, Conv4, functional, reset_parameters
 
 
 def test_batch_stat_norm_equals_torch_batch_norm_in_training_mode():
@@ -23,26 +24,91 @@ def test_batch_stat_norm_equals_torch_batch_norm_in_training_mode():
     torch.testing.assert_close(norm(x), ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("first_order", [False, True])
-def test_conv4_meta_gradient_vmap_equals_loop(first_order):
-    """Omniglot-shaped Conv4 (5-way, 1-shot support, 2 queries per class), 3 tasks, alpha 0.4, float64: the
-    vectorised meta-gradient equals the per-task autograd loop — the check that PyTorch's batch norm fails."""
-    model = Conv4(1, 5, filters=8, image_size=28).double()
+def _conv4_problem(filters=8, tasks=3, way=5):
+    """An Omniglot-shaped Conv4 (5-way, 1-shot support, 2 queries per class) in float64, and a task batch."""
+    model = Conv4(1, way, filters=filters, image_size=28).double()
     reset_parameters(model, seeding.generator(0, 9))
-    layout = FlatLayout.of(model)
-    flat = layout.flatten(dict(model.named_parameters())).detach()
+    flat = FlatLayout.of(model).flatten(dict(model.named_parameters())).detach()
     g = torch.Generator().manual_seed(1)
-    tasks, way = 3, 5
     batch = TaskBatch(torch.randn(tasks, way, 1, 28, 28, generator=g, dtype=torch.float64),
                       torch.arange(way).repeat(tasks, 1),
                       torch.randn(tasks, 2 * way, 1, 28, 28, generator=g, dtype=torch.float64),
                       torch.arange(way).repeat(tasks, 2))
-    loss = make_loss(model, layout, F.cross_entropy)
-    g_loop, l_loop = meta_gradient_loop(loss, flat, batch, 0.4, 1, first_order)
-    g_vmap, l_vmap = meta_gradient_vmap(loss, flat, batch, 0.4, 1, first_order)
-    torch.testing.assert_close(g_vmap, g_loop, rtol=1e-9, atol=1e-11)
-    torch.testing.assert_close(l_vmap, l_loop, rtol=1e-12, atol=0)
-    assert g_loop.abs().sum() > 0
+    return model, flat, batch
+
+
+def _torch_batch_norm_twin(model: Conv4) -> nn.Sequential:
+    """The same network built from PyTorch's own layers (nn.BatchNorm2d on batch statistics), same weights."""
+    layers, channels = [], model[0].in_channels
+    for _ in range(4):
+        filters = model[0].out_channels
+        layers += [nn.Conv2d(channels, filters, 3, padding=1), nn.BatchNorm2d(filters, track_running_stats=False),
+                   nn.ReLU(), nn.MaxPool2d(2)]
+        channels = filters
+    layers += [nn.Flatten(), nn.Linear(model[-1].in_features, model[-1].out_features)]
+    twin = nn.Sequential(*layers).double()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def _reference_meta_gradient(module, flat, batch, alpha, first_order):
+    """One-step MAML meta-gradient with nothing from maml.py or the functional forwards: the module itself
+    (functional_call) on a flat vector, plain autograd, task by task, the mean taken before differentiating."""
+    layout = FlatLayout.of(module)
+    w = flat.clone().requires_grad_(True)
+    total = 0
+    for t in range(len(batch)):
+        xs, ys, xq, yq = (a[t] for a in batch.tensors())
+        out = torch.func.functional_call(module, layout.unflatten(w), (xs,))
+        (g,) = torch.autograd.grad(F.cross_entropy(out, ys), w, create_graph=not first_order)
+        adapted = w - alpha * g
+        total = total + F.cross_entropy(torch.func.functional_call(module, layout.unflatten(adapted), (xq,)), yq)
+    (grad,) = torch.autograd.grad(total / len(batch), w)
+    return grad
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_conv4_meta_gradient_paths_equal_references(first_order):
+    """3 tasks, alpha 0.4, float64: the per-task loop (native batch norm), vmap and chunked vmap (written-out batch
+    norm) equal two plain-autograd references — the module with our written-out norm, and a twin built from
+    nn.BatchNorm2d. Catches a wrong norm in either forward, a dropped task or chunk, and the inexact batch norm
+    under vmap that the written-out one exists for."""
+    model, flat, batch = _conv4_problem()
+    fm = functional(model)
+    views = fm.layout.split(flat)
+    loss, batched = make_loss(fm.forward, F.cross_entropy), make_loss(fm.batched_forward, F.cross_entropy)
+    ref = _reference_meta_gradient(model, flat, batch, 0.4, first_order)
+    twin = _reference_meta_gradient(_torch_batch_norm_twin(model), flat, batch, 0.4, first_order)
+    torch.testing.assert_close(twin, ref, rtol=1e-9, atol=1e-11)
+    for path, chunk in (("loop", None), ("vmap", None), ("vmap", 2)):
+        grads, _ = meta_gradient(path, loss, batched, views, batch, 0.4, 1, first_order, chunk)
+        torch.testing.assert_close(fm.layout.join(grads), ref, rtol=1e-9, atol=1e-11, msg=f"{path} chunk {chunk}")
+    assert ref.abs().sum() > 0
+
+
+def test_conv4_functional_forwards_equal_module():
+    """Both written-out Conv4 forwards (native and written-out batch norm) equal the module's own forward."""
+    model, flat, batch = _conv4_problem()
+    fm = functional(model)
+    x = batch.support_x[0]
+    for forward in (fm.forward, fm.batched_forward):
+        torch.testing.assert_close(forward(fm.layout.split(flat), x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_conv4_evaluation_paths_agree():
+    """Evaluation curves one task at a time (native batch norm) equal vmap over tasks (written-out), loss and
+    accuracy, in float64."""
+    model, flat, batch = _conv4_problem(tasks=2)
+    fm = functional(model)
+    views = fm.layout.split(flat)
+
+    def accuracy(logits, y):
+        return (logits.argmax(-1) == y).to(logits.dtype).mean()
+
+    looped = adaptation_curves_loop(fm.forward, F.cross_entropy, views, batch, 0.4, 3, accuracy)
+    vmapped = adaptation_curves(fm.batched_forward, F.cross_entropy, views, batch, 0.4, 3, accuracy, chunk=2)
+    torch.testing.assert_close(looped[0], vmapped[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(looped[1], vmapped[1], rtol=0, atol=0)
 
 
 def test_conv4_shapes():

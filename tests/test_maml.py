@@ -8,13 +8,16 @@ import torch
 
 from dif_maml_dist import seeding
 from dif_maml_dist.config import TaskConfig
+import torch.nn.functional as F
+
 from dif_maml_dist.flat import FlatLayout
-from dif_maml_dist.maml import (META_GRADIENT_PATHS, TaskBatch, adaptation_curve, choose_path, make_loss,
-                                meta_gradient_loop, meta_gradient_vmap)
-from dif_maml_dist.models import MLP
+from dif_maml_dist.maml import (TaskBatch, adaptation_curve, adaptation_curves, adaptation_curves_loop, choose_path,
+                                make_loss, meta_gradient, meta_gradient_loop)
+from dif_maml_dist.models import MLP, functional
 from dif_maml_dist.tasks import SinusoidTasks
 
-PATHS = sorted(META_GRADIENT_PATHS)
+#: every way to get a meta-gradient: the loop, vmap over the whole batch, and vmap in chunks of 2 tasks
+PATHS = [("loop", None), ("vmap", None), ("vmap", 2)]
 
 
 def _linear_closed_form(theta, batch: TaskBatch, alpha, steps, first_order):
@@ -44,17 +47,26 @@ def _tasks(n, seed=0):
     return SinusoidTasks(TaskConfig(num_support=7, num_query=9)).sample(seeding.generator(seed, 5), n)
 
 
+def _meta(path, model, params, batch, alpha, steps, first_order):
+    """The meta-gradient by (path, chunk), joined into one vector."""
+    fm = functional(model)
+    name, chunk = path
+    grads, loss = meta_gradient(name, make_loss(fm.forward), make_loss(fm.batched_forward), fm.layout.split(params),
+                                batch, alpha, steps, first_order, chunk)
+    return fm.layout.join(grads), loss
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("steps", [1, 3])
 def test_meta_gradient_matches_closed_form_for_linear_model(path, first_order, steps):
-    """Catches a missing or wrong Hessian term, a wrong task average, or a first-order path that is not."""
+    """Catches a missing or wrong Hessian term, a wrong task average (also across vmap chunks: 4 tasks in chunks
+    of 2), or a first-order path that is not."""
     model = MLP(1, [], 1).double()  # a single Linear(1, 1): flat = [w, b]
-    layout = FlatLayout.of(model)
     theta = torch.tensor([0.7, -0.3], dtype=torch.float64)
     batch = _tasks(4)
     alpha = 0.05
-    grad, loss = META_GRADIENT_PATHS[path](make_loss(model, layout), theta, batch, alpha, steps, first_order)
+    grad, loss = _meta(path, model, theta, batch, alpha, steps, first_order)
     ref_grad, ref_loss = _linear_closed_form(theta.numpy(), batch, alpha, steps, first_order)
     np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-10)
     assert float(loss) == pytest.approx(ref_loss, rel=1e-10)
@@ -63,20 +75,38 @@ def test_meta_gradient_matches_closed_form_for_linear_model(path, first_order, s
 def _mlp_setup(seed=1):
     torch.manual_seed(seed)
     model = MLP(1, [40, 40], 1).double()
+    flat = FlatLayout.of(model).flatten(dict(model.named_parameters())).detach()
+    return model, flat
+
+
+def _reference_meta_gradient(model, flat, batch, alpha, steps, first_order):
+    """The MAML meta-gradient written out with nothing from maml.py: the module itself (functional_call) on a
+    flat vector, plain autograd, one task after another, the task mean taken before differentiating."""
     layout = FlatLayout.of(model)
-    flat = layout.flatten(dict(model.named_parameters())).detach()
-    return make_loss(model, layout), flat
+    w = flat.detach().clone().requires_grad_(True)
+    total = 0
+    for t in range(len(batch)):
+        xs, ys, xq, yq = (a[t] for a in batch.tensors())
+        adapted = w
+        for _ in range(steps):
+            out = torch.func.functional_call(model, layout.unflatten(adapted), (xs,))
+            (g,) = torch.autograd.grad(F.mse_loss(out, ys), adapted, create_graph=not first_order)
+            adapted = adapted - alpha * g
+        total = total + F.mse_loss(torch.func.functional_call(model, layout.unflatten(adapted), (xq,)), yq)
+    (grad,) = torch.autograd.grad(total / len(batch), w)
+    return grad
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("first_order", [False, True])
-def test_vmap_equals_loop_on_mlp(first_order):
-    """The vectorised path must equal the per-task autograd loop (multi-step, several tasks, ReLU MLP)."""
-    loss, flat = _mlp_setup()
+def test_every_path_equals_reference_on_mlp(path, first_order):
+    """The paths (per-task loop, vmap, chunked vmap) equal a plain-autograd reference on the ReLU MLP, two inner
+    steps, five tasks: catches a path that drops a task, mis-weights a chunk, or breaks the written-out forward."""
+    model, flat = _mlp_setup()
     batch = _tasks(5)
-    g_loop, l_loop = meta_gradient_loop(loss, flat, batch, 0.01, 2, first_order)
-    g_vmap, l_vmap = meta_gradient_vmap(loss, flat, batch, 0.01, 2, first_order)
-    torch.testing.assert_close(g_vmap, g_loop, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(l_vmap, l_loop, rtol=1e-12, atol=0)
+    grad, loss = _meta(path, model, flat, batch, 0.01, 2, first_order)
+    ref = _reference_meta_gradient(model, flat, batch, 0.01, 2, first_order)
+    torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -84,42 +114,79 @@ def test_vmap_equals_loop_on_mlp(first_order):
 def test_first_order_differs_from_second_order_on_mlp(path, alpha, min_rel):
     """The Hessian term changes the MLP's meta-gradient, at the sinusoid alpha (0.01) and at the paper's
     Omniglot alpha (0.4): catches 'second order' silently being first order on either path."""
-    loss, flat = _mlp_setup()
+    model, flat = _mlp_setup()
     batch = _tasks(3)
-    g2, _ = META_GRADIENT_PATHS[path](loss, flat, batch, alpha, 1, False)
-    g1, _ = META_GRADIENT_PATHS[path](loss, flat, batch, alpha, 1, True)
+    g2, _ = _meta(path, model, flat, batch, alpha, 1, False)
+    g1, _ = _meta(path, model, flat, batch, alpha, 1, True)
     assert (g1 - g2).norm() > min_rel * g2.norm()
 
 
-def test_adaptation_curve_matches_explicit_sgd_loop():
-    """Evaluation curve = plain SGD steps on each task's support set, query loss after each, averaged over tasks."""
-    loss, flat = _mlp_setup(2)
-    batch = _tasks(6)
-    alpha, steps = 0.02, 4
-    ref = torch.zeros(steps + 1, dtype=torch.float64)
+def test_loop_returns_per_parameter_gradients_and_leaves_params_alone():
+    """The loop hands back one gradient per parameter view, shaped like it, and never writes into the agent's
+    buffer (the views it gets are the optimizer's parameters)."""
+    model, flat = _mlp_setup()
+    fm = functional(model)
+    before = flat.clone()
+    grads, _ = meta_gradient_loop(make_loss(fm.forward), fm.layout.split(flat), _tasks(2), 0.01, 1)
+    assert [g.shape for g in grads] == list(fm.layout.shapes)
+    assert torch.equal(flat, before)
+
+
+def _explicit_sgd_curve(model, flat, batch, alpha, steps):
+    """Per-task query loss after 0..steps plain SGD steps: functional_call and autograd, nothing from maml.py."""
+    layout = FlatLayout.of(model)
+    out = torch.zeros(len(batch), steps + 1, dtype=torch.float64)
     for t in range(len(batch)):
         xs, ys, xq, yq = (a[t] for a in batch.tensors())
         w = flat.clone().requires_grad_(True)
         for s in range(steps + 1):
             with torch.no_grad():
-                ref[s] += loss(w, xq, yq) / len(batch)
-            (g,) = torch.autograd.grad(loss(w, xs, ys), w)
+                out[t, s] = F.mse_loss(torch.func.functional_call(model, layout.unflatten(w), (xq,)), yq)
+            (g,) = torch.autograd.grad(F.mse_loss(torch.func.functional_call(model, layout.unflatten(w), (xs,)), ys), w)
             w = (w - alpha * g).detach().requires_grad_(True)
-    got = adaptation_curve(loss, flat, batch, alpha, steps, chunk=4)  # chunk < tasks: exercises chunking
-    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    return out
+
+
+def test_adaptation_curves_match_explicit_sgd_loop():
+    """Evaluation curves = plain SGD steps on each task's support set, query loss after each: vmap in chunks
+    (chunk < tasks), one task at a time, the mean curve, and vmap over agents (every agent on the same tasks)
+    equal to each agent alone."""
+    model, flat = _mlp_setup(2)
+    fm = functional(model)
+    batch = _tasks(6)
+    alpha, steps = 0.02, 4
+    ref = _explicit_sgd_curve(model, flat, batch, alpha, steps)
+    views = fm.layout.split(flat)
+    vmapped, _ = adaptation_curves(fm.batched_forward, F.mse_loss, views, batch, alpha, steps, chunk=4)
+    looped, _ = adaptation_curves_loop(fm.forward, F.mse_loss, views, batch, alpha, steps)
+    torch.testing.assert_close(vmapped, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(looped, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(adaptation_curve(fm.forward, F.mse_loss, views, batch, alpha, steps), ref.mean(0),
+                               rtol=1e-12, atol=1e-14)
+    other = flat + 0.05 * torch.randn(flat.shape, generator=torch.Generator().manual_seed(3), dtype=flat.dtype)
+    stacked = torch.stack([flat, other])
+    both, _ = adaptation_curves(fm.batched_forward, F.mse_loss, fm.layout.split(stacked), batch, alpha, steps,
+                                chunk=4, over_agents=True)
+    torch.testing.assert_close(both[0], ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(both[1], _explicit_sgd_curve(model, other, batch, alpha, steps), rtol=1e-12,
+                               atol=1e-14)
 
 
 def test_choose_path():
-    """auto picks the loop below the measured crossover and vmap at or above it; explicit choices are kept."""
-    assert choose_path("auto", 1, 4) == "loop"
-    assert choose_path("auto", 4, 4) == "vmap"
-    assert choose_path("loop", 100, 4) == "loop"
+    """auto picks per model kind: the MLP's loop below its measured crossover and vmap from it, Conv4's loop at any
+    batch, an explicit maml.vmap_min_tasks over the kind's default; explicit choices are kept."""
+    assert choose_path("auto", "mlp", 1) == "loop"
+    assert choose_path("auto", "mlp", 100) == "vmap"
+    assert choose_path("auto", "conv4", 100) == "loop"
+    assert choose_path("auto", "conv4", 8, vmap_min_tasks=8) == "vmap"
+    assert choose_path("loop", "mlp", 100) == "loop"
     with pytest.raises(ValueError):
-        choose_path("fast", 1, 4)
+        choose_path("fast", "mlp", 1)
 
 
 def test_flat_layout_round_trip_and_views():
-    """flatten/unflatten are inverse; unflatten returns views (so writes reach the flat buffer)."""
+    """flatten/unflatten are inverse; split returns views (so writes reach the flat buffer) and keeps leading
+    dimensions (agents), and join undoes it."""
     model = MLP(1, [3, 4], 2)
     layout = FlatLayout.of(model)
     named = dict(model.named_parameters())
@@ -134,3 +201,16 @@ def test_flat_layout_round_trip_and_views():
     assert (flat[18:22] == 7.0).all()
     torch.testing.assert_close(flat[:18], before[:18], rtol=0, atol=0)
     torch.testing.assert_close(flat[22:], before[22:], rtol=0, atol=0)
+    stacked = torch.stack([flat, 2 * flat, 3 * flat]).detach()
+    parts = layout.split(stacked)
+    assert parts[2].shape == (3, 4, 3)
+    torch.testing.assert_close(parts[2][1], 2 * views["2.weight"].detach(), rtol=0, atol=0)
+    assert torch.equal(layout.join(parts), stacked)
+
+
+def test_functional_forward_equals_module():
+    """The written-out MLP forward on a parameter tuple equals the module's own forward."""
+    model, flat = _mlp_setup()
+    x = torch.randn(7, 1, dtype=torch.float64)
+    fm = functional(model)
+    torch.testing.assert_close(fm.forward(fm.layout.split(flat), x), model(x), rtol=0, atol=0)
