@@ -168,7 +168,7 @@ class Learner:
         for i in range(start, stop, chunk):  # gathered a chunk at a time: see tasks.episodes.EpisodeSet
             batch = self.tests.slice(i, min(i + chunk, stop)).to(self.device, self.dtype)
             if self.eval_path == "loop":
-                parts.append(adaptation_curves_loop(self.model.forward, fam.criterion, views, batch, inner_lr,
+                parts.append(adaptation_curves_loop(self.model.eval_forward, fam.criterion, views, batch, inner_lr,
                                                     max_steps, fam.metric))
             else:
                 parts.append(adaptation_curves(self.model.batched_forward, fam.criterion, views, batch, inner_lr,

@@ -149,7 +149,9 @@ class RuntimeConfig:
     vectorize: bool = True  #: simulate only: vmap over agents (fast) or per-agent code (bit-identical to torchrun)
     device: str = "auto"  #: auto: cuda:LOCAL_RANK if CUDA is available and the backend is nccl, else cpu
     backend: str = "auto"  #: auto: nccl on cuda, gloo on cpu
-    threads: int = 1  #: torch intra-op threads per agent process on CPU (agents usually outnumber cores)
+    #: torch intra-op threads per process on CPU; None: 1 per torchrun agent (agents usually outnumber cores), and
+    #: every core this process may use for the simulator (one process runs all agents)
+    threads: Optional[int] = None
     timeout_s: float = 300.0  #: how long a collective or neighbour exchange may wait before the job fails
 
 
@@ -260,7 +262,8 @@ def validate(cfg: Config) -> Config:
     _choice(r.mode, RUNTIME_MODES, "runtime.mode")
     _choice(r.device, DEVICES, "runtime.device")
     _choice(r.backend, BACKENDS, "runtime.backend")
-    _positive(r.threads, "runtime.threads")
+    if r.threads is not None:
+        _positive(r.threads, "runtime.threads")
     _positive(r.timeout_s, "runtime.timeout_s")
     if tr.resume and r.mode != "torchrun":
         raise ValueError("train.resume=true continues a torchrun job from its checkpoints; the simulator writes none")

@@ -113,9 +113,12 @@ def batched_meta_gradient(loss: LossFn, inner_lr: float, inner_steps: int, first
     """``f(params, xs, ys, xq, yq) -> (meta_gradient, mean_meta_loss)`` over a task batch, as a pure ``torch.func``
     function: ``grad`` of the ``vmap``-ped task meta-loss, over chunks of at most ``chunk`` tasks (None: all at
     once). It composes with a further ``vmap`` (over agents: the simulator)."""
-    per_task = torch.vmap(_task_meta_loss(loss, inner_lr, inner_steps, first_order), in_dims=(None, 0, 0, 0, 0))
+    task_meta_loss = _task_meta_loss(loss, inner_lr, inner_steps, first_order)
+    per_task = torch.vmap(task_meta_loss, in_dims=(None, 0, 0, 0, 0))
 
     def summed_meta_loss(params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        if xs.shape[0] == 1:  # one task (the paper's sinusoid setting, vmapped over agents): no vmap level to pay
+            return task_meta_loss(params, xs[0], ys[0], xq[0], yq[0])
         return per_task(params, xs, ys, xq, yq).sum()
 
     grad_and_sum = torch.func.grad_and_value(summed_meta_loss)

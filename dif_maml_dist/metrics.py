@@ -88,7 +88,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, Tensor]) -> None:
-    """``torch.save`` a flat dict of tensors (loadable with ``weights_only=True``) via temp file and rename."""
+    """``torch.save`` a flat dict of tensors (loadable with ``weights_only=True``) via temp file and rename.
+
+    Each tensor is copied first: ``torch.save`` writes a view's whole storage, and the simulator's views share
+    one ``[agents, P]`` storage, so every agent's file would otherwise hold every agent."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
+    torch.save({k: v.detach().cpu().clone() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)

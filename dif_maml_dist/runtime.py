@@ -60,6 +60,14 @@ def select_backend(cfg: RuntimeConfig, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def cpu_threads(cfg: RuntimeConfig) -> int:
+    """Intra-op threads for this process on the CPU: ``runtime.threads``, or by default 1 per torchrun agent and
+    every core this process may use for the simulator."""
+    if cfg.threads is not None:
+        return cfg.threads
+    return len(os.sched_getaffinity(0)) if cfg.mode == "simulate" else 1
+
+
 @contextmanager
 def distributed(cfg: RuntimeConfig, env: ProcessEnv, device: torch.device) -> Iterator[Transport]:
     """The process group for one agent, torn down on the way out whatever happens.
@@ -67,7 +75,7 @@ def distributed(cfg: RuntimeConfig, env: ProcessEnv, device: torch.device) -> It
     Without torchrun (a single process) this yields a one-agent in-memory transport instead.
     """
     if device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(cpu_threads(cfg))
     if not env.under_torchrun:
         yield InMemoryTransport.network(1, cfg.timeout_s)[0]
         return

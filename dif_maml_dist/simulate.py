@@ -42,6 +42,16 @@ _EVAL_AGENT_CHUNK = 8
 
 
 
+def sample_agents(samplers: Sequence[Any], gens: Sequence[torch.Generator], num_tasks: int) -> TaskBatch:
+    """Every agent's task batch from its own sampler and stream, stacked ``[agents, tasks, ...]``: in one pass
+    where the samplers offer it (``sample_agents``), else agent by agent."""
+    vectorized = getattr(type(samplers[0]), "sample_agents", None)
+    if vectorized is not None and all(type(s) is type(samplers[0]) for s in samplers):
+        return vectorized(list(samplers), list(gens), num_tasks)
+    batches = [s.sample(g, num_tasks) for s, g in zip(samplers, gens)]
+    return TaskBatch(*(torch.stack(parts) for parts in zip(*(b.tensors() for b in batches))))
+
+
 def nominal_bytes_per_iteration(strategy: str, weights: np.ndarray, agent: int, message_bytes: int) -> int:
     """What the torchrun runtime sends per iteration for this agent (the simulator sends nothing itself)."""
     k = weights.shape[0]
@@ -108,9 +118,7 @@ class Simulation:
     def step(self) -> Sequence[Tensor]:
         t0 = time.perf_counter()
         if self.vectorize:
-            batches = [t.sample(g, self.cfg.task.meta_batch) for t, g in zip(self.tasks, self.rngs)]
-            stacked = TaskBatch(*(torch.stack(parts) for parts in zip(*(b.tensors() for b in batches))))
-            stacked = stacked.to(self.device, self.dtype)
+            stacked = sample_agents(self.tasks, self.rngs, self.cfg.task.meta_batch).to(self.device, self.dtype)
             # In chunks of agents: one vmap over a thousand agents is 3x slower than four over 250 (cache).
             views = self.layout.split(self.params.detach())
             parts = [self._meta_gradients(tuple(v[i:i + _AGENT_CHUNK] for v in views),

@@ -298,12 +298,12 @@ def simulate(plan: Plan, device) -> dict:
 
     from .loop import run_loop
     from .metrics import save_tensors_atomic
-    from .runtime import setup_logging
+    from .runtime import cpu_threads, setup_logging
     from .simulate import Simulation
 
     cfg, run_dir = plan.cfg, plan.run_dir
     if device.type == "cpu":
-        torch.set_num_threads(cfg.runtime.threads)
+        torch.set_num_threads(cpu_threads(cfg.runtime))
     setup_logging(0, run_dir / "logs", who="simulator")
     _log_start(plan, device)
     sim = Simulation(cfg, plan.weights, device, vectorize=cfg.runtime.vectorize)

@@ -87,17 +87,18 @@ def test_conv4_meta_gradient_paths_equal_references(first_order):
 
 
 def test_conv4_functional_forwards_equal_module():
-    """Both written-out Conv4 forwards (native and written-out batch norm) equal the module's own forward."""
+    """The written-out Conv4 forwards (native batch norm, written-out batch norm, channels-last for evaluation)
+    equal the module's own forward."""
     model, flat, batch = _conv4_problem()
     fm = functional(model)
     x = batch.support_x[0]
-    for forward in (fm.forward, fm.batched_forward):
+    for forward in (fm.forward, fm.batched_forward, fm.eval_forward):
         torch.testing.assert_close(forward(fm.layout.split(flat), x), model(x), rtol=1e-12, atol=1e-12)
 
 
 def test_conv4_evaluation_paths_agree():
-    """Evaluation curves one task at a time (native batch norm) equal vmap over tasks (written-out), loss and
-    accuracy, in float64."""
+    """Evaluation curves one task at a time (native batch norm, channels-last) equal vmap over tasks (written-out
+    batch norm), loss and accuracy, in float64."""
     model, flat, batch = _conv4_problem(tasks=2)
     fm = functional(model)
     views = fm.layout.split(flat)
@@ -105,7 +106,7 @@ def test_conv4_evaluation_paths_agree():
     def accuracy(logits, y):
         return (logits.argmax(-1) == y).to(logits.dtype).mean()
 
-    looped = adaptation_curves_loop(fm.forward, F.cross_entropy, views, batch, 0.4, 3, accuracy)
+    looped = adaptation_curves_loop(fm.eval_forward, F.cross_entropy, views, batch, 0.4, 3, accuracy)
     vmapped = adaptation_curves(fm.batched_forward, F.cross_entropy, views, batch, 0.4, 3, accuracy, chunk=2)
     torch.testing.assert_close(looped[0], vmapped[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(looped[1], vmapped[1], rtol=0, atol=0)

@@ -209,8 +209,14 @@ def test_flat_layout_round_trip_and_views():
 
 
 def test_functional_forward_equals_module():
-    """The written-out MLP forward on a parameter tuple equals the module's own forward."""
+    """The written-out MLP forward on a parameter tuple (its one-input first layer a broadcast product) equals the
+    module's own forward, also with several inputs."""
     model, flat = _mlp_setup()
     x = torch.randn(7, 1, dtype=torch.float64)
     fm = functional(model)
-    torch.testing.assert_close(fm.forward(fm.layout.split(flat), x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(fm.forward(fm.layout.split(flat), x), model(x), rtol=1e-14, atol=1e-15)
+    wide = MLP(3, [5], 2).double()
+    fw = functional(wide)
+    flat = fw.layout.flatten(dict(wide.named_parameters())).detach()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(fw.forward(fw.layout.split(flat), x), wide(x), rtol=1e-14, atol=1e-15)

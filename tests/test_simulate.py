@@ -77,3 +77,18 @@ def test_simulation_runs_the_shared_schedule():
     assert [r["iteration"] for r in net.records] == [0, 4, 8]
     assert [a["agent"] for a in result.network["agents"]] == list(range(6))
     assert result.network["agents"][2]["bytes_sent"] == 4 * sim.layout.numel * 8 * 8  # degree 4, float64, 8 its
+
+
+def test_saved_agent_model_holds_that_agent_only(tmp_path):
+    """A simulator agent's parameters are views into one [agents, P] tensor; its model file must hold its own
+    P numbers, not the whole stack (torch.save writes a view's storage: 1000 agents once made 1000 files of 7 MB)."""
+    from dif_maml_dist.metrics import save_tensors_atomic
+
+    cfg = small_config("dif_maml", iterations=1)
+    sim = Simulation(cfg, build_topology(TopologyConfig(name="ring", num_agents=40)).weights)
+    path = tmp_path / "agent7.pt"
+    save_tensors_atomic(path, sim.named_params(sim.states()[7]))
+    own_bytes = sim.layout.numel * 8
+    assert path.stat().st_size < 2 * own_bytes + 10_000  # one model plus the pickle's overhead
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(torch.cat([loaded[n].reshape(-1) for n in sim.layout.names]), sim.states()[7].detach())

@@ -31,18 +31,32 @@ class SinusoidTasks:
             width = (hi - lo) / num_agents
             self.amplitude_range = (lo + agent * width, lo + (agent + 1) * width)
 
-    def sample(self, gen: torch.Generator, num_tasks: int) -> TaskBatch:
-        c = self.cfg
-        ns, nq = c.num_support, c.num_query
+    def _uniforms(self, gen: torch.Generator, num_tasks: int) -> torch.Tensor:
         # One draw per call (amplitude, phase, support x, query x for every task): fewer kernel launches,
         # which matters when the simulator samples for a thousand agents per iteration.
-        u = torch.rand(num_tasks, 2 + ns + nq, 1, generator=gen, dtype=torch.float64)
-        lo, hi = self.amplitude_range
-        amp = lo + (hi - lo) * u[:, :1]
-        phase = c.phase_min + (c.phase_max - c.phase_min) * u[:, 1:2]
-        x = c.x_min + (c.x_max - c.x_min) * u[:, 2:]
+        return torch.rand(num_tasks, 2 + self.cfg.num_support + self.cfg.num_query, 1, generator=gen,
+                          dtype=torch.float64)
+
+    def _tasks(self, u: torch.Tensor, lo, hi) -> TaskBatch:
+        """Tasks from uniforms ``u`` ``[..., tasks, 2 + points, 1]`` and amplitude bounds broadcastable to it."""
+        c, ns = self.cfg, self.cfg.num_support
+        amp = lo + (hi - lo) * u[..., :1, :]
+        phase = c.phase_min + (c.phase_max - c.phase_min) * u[..., 1:2, :]
+        x = c.x_min + (c.x_max - c.x_min) * u[..., 2:, :]
         y = amp * torch.sin(x - phase)
-        return TaskBatch(x[:, :ns], y[:, :ns], x[:, ns:], y[:, ns:])
+        return TaskBatch(x[..., :ns, :], y[..., :ns, :], x[..., ns:, :], y[..., ns:, :])
+
+    def sample(self, gen: torch.Generator, num_tasks: int) -> TaskBatch:
+        return self._tasks(self._uniforms(gen, num_tasks), *self.amplitude_range)
+
+    @staticmethod
+    def sample_agents(samplers: "list[SinusoidTasks]", gens: list[torch.Generator], num_tasks: int) -> TaskBatch:
+        """Every agent's :meth:`sample` stacked, ``[agents, tasks, ...]``: each agent draws from its own generator
+        as ``sample`` does, and the draws are turned into tasks in one pass for all agents (the simulator
+        samples for a thousand agents per iteration)."""
+        u = torch.stack([s._uniforms(g, num_tasks) for s, g in zip(samplers, gens)])
+        bounds = torch.tensor([s.amplitude_range for s in samplers], dtype=torch.float64).view(-1, 2, 1, 1, 1)
+        return samplers[0]._tasks(u, bounds[:, 0], bounds[:, 1])
 
     @staticmethod
     def eval_set(cfg: TaskConfig, seed: int, num_tasks: int | None = None) -> TaskBatch:
