@@ -89,6 +89,7 @@ def bench(name: str, s: Setting, repeats: int) -> None:
     flat = layout.flatten(dict(model.named_parameters())).detach()
     params = layout.split(flat)
     loss, batched = make_loss(fm.forward, F.cross_entropy), make_loss(fm.batched_forward, F.cross_entropy)
+    query = make_loss(fm.first_order_forward, F.cross_entropy)  # the loop's query loss, as the agents run it
     g = torch.Generator().manual_seed(0)
     print(f"\n{name}: Conv4 {s.filters} filters on {s.channels}x{s.size}x{s.size} ({layout.numel} parameters), "
           f"{s.way}-way {s.shot}-shot, {s.query} queries/class, {s.inner_steps} inner step(s), alpha {s.inner_lr}")
@@ -103,12 +104,12 @@ def bench(name: str, s: Setting, repeats: int) -> None:
         # One task only: a float64 vmap over MiniImagenet 5-shot batches needs several GB (tests/test_conv4.py
         # checks batched agreement on smaller shapes).
         rest64 = (batch.slice(0, 1).to(dtype=torch.float64), s.inner_lr, s.inner_steps, False)
-        loop = layout.join(meta_gradient_loop(loss, params64, *rest64)[0])
+        loop = layout.join(meta_gradient_loop(loss, params64, *rest64, query_loss=query)[0])
         vmap = layout.join(meta_gradient_vmap(batched, params64, *rest64)[0])
         rel = float((loop - vmap).norm() / loop.norm())
         if rel > 1e-10:
             raise SystemExit(f"{name}: loop and vmap disagree: relative difference {rel:.3g}")
-        t_loop = median_time(lambda: meta_gradient_loop(loss, params, *rest), repeats)
+        t_loop = median_time(lambda: meta_gradient_loop(loss, params, *rest, query_loss=query), repeats)
         t_vmap = median_time(lambda: meta_gradient_vmap(batched, params, *rest), repeats)
         print(f"  {'':13} {n:5d} | {t_loop:8.3f} {t_vmap:8.3f} | {t_loop / t_vmap:8.2f}x | "
               f"{'vmap' if t_vmap < t_loop else 'loop'} (float64, 1 task: relative difference {rel:.1e})")

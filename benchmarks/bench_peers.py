@@ -134,16 +134,18 @@ def project_call(path: str, w: Workload, project: nn.Module, batch: maml.TaskBat
     flat = fm.layout.flatten(dict(project.named_parameters())).detach()
     views = fm.layout.split(flat)
     loss = maml.make_loss(fm.forward, w.criterion)
+    query_loss = maml.make_loss(fm.first_order_forward, w.criterion)  # as the agents run it (learner.py)
     batched_loss = maml.make_loss(fm.batched_forward, w.criterion)
     lr, steps = w.inner_lr, w.inner_steps
 
     def auto():
         chosen = maml.choose_path("auto", fm.kind, len(batch))
-        grads, _ = maml.meta_gradient(chosen, loss, batched_loss, views, batch, lr, steps, first_order=False)
+        grads, _ = maml.meta_gradient(chosen, loss, batched_loss, views, batch, lr, steps, first_order=False,
+                                      query_loss=query_loss)
         return fm.layout.join(grads)
 
     def loop():
-        return fm.layout.join(maml.meta_gradient_loop(loss, views, batch, lr, steps)[0])
+        return fm.layout.join(maml.meta_gradient_loop(loss, views, batch, lr, steps, query_loss=query_loss)[0])
 
     def vmap():
         return fm.layout.join(maml.meta_gradient_vmap(batched_loss, views, batch, lr, steps)[0])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -21,12 +20,12 @@ from . import seeding
 from .combine import combine
 from .config import Config, OptimConfig
 from .flat import FlatLayout
-from .maml import (LossFn, TaskBatch, adaptation_curves, adaptation_curves_loop, choose_path, make_loss,
-                   meta_gradient)
+from .learner import Learner
+from .maml import choose_path, meta_gradient
 from .loop import Checkpointer, RunResult, run_loop
-from .metrics import MetricsSink
-from .models import FunctionalModel, functional, reset_parameters
-from .tasks import TaskFamily, TaskSet, task_family
+from .metrics import Curves, MetricsSink
+from .models import reset_parameters
+from .tasks import TaskFamily, task_family
 from .topology import CombinePlan
 from .transport import PeerError, Transport
 
@@ -110,89 +109,6 @@ def build_model(cfg: Config) -> nn.Module:
     return task_family(cfg).build_model()
 
 
-@dataclass
-class Learner:
-    """A task family bound to a device and dtype: what an agent (or the simulator) trains and evaluates."""
-
-    family: TaskFamily
-    model: FunctionalModel
-    loss: LossFn  #: ``loss(params, x, y)``, one task at a time (the per-task loop)
-    batched_loss: LossFn  #: the same, exact under vmap (the vmap path, the simulator)
-    tests: TaskSet  #: the shared test tasks of the final figures (TaskBatch on the device, or a lazy EpisodeSet)
-    eval_tasks: int  #: the first eval_tasks of ``tests`` are evaluated during training
-    device: torch.device
-    dtype: torch.dtype
-
-    @property
-    def layout(self) -> FlatLayout:
-        return self.model.layout
-
-    @classmethod
-    def build(cls, cfg: Config, device: torch.device, dtype: torch.dtype) -> "Learner":
-        family = task_family(cfg)
-        model = functional(family.build_model().to(device=device, dtype=dtype))
-        t = cfg.task
-        # One seeded stream: the periodic test set is the first eval_tasks tasks of the final one.
-        tests = family.eval_set(cfg.seed, max(t.final_eval_tasks or t.eval_tasks, t.eval_tasks))
-        if isinstance(tests, TaskBatch):
-            tests = tests.to(device, dtype)  # small enough to live on the device for the whole run
-        return cls(family, model, make_loss(model.forward, family.criterion),
-                   make_loss(model.batched_forward, family.criterion), tests, t.eval_tasks, device, dtype)
-
-    @property
-    def eval_path(self) -> str:
-        """How test tasks are adapted: vmap over a chunk of tasks, or one task at a time (the same choice as the
-        meta-gradient's ``auto``, at the chunk size)."""
-        return choose_path("auto", self.model.kind, self.family.eval_chunk)
-
-    def num_tests(self, final: bool) -> int:
-        return len(self.tests) if final else self.eval_tasks
-
-    def curves(self, params: Tensor, inner_lr: float, max_steps: int, start: int, stop: int,
-               over_agents: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        """Per-task test loss (and metric) after 0..max_steps adaptation steps on test tasks ``start:stop``:
-        ``[tasks, max_steps+1]``, or ``[agents, tasks, max_steps+1]`` for stacked ``[agents, P]`` params
-        (``over_agents``)."""
-        if over_agents and self.eval_path == "loop":
-            parts = [self.curves(p, inner_lr, max_steps, start, stop) for p in params]
-            return (torch.stack([p[0] for p in parts]),
-                    None if self.family.metric is None else torch.stack([p[1] for p in parts]))
-        chunk, parts = self.family.eval_chunk, []
-        if over_agents:  # the vmap holds agents x tasks adapted models at once: keep that product bounded
-            chunk = max(1, chunk // params.shape[0])
-        if start >= stop:  # more ranks than test tasks: this one has none
-            empty = params.new_zeros((*params.shape[:-1], 0, max_steps + 1))
-            return empty, (empty if self.family.metric is not None else None)
-        views = self.layout.split(params)
-        fam = self.family
-        for i in range(start, stop, chunk):  # gathered a chunk at a time: see tasks.episodes.EpisodeSet
-            batch = self.tests.slice(i, min(i + chunk, stop)).to(self.device, self.dtype)
-            if self.eval_path == "loop":
-                parts.append(adaptation_curves_loop(self.model.eval_forward, fam.criterion, views, batch, inner_lr,
-                                                    max_steps, fam.metric))
-            else:
-                parts.append(adaptation_curves(self.model.batched_forward, fam.criterion, views, batch, inner_lr,
-                                               max_steps, fam.metric, chunk=chunk, over_agents=over_agents))
-        dim = 1 if over_agents else 0
-        losses = torch.cat([p[0] for p in parts], dim=dim)
-        return losses, torch.cat([p[1] for p in parts], dim=dim) if fam.metric is not None else None
-
-    def evaluate(self, params: Tensor, inner_lr: float, max_steps: int, final: bool = False) -> dict[str, list[float]]:
-        """Test figures of ``params`` after 0..max_steps adaptation steps on the shared test tasks: mean ``loss``,
-        and where the family has a metric, mean ``accuracy`` with its 95% confidence half-width over tasks."""
-        return figures(*self.curves(params, inner_lr, max_steps, 0, self.num_tests(final)))
-
-
-def figures(losses: Tensor, scores: Optional[Tensor]) -> dict[str, list[float]]:
-    """Test figures from per-task curves ``[tasks, steps+1]``: mean ``loss``, and with scores, mean ``accuracy``
-    and its 95% confidence half-width over tasks."""
-    out = {"loss": losses.mean(0).tolist()}
-    if scores is not None:
-        out["accuracy"] = scores.mean(0).tolist()
-        out["accuracy_ci95"] = (1.96 * scores.std(0) / math.sqrt(scores.shape[0])).tolist()
-    return out
-
-
 def initial_params(cfg: Config, agent: int, dtype: torch.dtype, device: torch.device,
                    family: Optional[TaskFamily] = None) -> Tensor:
     """PyTorch's default initialisation, drawn from a seeded stream: shared by all agents, or per agent.
@@ -241,9 +157,10 @@ class Agent:
         m, st = self.cfg.maml, self.state
         t0 = time.perf_counter()
         batch = self.tasks.sample(st.rng, self.cfg.task.meta_batch).to(self.device, self.dtype)
-        grads, loss = meta_gradient(self.meta_grad_path, self.loss, self.learner.batched_loss,
+        learner = self.learner
+        grads, loss = meta_gradient(self.meta_grad_path, learner.loss, learner.batched_loss,
                                     self.layout.split(st.params), batch, m.inner_lr, m.inner_steps, m.first_order,
-                                    m.vmap_chunk)
+                                    m.vmap_chunk, learner.query_loss)
         st.params.grad = self.layout.join(grads)
         st.optimizer.step()
         st.params.grad = None
@@ -311,8 +228,10 @@ class AgentCohort:
         return {"compute_s": self.agent.compute_seconds, "exchange_s": self.agent.exchange_seconds,
                 "bytes_sent": self.transport.bytes_sent}
 
-    def evaluate_agents(self, max_steps: int, final: bool = False) -> list[dict[str, list[float]]]:
-        return [self.agent.evaluate(max_steps, final=final)]
+    def agent_curves(self, max_steps: int, final: bool = False) -> list[Curves]:
+        learner = self.agent.learner
+        return [learner.curves(self.agent.state.params, self.cfg.maml.inner_lr, max_steps, 0,
+                               learner.num_tests(final))]
 
     def all_states(self) -> Tensor:
         return torch.stack(self.transport.all_gather_object(self.agent.state.params.detach().cpu()))
@@ -321,16 +240,10 @@ class AgentCohort:
         everyone = self.transport.all_gather_object(items)
         return [item for part in everyone for item in part] if self.is_root else None
 
-    def evaluate_params(self, params: Tensor, max_steps: int, final: bool = False) -> Optional[dict[str, list[float]]]:
-        curves = self.shared_curves(params, max_steps, final)
-        return None if curves is None else figures(*curves)
-
-    def shared_curves(self, params: Tensor, max_steps: int, final: bool = False
-                      ) -> Optional[tuple[Tensor, Optional[Tensor]]]:
-        """*Collective*: per-task curves of ``params`` (the same on every rank) over the whole test set, on the
-        root. Each rank adapts its own slice of the test tasks and the slices are gathered in task order, so the
-        figures do not depend on how many ranks shared the work. The slices are equal, so no rank waits in the
-        gather for longer than the evaluation of one slice takes."""
+    def shared_curves(self, params: Tensor, max_steps: int, final: bool = False) -> Optional[Curves]:
+        # Each rank adapts its own slice of the test tasks and the slices are gathered in task order, so the
+        # figures do not depend on how many ranks shared the work. The slices are equal, so no rank waits in the
+        # gather for longer than the evaluation of one slice takes.
         learner, rank, world = self.agent.learner, self.transport.rank, self.transport.world_size
         n = learner.num_tests(final)
         start, stop = n * rank // world, n * (rank + 1) // world

@@ -14,7 +14,7 @@ from typing import Any, Optional, Protocol, Sequence
 from torch import Tensor
 
 from .config import Config
-from .metrics import MetricsSink, NullSink, centroid_and_disagreement
+from .metrics import Curves, MetricsSink, NullSink, centroid_and_disagreement, figures, head
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,9 @@ class Cohort(Protocol):
     def counters(self, i: int) -> dict[str, float]:
         """``compute_s``, ``exchange_s``, ``bytes_sent`` of local agent ``i`` (cumulative)."""
 
-    def evaluate_agents(self, max_steps: int, final: bool = False) -> list[dict[str, list[float]]]:
-        """Each local agent's test figures after 0..max_steps adaptation steps: ``loss`` (and, for
-        classification, ``accuracy`` and ``accuracy_ci95``); ``final`` uses the final test set."""
+    def agent_curves(self, max_steps: int, final: bool = False) -> list[Curves]:
+        """Each local agent's per-task test curves after 0..max_steps adaptation steps, on the periodic test set
+        or (``final``) the final one."""
 
     def all_states(self) -> Tensor:
         """*Collective*: every agent's flat parameters ``[K, P]``, on every process."""
@@ -45,8 +45,8 @@ class Cohort(Protocol):
     def gather(self, items: list[dict[str, Any]]) -> Optional[list[dict[str, Any]]]:
         """*Collective*: the local agents' ``items`` from every process, by agent id, on the root."""
 
-    def evaluate_params(self, params: Tensor, max_steps: int, final: bool = False) -> Optional[dict[str, list[float]]]:
-        """*Collective*: the same figures for parameters every process holds (the centroid), on the root; the
+    def shared_curves(self, params: Tensor, max_steps: int, final: bool = False) -> Optional[Curves]:
+        """*Collective*: the same curves for parameters every process holds (the centroid), on the root; the
         work may be shared among processes (each adapting a slice of the test tasks)."""
 
     def union(self, ids: list[int]) -> list[int]:
@@ -76,14 +76,27 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)  #: root only: the network records
 
 
-def _network_eval(cohort: Cohort, max_steps: int, final: bool = False) -> Optional[dict[str, Any]]:
-    # Every process computes the same centroid from the same gathered states, so each can adapt its share of
-    # the test tasks; only the root gets the figures.
+@dataclass
+class Evaluation:
+    """One evaluation of the network: the local agents' curves, and (root only) the centroid's."""
+
+    agents: list[Curves]
+    centroid: Tensor
+    disagreement: float
+    centroid_curves: Optional[Curves]  #: None off the root
+
+    def head(self, tasks: int, steps: int) -> "Evaluation":
+        """The same evaluation restricted to the first ``tasks`` test tasks and 0..``steps`` steps."""
+        cut = None if self.centroid_curves is None else head(self.centroid_curves, tasks, steps)
+        return Evaluation([head(c, tasks, steps) for c in self.agents], self.centroid, self.disagreement, cut)
+
+
+def _evaluate(cohort: Cohort, max_steps: int, final: bool = False) -> Evaluation:
+    """*Collective*. Every process computes the same centroid from the same gathered states, so each can adapt
+    its share of the test tasks; only the root gets the centroid's curves."""
+    agents = cohort.agent_curves(max_steps, final)
     centroid, disagreement = centroid_and_disagreement(cohort.all_states())
-    stats = cohort.evaluate_params(centroid, max_steps, final)
-    if not cohort.is_root:
-        return None
-    return {"centroid": centroid, "stats": stats, "disagreement": disagreement}
+    return Evaluation(agents, centroid, disagreement, cohort.shared_curves(centroid, max_steps, final))
 
 
 def _pre_post(stats: dict[str, list[float]], prefix: str) -> dict[str, float]:
@@ -122,26 +135,30 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
     start = time.perf_counter()
     last = {"it": cohort.iteration, "t": start}
 
-    def evaluate(records: list[dict[str, Any]]) -> None:
-        stats = cohort.evaluate_agents(m.eval_inner_steps)
+    def evaluate(records: list[dict[str, Any]], ev: Optional[Evaluation] = None,
+                 reached: Optional[float] = None) -> None:
+        """The periodic figures into ``records`` (and the root's network record), from ``ev`` if given;
+        ``reached``: when training reached this iteration (the logged rate leaves out a final evaluation)."""
+        ev = ev or _evaluate(cohort, m.eval_inner_steps)
+        stats = [figures(c) for c in ev.agents]
         for rec, st in zip(records, stats):
             rec.update(_pre_post(st, "test_"))
-        net = _network_eval(cohort, m.eval_inner_steps)
-        if net is None:
+        if ev.centroid_curves is None:
             return
-        nrec = {"iteration": cohort.iteration, **_pre_post(net["stats"], "centroid_test_"),
-                "disagreement": net["disagreement"], "wall_s": time.perf_counter() - start}
+        centroid_stats = figures(ev.centroid_curves)
+        nrec = {"iteration": cohort.iteration, **_pre_post(centroid_stats, "centroid_test_"),
+                "disagreement": ev.disagreement, "wall_s": time.perf_counter() - start}
         network_sink.write(nrec)
         history.append(nrec)
         if progress:
             now = time.perf_counter()
-            rate = (cohort.iteration - last["it"]) / max(now - last["t"], 1e-9)
+            rate = (cohort.iteration - last["it"]) / max((reached or now) - last["t"], 1e-9)
             train = records[0].get("meta_train_loss")
             acc = f" | centroid acc {nrec['centroid_test_acc_post']:.3f}" if "centroid_test_acc_post" in nrec else ""
             log.info("iter %d/%d | train %s | agent%d test %.4f -> %.4f | centroid %.4f%s | disagreement %.3g | "
                      "%.3g it/s", cohort.iteration, tr.iterations, "-" if train is None else f"{train:.4f}",
-                     cohort.agent_ids[0], stats[0]["loss"][0], stats[0]["loss"][-1], net["stats"]["loss"][-1], acc,
-                     net["disagreement"], rate)
+                     cohort.agent_ids[0], stats[0]["loss"][0], stats[0]["loss"][-1], centroid_stats["loss"][-1], acc,
+                     ev.disagreement, rate)
             last["it"], last["t"] = cohort.iteration, now
 
     resumed = {"resumed": True} if cohort.iteration > 0 else {}
@@ -151,6 +168,14 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
     for sink, rec in zip(sinks, first):
         sink.write(rec)
 
+    def timed_final_evaluation() -> tuple[Evaluation, float]:
+        """Loss vs number of adaptation steps on the final test set, per agent and for the centroid."""
+        t0 = time.perf_counter()
+        ev = _evaluate(cohort, max(m.final_adapt_steps, m.eval_inner_steps), final=True)
+        return ev, time.perf_counter() - t0
+
+    final: Optional[Evaluation] = None
+    final_seconds = 0.0
     every = checkpointer.every if checkpointer is not None else 0
     window: list[Any] = [0.0 for _ in local]
     window_n = 0
@@ -183,27 +208,33 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
         records = [{"iteration": it, "meta_train_loss": means[i], **cohort.counters(i),
                     "wall_s": time.perf_counter() - start} for i in local]
         window, window_n = [0.0 for _ in local], 0
-        if is_eval:
+        if it == tr.iterations:
+            # The periodic test set is the final one's prefix, and the final curves run past the periodic steps:
+            # the last periodic record is read off the final evaluation instead of adapting the same tasks twice.
+            reached = time.perf_counter()
+            final, final_seconds = timed_final_evaluation()
+            evaluate(records, final.head(cfg.task.eval_tasks, m.eval_inner_steps), reached)
+        elif is_eval:
             evaluate(records)
         for sink, rec in zip(sinks, records):
             sink.write(rec)
+    if final is None:  # resumed from a checkpoint of the last iteration: nothing was trained
+        final, final_seconds = timed_final_evaluation()
 
     # Final figures: loss vs number of adaptation steps, per agent and for the centroid.
-    horizon = max(m.final_adapt_steps, m.eval_inner_steps)
-    final_start = time.perf_counter()
     mine = []
-    for i, stats in zip(local, cohort.evaluate_agents(horizon, final=True)):
+    for i, curves in zip(local, final.agents):
         c = cohort.counters(i)
-        figures = _final(stats, m.eval_inner_steps, m.final_adapt_steps, prefix="final_", curve_prefix="")
-        mine.append({"agent": cohort.agent_ids[i], **figures,
+        mine.append({"agent": cohort.agent_ids[i],
+                     **_final(figures(curves), m.eval_inner_steps, m.final_adapt_steps, "final_", ""),
                      "bytes_sent": c["bytes_sent"], "compute_seconds": c["compute_s"],
                      "exchange_seconds": c["exchange_s"]})
     everyone = cohort.gather(mine)
-    net = _network_eval(cohort, horizon, final=True)
     network = None
-    if net is not None:
+    if final.centroid_curves is not None:
         assert everyone is not None
-        network = {"agents": everyone, "centroid": net["centroid"], "disagreement": net["disagreement"],
-                   **_final(net["stats"], m.eval_inner_steps, m.final_adapt_steps, "centroid_", "centroid_"),
-                   "final_eval_seconds": time.perf_counter() - final_start}
+        network = {"agents": everyone, "centroid": final.centroid, "disagreement": final.disagreement,
+                   **_final(figures(final.centroid_curves), m.eval_inner_steps, m.final_adapt_steps, "centroid_",
+                            "centroid_"),
+                   "final_eval_seconds": final_seconds}
     return RunResult(mine, network, time.perf_counter() - start, history)

@@ -68,8 +68,14 @@ def _sgd(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float) -> list[T
 
 
 def meta_gradient_loop(loss: LossFn, params: Sequence[Tensor], batch: TaskBatch, inner_lr: float,
-                       inner_steps: int, first_order: bool = False) -> tuple[Params, Tensor]:
-    """Meta-gradient (a tuple shaped like ``params``) and mean meta-loss, one task at a time with autograd."""
+                       inner_steps: int, first_order: bool = False, query_loss: Optional[LossFn] = None
+                       ) -> tuple[Params, Tensor]:
+    """Meta-gradient (a tuple shaped like ``params``) and mean meta-loss, one task at a time with autograd.
+
+    ``query_loss`` (default ``loss``): the same loss computed in a way that is fast to differentiate once — the
+    query loss is, while the support loss is differentiated twice (through the inner step).
+    """
+    query_loss = query_loss or loss
     leaves = [p.detach().requires_grad_(True) for p in params]
     acc: list[Tensor] = []
     total = leaves[0].new_zeros(())
@@ -79,7 +85,7 @@ def meta_gradient_loop(loss: LossFn, params: Sequence[Tensor], batch: TaskBatch,
         for _ in range(inner_steps):
             grads = torch.autograd.grad(loss(adapted, xs, ys), adapted, create_graph=not first_order)
             adapted = _sgd(adapted, grads, inner_lr)
-        query = loss(adapted, xq, yq)
+        query = query_loss(adapted, xq, yq)
         # Differentiated per task, like the peers' per-task backward(): autograd frees this task's graph now,
         # so peak memory is one task's graph whatever the meta-batch.
         task_grads = torch.autograd.grad(query, leaves)
@@ -165,11 +171,12 @@ def choose_path(path: str, kind: str, meta_batch: int, vmap_min_tasks: Optional[
 
 
 def meta_gradient(path: str, loss: LossFn, batched_loss: LossFn, params: Sequence[Tensor], batch: TaskBatch,
-                  inner_lr: float, inner_steps: int, first_order: bool = False, chunk: Optional[int] = None
-                  ) -> tuple[Params, Tensor]:
-    """The meta-gradient by ``path`` (``loop`` uses ``loss``, ``vmap`` the vmap-exact ``batched_loss``)."""
+                  inner_lr: float, inner_steps: int, first_order: bool = False, chunk: Optional[int] = None,
+                  query_loss: Optional[LossFn] = None) -> tuple[Params, Tensor]:
+    """The meta-gradient by ``path`` (``loop`` uses ``loss`` and ``query_loss``, ``vmap`` the vmap-exact
+    ``batched_loss``)."""
     if path == "loop":
-        return meta_gradient_loop(loss, params, batch, inner_lr, inner_steps, first_order)
+        return meta_gradient_loop(loss, params, batch, inner_lr, inner_steps, first_order, query_loss)
     return meta_gradient_vmap(batched_loss, params, batch, inner_lr, inner_steps, first_order, chunk)
 
 

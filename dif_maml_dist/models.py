@@ -151,9 +151,9 @@ class FunctionalModel:
     kind: str  #: mlp | conv4 | module (any other nn.Module, run through functional_call)
     forward: Forward  #: one task at a time, differentiated twice (the per-task meta-gradient loop)
     batched_forward: Forward  #: exact under ``torch.vmap`` over tasks or agents
-    #: one task at a time, differentiated once at most (evaluation); Conv4: channels-last, which speeds up the
-    #: forward and first backward ~2x here but slows the second-order backward of the meta-gradient
-    eval_forward: Forward
+    #: one task at a time, where at most first derivatives are taken (evaluation, and the query loss of the
+    #: per-task meta-gradient). Conv4: channels-last, ~2x faster there, but slower under second-order backward
+    first_order_forward: Forward
 
 
 def functional(module: nn.Module) -> FunctionalModel:

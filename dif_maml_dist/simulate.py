@@ -26,10 +26,12 @@ import torch
 from torch import Tensor
 
 from . import seeding
-from .agent import Agent, Learner, figures, initial_params, make_optimizer
+from .agent import Agent, initial_params, make_optimizer
 from .combine import combine
 from .config import Config
+from .learner import Learner
 from .maml import TaskBatch, batched_meta_gradient
+from .metrics import Curves
 from .topology import combine_plan
 from .transport import ring_all_reduce_bytes
 
@@ -152,21 +154,26 @@ class Simulation:
         return {"compute_s": self.compute_seconds, "exchange_s": self.exchange_seconds,
                 "bytes_sent": self._bytes_per_iter[i] * self._iteration}
 
-    def evaluate_params(self, params: Tensor, max_steps: int, final: bool = False) -> dict[str, list[float]]:
-        return self.learner.evaluate(params.to(self.device, self.dtype), self.cfg.maml.inner_lr, max_steps, final)
+    def shared_curves(self, params: Tensor, max_steps: int, final: bool = False) -> Curves:
+        learner = self.learner
+        return learner.curves(params.to(self.device, self.dtype), self.cfg.maml.inner_lr, max_steps, 0,
+                              learner.num_tests(final))
 
-    def evaluate_agents(self, max_steps: int, final: bool = False) -> list[dict[str, list[float]]]:
+    def agent_curves(self, max_steps: int, final: bool = False) -> list[Curves]:
         if not self.vectorize:  # the runtime's own code, agent after agent
-            return [self.evaluate_params(self._state(i), max_steps, final) for i in range(self.num_agents)]
+            return [self.shared_curves(self._state(i), max_steps, final) for i in range(self.num_agents)]
+        # Agents holding the same model are evaluated once: all of them at a shared start, and every agent of the
+        # centralized baseline at every evaluation.
+        states, owner = torch.unique(self.params.detach(), dim=0, return_inverse=True)
         # All agents adapt the same test tasks: one vmap over agents (of the vmap over tasks), a chunk of agents
         # at a time so that the agents x tasks adapted models in flight stay within the family's budget.
         learner, n = self.learner, self.learner.num_tests(final)
-        out = []
-        for a in range(0, self.num_agents, _EVAL_AGENT_CHUNK):
-            losses, scores = learner.curves(self.params[a:a + _EVAL_AGENT_CHUNK].detach(), self.cfg.maml.inner_lr, max_steps,
-                                            0, n, over_agents=True)
-            out += [figures(losses[j], None if scores is None else scores[j]) for j in range(losses.shape[0])]
-        return out
+        distinct: list[Curves] = []
+        for a in range(0, states.shape[0], _EVAL_AGENT_CHUNK):
+            losses, scores = learner.curves(states[a:a + _EVAL_AGENT_CHUNK], self.cfg.maml.inner_lr, max_steps, 0, n,
+                                            over_agents=True)
+            distinct += [(losses[j], None if scores is None else scores[j]) for j in range(losses.shape[0])]
+        return [distinct[int(i)] for i in owner]
 
     def all_states(self) -> Tensor:
         return self.states().detach().cpu()

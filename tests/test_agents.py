@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dif_maml_dist.agent import Agent, AgentCohort, AgentState, Learner, initial_params, make_combiner, run_agent
+from dif_maml_dist.agent import Agent, AgentCohort, AgentState, initial_params, make_combiner, run_agent
+from dif_maml_dist.learner import Learner
 from dif_maml_dist.combine import combine, combine_dense
 from dif_maml_dist.config import TopologyConfig
 from dif_maml_dist.topology import build_topology, strategy_weights

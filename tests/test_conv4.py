@@ -69,8 +69,8 @@ def _reference_meta_gradient(module, flat, batch, alpha, first_order):
 
 @pytest.mark.parametrize("first_order", [False, True])
 def test_conv4_meta_gradient_paths_equal_references(first_order):
-    """3 tasks, alpha 0.4, float64: the per-task loop (native batch norm), vmap and chunked vmap (written-out batch
-    norm) equal two plain-autograd references — the module with our written-out norm, and a twin built from
+    """3 tasks, alpha 0.4, float64: the per-task loop (native batch norm; its query loss also channels-last, as
+    agents run it), vmap and chunked vmap (written-out batch norm) equal two plain-autograd references — the module with our written-out norm, and a twin built from
     nn.BatchNorm2d. Catches a wrong norm in either forward, a dropped task or chunk, and the inexact batch norm
     under vmap that the written-out one exists for."""
     model, flat, batch = _conv4_problem()
@@ -80,8 +80,10 @@ def test_conv4_meta_gradient_paths_equal_references(first_order):
     ref = _reference_meta_gradient(model, flat, batch, 0.4, first_order)
     twin = _reference_meta_gradient(_torch_batch_norm_twin(model), flat, batch, 0.4, first_order)
     torch.testing.assert_close(twin, ref, rtol=1e-9, atol=1e-11)
-    for path, chunk in (("loop", None), ("vmap", None), ("vmap", 2)):
-        grads, _ = meta_gradient(path, loss, batched, views, batch, 0.4, 1, first_order, chunk)
+    channels_last = make_loss(fm.first_order_forward, F.cross_entropy)
+    for path, chunk, query in (("loop", None, None), ("loop", None, channels_last), ("vmap", None, None),
+                               ("vmap", 2, None)):
+        grads, _ = meta_gradient(path, loss, batched, views, batch, 0.4, 1, first_order, chunk, query)
         torch.testing.assert_close(fm.layout.join(grads), ref, rtol=1e-9, atol=1e-11, msg=f"{path} chunk {chunk}")
     assert ref.abs().sum() > 0
 
@@ -92,7 +94,7 @@ def test_conv4_functional_forwards_equal_module():
     model, flat, batch = _conv4_problem()
     fm = functional(model)
     x = batch.support_x[0]
-    for forward in (fm.forward, fm.batched_forward, fm.eval_forward):
+    for forward in (fm.forward, fm.batched_forward, fm.first_order_forward):
         torch.testing.assert_close(forward(fm.layout.split(flat), x), model(x), rtol=1e-12, atol=1e-12)
 
 
@@ -106,7 +108,7 @@ def test_conv4_evaluation_paths_agree():
     def accuracy(logits, y):
         return (logits.argmax(-1) == y).to(logits.dtype).mean()
 
-    looped = adaptation_curves_loop(fm.eval_forward, F.cross_entropy, views, batch, 0.4, 3, accuracy)
+    looped = adaptation_curves_loop(fm.first_order_forward, F.cross_entropy, views, batch, 0.4, 3, accuracy)
     vmapped = adaptation_curves(fm.batched_forward, F.cross_entropy, views, batch, 0.4, 3, accuracy, chunk=2)
     torch.testing.assert_close(looped[0], vmapped[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(looped[1], vmapped[1], rtol=0, atol=0)

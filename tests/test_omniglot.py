@@ -146,7 +146,7 @@ def test_lazy_test_set_and_chunked_evaluation_match_eager_ones(tmp_path):
     the same seed, and Learner.evaluate gives the same figures whether it gathers 3 tasks at a time or all 10.
 
     Catches evaluation chunks that skip, repeat or reorder tasks, and a confidence interval computed per chunk."""
-    from dif_maml_dist.agent import Learner
+    from dif_maml_dist.learner import Learner
     from dif_maml_dist.config import Config, validate
 
     make_fixture(tmp_path, LAYOUT)

@@ -9,7 +9,7 @@ import torch
 from dif_maml_dist import simulate
 from dif_maml_dist.config import TopologyConfig
 from dif_maml_dist.loop import run_loop
-from dif_maml_dist.metrics import ListSink
+from dif_maml_dist.metrics import ListSink, figures
 from dif_maml_dist.simulate import Simulation
 from dif_maml_dist.topology import build_topology, strategy_weights
 
@@ -41,18 +41,26 @@ def test_vectorized_engine_equals_per_agent_engine(strategy, meta_batch, optim, 
 
 def test_vectorized_evaluation_equals_per_agent_evaluation(monkeypatch):
     """Every agent's test figures from one vmap over agents (in chunks of 4: 6 = 4 + 2) equal each agent
-    evaluated alone (float64): catches agents' figures swapped, a chunk dropped, or agents mixed in the vmap."""
+    evaluated alone (float64), also when agents share a model (evaluated once): catches agents' figures swapped,
+    a chunk dropped, agents mixed in the vmap, or shared models mapped back to the wrong agents."""
     monkeypatch.setattr(simulate, "_EVAL_AGENT_CHUNK", 4)
     cfg = small_config("noncooperative", iterations=3)
     sim = Simulation(cfg, strategy_weights("noncooperative", PAPER6), vectorize=True)
     for _ in range(3):
         sim.step()
-    together = sim.evaluate_agents(3, final=True)
+    together = [figures(c) for c in sim.agent_curves(3, final=True)]
     assert len(together) == 6
     for k in range(6):
         alone = sim.learner.evaluate(sim.states()[k].detach(), cfg.maml.inner_lr, 3, final=True)
         np.testing.assert_allclose(together[k]["loss"], alone["loss"], rtol=1e-12)
     assert together[0]["loss"] != together[5]["loss"]  # the agents' models differ
+    with torch.no_grad():  # agents 1 and 4 hold agent 3's model (evaluated once): each still gets its figures
+        sim.params[1] = sim.params[3]
+        sim.params[4] = sim.params[3]
+    shared = [figures(c) for c in sim.agent_curves(3, final=True)]
+    assert shared[1] == shared[3] == shared[4]
+    for k in (0, 3, 5):
+        np.testing.assert_allclose(shared[k]["loss"], together[k]["loss"], rtol=1e-12)
 
 
 def test_sparse_and_dense_combine_agree():
@@ -68,8 +76,11 @@ def test_sparse_and_dense_combine_agree():
 
 def test_simulation_runs_the_shared_schedule():
     """Through run_loop the simulator writes the runtime's records: one stream per agent, network records at
-    0, every eval_every and the end, and final figures for every agent."""
+    0, every eval_every and the end, and final figures for every agent. The end's record, taken from the final
+    evaluation (more tasks, more steps), equals a fresh periodic evaluation: catches a wrong slice of tasks or
+    steps."""
     cfg = small_config("dif_maml", iterations=8)
+    cfg.task.final_eval_tasks = 30  # the periodic set (20) is a prefix of a longer final one
     sim = Simulation(cfg, PAPER6.weights)
     sinks, net = [ListSink() for _ in range(6)], ListSink()
     result = run_loop(sim, sinks, net)
@@ -77,6 +88,13 @@ def test_simulation_runs_the_shared_schedule():
     assert [r["iteration"] for r in net.records] == [0, 4, 8]
     assert [a["agent"] for a in result.network["agents"]] == list(range(6))
     assert result.network["agents"][2]["bytes_sent"] == 4 * sim.layout.numel * 8 * 8  # degree 4, float64, 8 its
+    # The last periodic record is read off the final evaluation: it must equal a fresh periodic evaluation.
+    fresh = figures(sim.shared_curves(sim.states().mean(0), cfg.maml.eval_inner_steps))
+    assert net.records[-1]["centroid_test_loss_post"] == pytest.approx(fresh["loss"][-1], rel=1e-12)
+    assert net.records[-1]["centroid_test_loss_pre"] == pytest.approx(fresh["loss"][0], rel=1e-12)
+    agent3 = figures(sim.agent_curves(cfg.maml.eval_inner_steps)[3])
+    assert sinks[3].records[-1]["test_loss_post"] == pytest.approx(agent3["loss"][-1], rel=1e-12)
+    assert sim.learner.num_tests(final=True) > cfg.task.eval_tasks and cfg.maml.final_adapt_steps > 1
 
 
 def test_saved_agent_model_holds_that_agent_only(tmp_path):

@@ -1,0 +1,91 @@
+"""A task family bound to a device and dtype: the model as pure functions, its losses, and the shared test tasks;
+what an agent (or the simulator) trains and evaluates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import Config
+from .flat import FlatLayout
+from .maml import LossFn, TaskBatch, adaptation_curves, adaptation_curves_loop, choose_path, make_loss
+from .metrics import Curves, figures
+from .models import FunctionalModel, functional
+from .tasks import TaskFamily, TaskSet, task_family
+
+
+@dataclass
+class Learner:
+    """A task family bound to a device and dtype: what an agent (or the simulator) trains and evaluates."""
+
+    family: TaskFamily
+    model: FunctionalModel
+    loss: LossFn  #: ``loss(params, x, y)``, one task at a time (the per-task loop)
+    query_loss: LossFn  #: the same, for where it is differentiated once only (the per-task loop's query loss)
+    batched_loss: LossFn  #: the same, exact under vmap (the vmap path, the simulator)
+    tests: TaskSet  #: the shared test tasks of the final figures (TaskBatch on the device, or a lazy EpisodeSet)
+    eval_tasks: int  #: the first eval_tasks of ``tests`` are evaluated during training
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def layout(self) -> FlatLayout:
+        return self.model.layout
+
+    @classmethod
+    def build(cls, cfg: Config, device: torch.device, dtype: torch.dtype) -> "Learner":
+        family = task_family(cfg)
+        model = functional(family.build_model().to(device=device, dtype=dtype))
+        t = cfg.task
+        # One seeded stream: the periodic test set is the first eval_tasks tasks of the final one.
+        tests = family.eval_set(cfg.seed, max(t.final_eval_tasks or t.eval_tasks, t.eval_tasks))
+        if isinstance(tests, TaskBatch):
+            tests = tests.to(device, dtype)  # small enough to live on the device for the whole run
+        crit = family.criterion
+        return cls(family, model, make_loss(model.forward, crit), make_loss(model.first_order_forward, crit),
+                   make_loss(model.batched_forward, crit), tests, t.eval_tasks, device, dtype)
+
+    @property
+    def eval_path(self) -> str:
+        """How test tasks are adapted: vmap over a chunk of tasks, or one task at a time (the same choice as the
+        meta-gradient's ``auto``, at the chunk size)."""
+        return choose_path("auto", self.model.kind, self.family.eval_chunk)
+
+    def num_tests(self, final: bool) -> int:
+        return len(self.tests) if final else self.eval_tasks
+
+    def curves(self, params: Tensor, inner_lr: float, max_steps: int, start: int, stop: int,
+               over_agents: bool = False) -> Curves:
+        """Per-task test loss (and metric) after 0..max_steps adaptation steps on test tasks ``start:stop``:
+        ``[tasks, max_steps+1]``, or ``[agents, tasks, max_steps+1]`` for stacked ``[agents, P]`` params
+        (``over_agents``)."""
+        if over_agents and self.eval_path == "loop":
+            parts = [self.curves(p, inner_lr, max_steps, start, stop) for p in params]
+            return (torch.stack([p[0] for p in parts]),
+                    None if self.family.metric is None else torch.stack([p[1] for p in parts]))
+        chunk, parts = self.family.eval_chunk, []
+        if over_agents:  # the vmap holds agents x tasks adapted models at once: keep that product bounded
+            chunk = max(1, chunk // params.shape[0])
+        if start >= stop:  # more ranks than test tasks: this one has none
+            empty = params.new_zeros((*params.shape[:-1], 0, max_steps + 1))
+            return empty, (empty if self.family.metric is not None else None)
+        views = self.layout.split(params)
+        fam = self.family
+        for i in range(start, stop, chunk):  # gathered a chunk at a time: see tasks.episodes.EpisodeSet
+            batch = self.tests.slice(i, min(i + chunk, stop)).to(self.device, self.dtype)
+            if self.eval_path == "loop":
+                parts.append(adaptation_curves_loop(self.model.first_order_forward, fam.criterion, views, batch, inner_lr,
+                                                    max_steps, fam.metric))
+            else:
+                parts.append(adaptation_curves(self.model.batched_forward, fam.criterion, views, batch, inner_lr,
+                                               max_steps, fam.metric, chunk=chunk, over_agents=over_agents))
+        dim = 1 if over_agents else 0
+        losses = torch.cat([p[0] for p in parts], dim=dim)
+        return losses, torch.cat([p[1] for p in parts], dim=dim) if fam.metric is not None else None
+
+    def evaluate(self, params: Tensor, inner_lr: float, max_steps: int, final: bool = False) -> dict[str, list[float]]:
+        """Test figures of ``params`` after 0..max_steps adaptation steps on the shared test tasks: mean ``loss``,
+        and where the family has a metric, mean ``accuracy`` with its 95% confidence half-width over tasks."""
+        return figures(self.curves(params, inner_lr, max_steps, 0, self.num_tests(final)))
