@@ -76,8 +76,8 @@ class Learner:
         for i in range(start, stop, chunk):  # gathered a chunk at a time: see tasks.episodes.EpisodeSet
             batch = self.tests.slice(i, min(i + chunk, stop)).to(self.device, self.dtype)
             if self.eval_path == "loop":
-                parts.append(adaptation_curves_loop(self.model.first_order_forward, fam.criterion, views, batch, inner_lr,
-                                                    max_steps, fam.metric))
+                parts.append(adaptation_curves_loop(self.model.first_order_forward, fam.criterion, views, batch,
+                                                    inner_lr, max_steps, fam.metric))
             else:
                 parts.append(adaptation_curves(self.model.batched_forward, fam.criterion, views, batch, inner_lr,
                                                max_steps, fam.metric, chunk=chunk, over_agents=over_agents))

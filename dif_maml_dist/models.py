@@ -43,9 +43,10 @@ class BatchStatNorm2d(nn.Module):
 
     MAML normalises each task's images with that task's own batch statistics (no running averages). PyTorch's
     ``batch_norm`` under ``torch.vmap`` over tasks gives meta-gradients that differ from the per-task loop by
-    ~3e-4 (a functorch batching-rule bug); mean/var written out are exact under both. One task at a time, the
-    native kernel is exact and faster, so :func:`functional` uses it there (:func:`batch_stat_norm`). The affine
-    ``weight`` and ``bias`` are ordinary parameters, adapted and combined like every other.
+    2e-4 to 7e-3 relative in float64 (a functorch batching-rule bug, benchmarks/bench_peers.py); mean/var
+    written out are exact under both. One task at a time, the native kernel is exact and faster, so
+    :func:`functional` uses it there (:func:`batch_stat_norm`). The affine ``weight`` and ``bias`` are ordinary
+    parameters, adapted and combined like every other.
     """
 
     def __init__(self, channels: int, eps: float = 1e-5):

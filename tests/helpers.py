@@ -39,3 +39,26 @@ def simulated_states(cfg: Config, weights, iterations: int, vectorize: bool = Tr
     for _ in range(iterations):
         sim.step()
     return sim.states().detach().clone()
+
+
+def reference_meta_gradient(module, flat, batch, alpha: float, steps: int, first_order: bool, criterion):
+    """The MAML meta-gradient written out with nothing from maml.py or the written-out forwards: the module itself
+    (functional_call) on a flat vector, plain autograd, task by task, the task mean taken before differentiating.
+    The reference the meta-gradient paths are checked against."""
+    import torch
+
+    from dif_maml_dist.flat import FlatLayout
+
+    layout = FlatLayout.of(module)
+    w = flat.detach().clone().requires_grad_(True)
+    total = 0
+    for t in range(len(batch)):
+        xs, ys, xq, yq = (a[t] for a in batch.tensors())
+        adapted = w
+        for _ in range(steps):
+            out = torch.func.functional_call(module, layout.unflatten(adapted), (xs,))
+            (g,) = torch.autograd.grad(criterion(out, ys), adapted, create_graph=not first_order)
+            adapted = adapted - alpha * g
+        total = total + criterion(torch.func.functional_call(module, layout.unflatten(adapted), (xq,)), yq)
+    (grad,) = torch.autograd.grad(total / len(batch), w)
+    return grad

@@ -12,6 +12,8 @@ from dif_maml_dist.flat import FlatLayout
 from dif_maml_dist.maml import TaskBatch, adaptation_curves, adaptation_curves_loop, make_loss, meta_gradient
 from dif_maml_dist.models import BatchStatNorm2d, Conv4, functional, reset_parameters
 
+from .helpers import reference_meta_gradient
+
 
 def test_batch_stat_norm_equals_torch_batch_norm_in_training_mode():
     """Forward values equal F.batch_norm on batch statistics (an implementation sharing no code with ours)."""
@@ -51,34 +53,18 @@ def _torch_batch_norm_twin(model: Conv4) -> nn.Sequential:
     return twin
 
 
-def _reference_meta_gradient(module, flat, batch, alpha, first_order):
-    """One-step MAML meta-gradient with nothing from maml.py or the functional forwards: the module itself
-    (functional_call) on a flat vector, plain autograd, task by task, the mean taken before differentiating."""
-    layout = FlatLayout.of(module)
-    w = flat.clone().requires_grad_(True)
-    total = 0
-    for t in range(len(batch)):
-        xs, ys, xq, yq = (a[t] for a in batch.tensors())
-        out = torch.func.functional_call(module, layout.unflatten(w), (xs,))
-        (g,) = torch.autograd.grad(F.cross_entropy(out, ys), w, create_graph=not first_order)
-        adapted = w - alpha * g
-        total = total + F.cross_entropy(torch.func.functional_call(module, layout.unflatten(adapted), (xq,)), yq)
-    (grad,) = torch.autograd.grad(total / len(batch), w)
-    return grad
-
-
 @pytest.mark.parametrize("first_order", [False, True])
 def test_conv4_meta_gradient_paths_equal_references(first_order):
     """3 tasks, alpha 0.4, float64: the per-task loop (native batch norm; its query loss also channels-last, as
-    agents run it), vmap and chunked vmap (written-out batch norm) equal two plain-autograd references — the module with our written-out norm, and a twin built from
-    nn.BatchNorm2d. Catches a wrong norm in either forward, a dropped task or chunk, and the inexact batch norm
-    under vmap that the written-out one exists for."""
+    agents run it), vmap and chunked vmap (written-out batch norm) equal two plain-autograd references — the
+    module with our written-out norm, and a twin built from nn.BatchNorm2d. Catches a wrong norm in either
+    forward, a dropped task or chunk, and the inexact batch norm under vmap that the written-out one exists for."""
     model, flat, batch = _conv4_problem()
     fm = functional(model)
     views = fm.layout.split(flat)
     loss, batched = make_loss(fm.forward, F.cross_entropy), make_loss(fm.batched_forward, F.cross_entropy)
-    ref = _reference_meta_gradient(model, flat, batch, 0.4, first_order)
-    twin = _reference_meta_gradient(_torch_batch_norm_twin(model), flat, batch, 0.4, first_order)
+    ref = reference_meta_gradient(model, flat, batch, 0.4, 1, first_order, F.cross_entropy)
+    twin = reference_meta_gradient(_torch_batch_norm_twin(model), flat, batch, 0.4, 1, first_order, F.cross_entropy)
     torch.testing.assert_close(twin, ref, rtol=1e-9, atol=1e-11)
     channels_last = make_loss(fm.first_order_forward, F.cross_entropy)
     for path, chunk, query in (("loop", None, None), ("loop", None, channels_last), ("vmap", None, None),

@@ -16,6 +16,8 @@ from dif_maml_dist.maml import (TaskBatch, adaptation_curve, adaptation_curves, 
 from dif_maml_dist.models import MLP, functional
 from dif_maml_dist.tasks import SinusoidTasks
 
+from .helpers import reference_meta_gradient
+
 #: every way to get a meta-gradient: the loop, vmap over the whole batch, and vmap in chunks of 2 tasks
 PATHS = [("loop", None), ("vmap", None), ("vmap", 2)]
 
@@ -79,24 +81,6 @@ def _mlp_setup(seed=1):
     return model, flat
 
 
-def _reference_meta_gradient(model, flat, batch, alpha, steps, first_order):
-    """The MAML meta-gradient written out with nothing from maml.py: the module itself (functional_call) on a
-    flat vector, plain autograd, one task after another, the task mean taken before differentiating."""
-    layout = FlatLayout.of(model)
-    w = flat.detach().clone().requires_grad_(True)
-    total = 0
-    for t in range(len(batch)):
-        xs, ys, xq, yq = (a[t] for a in batch.tensors())
-        adapted = w
-        for _ in range(steps):
-            out = torch.func.functional_call(model, layout.unflatten(adapted), (xs,))
-            (g,) = torch.autograd.grad(F.mse_loss(out, ys), adapted, create_graph=not first_order)
-            adapted = adapted - alpha * g
-        total = total + F.mse_loss(torch.func.functional_call(model, layout.unflatten(adapted), (xq,)), yq)
-    (grad,) = torch.autograd.grad(total / len(batch), w)
-    return grad
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("first_order", [False, True])
 def test_every_path_equals_reference_on_mlp(path, first_order):
@@ -105,7 +89,7 @@ def test_every_path_equals_reference_on_mlp(path, first_order):
     model, flat = _mlp_setup()
     batch = _tasks(5)
     grad, loss = _meta(path, model, flat, batch, 0.01, 2, first_order)
-    ref = _reference_meta_gradient(model, flat, batch, 0.01, 2, first_order)
+    ref = reference_meta_gradient(model, flat, batch, 0.01, 2, first_order, F.mse_loss)
     torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12)
 
 
