@@ -133,7 +133,7 @@ class Agent:
         self.device = torch.device(device)
         self.dtype = getattr(torch, cfg.train.dtype)
         self.learner = learner or Learner.build(cfg, self.device, self.dtype)
-        self.layout, self.loss = self.learner.layout, self.learner.loss
+        self.layout = self.learner.layout
         self.tasks = self.learner.family.sampler(rank, num_agents)
         params = initial_params(cfg, rank, self.dtype, self.device, self.learner.family)
         self.state = AgentState(0, params, make_optimizer(cfg.optim, params),
@@ -188,11 +188,6 @@ class Agent:
         self.exchange_seconds += time.perf_counter() - t1
         return loss
 
-    def evaluate(self, max_steps: int, params: Optional[Tensor] = None, final: bool = False) -> dict[str, list[float]]:
-        """Test figures after 0..max_steps adaptation steps (own or given params), see ``Learner.evaluate``."""
-        p = self.state.params if params is None else params.to(self.device, self.dtype)
-        return self.learner.evaluate(p, self.cfg.maml.inner_lr, max_steps, final)
-
     def named_params(self, params: Optional[Tensor] = None) -> dict[str, Tensor]:
         return self.layout.unflatten(self.state.params if params is None else params)
 
@@ -229,9 +224,7 @@ class AgentCohort:
                 "bytes_sent": self.transport.bytes_sent}
 
     def agent_curves(self, max_steps: int, final: bool = False) -> list[Curves]:
-        learner = self.agent.learner
-        return [learner.curves(self.agent.state.params, self.cfg.maml.inner_lr, max_steps, 0,
-                               learner.num_tests(final))]
+        return [self.agent.learner.test_curves(self.agent.state.params, self.cfg.maml.inner_lr, max_steps, final)]
 
     def all_states(self) -> Tensor:
         return torch.stack(self.transport.all_gather_object(self.agent.state.params.detach().cpu()))

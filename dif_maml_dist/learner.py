@@ -85,7 +85,12 @@ class Learner:
         losses = torch.cat([p[0] for p in parts], dim=dim)
         return losses, torch.cat([p[1] for p in parts], dim=dim) if fam.metric is not None else None
 
+    def test_curves(self, params: Tensor, inner_lr: float, max_steps: int, final: bool = False,
+                    over_agents: bool = False) -> Curves:
+        """:meth:`curves` over the whole periodic test set, or (``final``) the final one."""
+        return self.curves(params, inner_lr, max_steps, 0, self.num_tests(final), over_agents)
+
     def evaluate(self, params: Tensor, inner_lr: float, max_steps: int, final: bool = False) -> dict[str, list[float]]:
         """Test figures of ``params`` after 0..max_steps adaptation steps on the shared test tasks: mean ``loss``,
         and where the family has a metric, mean ``accuracy`` with its 95% confidence half-width over tasks."""
-        return figures(self.curves(params, inner_lr, max_steps, 0, self.num_tests(final)))
+        return figures(self.test_curves(params, inner_lr, max_steps, final))

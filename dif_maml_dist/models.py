@@ -4,8 +4,8 @@ everything MAML computes (:func:`functional`).
 The MAML code runs a model thousands of times per meta-gradient on parameters that are not the module's own
 (adapted weights, other agents' states). ``torch.func.functional_call`` swaps them into the module on every
 call, which costs more than the forward pass of the paper's sinusoid MLP; the written-out forwards below call
-the same ``torch.nn.functional`` ops on the tuple directly. ``tests/test_models.py`` checks each against its
-module.
+the same ``torch.nn.functional`` ops on the tuple directly. ``tests/test_maml.py`` (MLP) and
+``tests/test_conv4.py`` check each against its module.
 """
 
 from __future__ import annotations

@@ -43,7 +43,6 @@ _AGENT_CHUNK = 256
 _EVAL_AGENT_CHUNK = 8
 
 
-
 def sample_agents(samplers: Sequence[Any], gens: Sequence[torch.Generator], num_tasks: int) -> TaskBatch:
     """Every agent's task batch from its own sampler and stream, stacked ``[agents, tasks, ...]``: in one pass
     where the samplers offer it (``sample_agents``), else agent by agent."""
@@ -76,7 +75,7 @@ class Simulation:
         self.device, self.dtype = torch.device(device), getattr(torch, cfg.train.dtype)
         self.vectorize = vectorize
         self.learner = Learner.build(cfg, self.device, self.dtype)
-        self.layout, self.loss = self.learner.layout, self.learner.loss
+        self.layout = self.learner.layout
         self.compute_seconds = self.exchange_seconds = 0.0
         self._iteration = 0
         msg = self.layout.numel * torch.empty((), dtype=self.dtype).element_size()
@@ -155,9 +154,7 @@ class Simulation:
                 "bytes_sent": self._bytes_per_iter[i] * self._iteration}
 
     def shared_curves(self, params: Tensor, max_steps: int, final: bool = False) -> Curves:
-        learner = self.learner
-        return learner.curves(params.to(self.device, self.dtype), self.cfg.maml.inner_lr, max_steps, 0,
-                              learner.num_tests(final))
+        return self.learner.test_curves(params.to(self.device, self.dtype), self.cfg.maml.inner_lr, max_steps, final)
 
     def agent_curves(self, max_steps: int, final: bool = False) -> list[Curves]:
         if not self.vectorize:  # the runtime's own code, agent after agent
@@ -167,11 +164,10 @@ class Simulation:
         states, owner = torch.unique(self.params.detach(), dim=0, return_inverse=True)
         # All agents adapt the same test tasks: one vmap over agents (of the vmap over tasks), a chunk of agents
         # at a time so that the agents x tasks adapted models in flight stay within the family's budget.
-        learner, n = self.learner, self.learner.num_tests(final)
         distinct: list[Curves] = []
         for a in range(0, states.shape[0], _EVAL_AGENT_CHUNK):
-            losses, scores = learner.curves(states[a:a + _EVAL_AGENT_CHUNK], self.cfg.maml.inner_lr, max_steps, 0, n,
-                                            over_agents=True)
+            losses, scores = self.learner.test_curves(states[a:a + _EVAL_AGENT_CHUNK], self.cfg.maml.inner_lr,
+                                                      max_steps, final, over_agents=True)
             distinct += [(losses[j], None if scores is None else scores[j]) for j in range(losses.shape[0])]
         return [distinct[int(i)] for i in owner]
 
