@@ -1,8 +1,8 @@
 """One agent: sample tasks -> meta-gradient -> local optimizer step (Adapt) -> exchange -> Combine.
 
-The agent depends on a :class:`~dif_maml_dist.transport.Transport` (through its combiner and the evaluation
-helpers), never on ``torch.distributed``: the same code runs as a torchrun process, as a thread over the
-in-memory transport, and in tests.
+The agent depends on a :class:`~dif_maml_dist.transport.Transport` (through its combiner, ``gossip.py``, and the
+evaluation helpers), never on ``torch.distributed``: the same code runs as a torchrun process, as a thread over
+the in-memory transport, and in tests.
 """
 
 from __future__ import annotations
@@ -17,57 +17,19 @@ import torch
 from torch import Tensor, nn
 
 from . import seeding
-from .combine import combine
 from .config import Config, OptimConfig
 from .flat import FlatLayout
+from .gossip import make_combiner
 from .learner import Learner
 from .maml import choose_path, meta_gradient
 from .loop import Checkpointer, RunResult, run_loop
 from .metrics import Curves, MetricsSink
 from .models import reset_parameters
+from .schedules import GraphSchedule
 from .tasks import TaskFamily, task_family
-from .topology import CombinePlan
 from .transport import PeerError, Transport
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------- combine step
-class NeighborCombiner:
-    """Dif-MAML: exchange ``phi`` with the graph neighbours, then ``w_k = sum_l A[l, k] phi_l``."""
-
-    def __init__(self, plan: CombinePlan, transport: Transport):
-        self.plan, self.transport = plan, transport
-
-    def __call__(self, phi: Tensor) -> Tensor:
-        return combine(self.plan, phi, self.transport.exchange(phi, self.plan.neighbors))
-
-
-class MeanCombiner:
-    """Centralized baseline: ``A = 11^T/K``, i.e. an all-reduce mean over every agent."""
-
-    def __init__(self, transport: Transport):
-        self.transport = transport
-
-    def __call__(self, phi: Tensor) -> Tensor:
-        return self.transport.all_reduce_mean(phi)
-
-
-class NoCombiner:
-    """Non-cooperative baseline: ``A = I``, nothing is sent."""
-
-    def __call__(self, phi: Tensor) -> Tensor:
-        return phi
-
-
-def make_combiner(strategy: str, plan: CombinePlan, transport: Transport):
-    if strategy == "dif_maml":
-        return NeighborCombiner(plan, transport)
-    if strategy == "centralized":
-        return MeanCombiner(transport)
-    if strategy == "noncooperative":
-        return NoCombiner()
-    raise ValueError(f"unknown strategy {strategy!r}")
 
 
 # ------------------------------------------------------------------------------------------------ agent state
@@ -125,9 +87,9 @@ def initial_params(cfg: Config, agent: int, dtype: torch.dtype, device: torch.de
 class Agent:
     """Agent ``rank`` of ``num_agents``; ``combiner`` decides the strategy."""
 
-    def __init__(self, cfg: Config, rank: int, num_agents: int, combiner: Optional[Callable[[Tensor], Tensor]],
-                 device: torch.device | str = "cpu", learner: Optional[Learner] = None):
-        """``combiner`` maps phi to w (see ``make_combiner``); ``None`` when the caller combines (the simulator).
+    def __init__(self, cfg: Config, rank: int, num_agents: int, device: torch.device | str = "cpu",
+                 learner: Optional[Learner] = None):
+        """Not connected to other agents until :meth:`connect` (the simulator combines for its agents itself).
         ``learner``: share one (its dataset, its test sets) between agents of one process; built if not given."""
         self.cfg, self.rank, self.num_agents = cfg, rank, num_agents
         self.device = torch.device(device)
@@ -136,14 +98,27 @@ class Agent:
         self.layout = self.learner.layout
         self.tasks = self.learner.family.sampler(rank, num_agents)
         params = initial_params(cfg, rank, self.dtype, self.device, self.learner.family)
+        self._initial = params.clone()
         self.state = AgentState(0, params, make_optimizer(cfg.optim, params),
                                 seeding.generator(cfg.seed, seeding.TASKS, rank))
         m = cfg.maml
         self.meta_grad_path = choose_path(m.meta_grad_path, self.learner.model.kind, cfg.task.meta_batch,
                                           m.vmap_min_tasks)
-        self.combiner = combiner
+        self.combiner: Optional[Callable[[Tensor, int], Tensor]] = None  #: (phi, iteration) -> w; see connect
         self.compute_seconds = 0.0  #: time in sampling + meta-gradient + optimizer step
         self.exchange_seconds = 0.0  #: time in the combine step (communication included)
+
+    def connect(self, schedule: GraphSchedule, transport: Transport) -> "Agent":
+        """Combine through ``transport`` with the graphs of ``schedule``, as ``cfg.strategy`` and
+        ``cfg.compression`` say (``gossip.make_combiner``)."""
+        self.combiner = make_combiner(self.cfg, schedule, self.rank, transport, self.initial_params_of)
+        return self
+
+    def initial_params_of(self, agent: int) -> Tensor:
+        """Agent ``agent``'s initial model: a function of the seed, so any agent can compute any other's."""
+        if agent == self.rank or self.cfg.train.init == "shared":
+            return self._initial.clone()
+        return initial_params(self.cfg, agent, self.dtype, self.device, self.learner.family)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":  # kernels are asynchronous: time them honestly
@@ -179,11 +154,14 @@ class Agent:
         loss = self.adapt()
         t1 = time.perf_counter()
         try:
-            combined = self.combiner(self.state.params)
+            combined = self.combiner(self.state.params, self.state.iteration + 1)
         except PeerError as err:
             raise PeerError(f"agent {self.rank}, iteration {self.state.iteration + 1}: {err} "
                             f"[runtime.timeout_s={self.cfg.runtime.timeout_s:g}]", err.peer) from None
-        self.set_combined(combined)
+        if combined is not self.state.params:  # not a local step (strategy.combine_every)
+            self.set_combined(combined)
+        else:
+            self.state.iteration += 1
         self._sync()
         self.exchange_seconds += time.perf_counter() - t1
         return loss
@@ -194,11 +172,14 @@ class Agent:
     def checkpoint_state(self, bytes_sent: int) -> dict[str, Any]:
         """What a checkpoint holds: the loop state (``AgentState``) and the cumulative counters."""
         self.state.bytes_sent = bytes_sent
-        return {**self.state.state_dict(), "compute_s": self.compute_seconds, "exchange_s": self.exchange_seconds}
+        return {**self.state.state_dict(), "compute_s": self.compute_seconds, "exchange_s": self.exchange_seconds,
+                "combiner": self.combiner.state_dict() if self.combiner is not None else {}}
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue from ``checkpoint_state``'s output: the next iteration is the one after it."""
         self.state.load_state_dict(checkpoint)
+        if self.combiner is not None:
+            self.combiner.load_state_dict(checkpoint.get("combiner", {}))
         self.compute_seconds, self.exchange_seconds = float(checkpoint["compute_s"]), float(checkpoint["exchange_s"])
 
 

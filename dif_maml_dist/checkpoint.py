@@ -36,6 +36,7 @@ def fingerprint(cfg: Config, weights: np.ndarray, parameters: int) -> dict[str, 
     """Short hashes of everything a checkpoint's state depends on, by section (so a mismatch can be named)."""
     sections: dict[str, Any] = {
         "seed": cfg.seed, "task": asdict(cfg.task), "model": asdict(cfg.model), "strategy": asdict(cfg.strategy),
+        "compression": asdict(cfg.compression),
         "optim": asdict(cfg.optim), "maml": asdict(cfg.maml),
         "train": {k: getattr(cfg.train, k) for k in _TRAIN_KEYS},
         "topology": {"config": asdict(cfg.topology), "weights": np.round(weights, 12).tolist()},

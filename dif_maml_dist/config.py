@@ -23,6 +23,8 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 RUNTIME_MODES = ("torchrun", "simulate")
 INITS = ("shared", "per_agent")
+COMPRESSIONS = ("none", "topk", "randk", "qsgd", "sign")
+SCHEDULES = ("static", "one_peer_exponential", "random_matching", "resample")
 
 
 @dataclass
@@ -85,6 +87,12 @@ class TopologyConfig:
     #: weights=file: a K x K text file (whitespace- or comma-separated) holding A, where A[l, k] is the weight
     #: agent k gives agent l's state; it must be non-negative, doubly stochastic and supported on the graph's edges
     weight_matrix: Optional[str] = None
+    #: how the graph changes from one combination round to the next; one of SCHEDULES (static: the base graph
+    #: every round; one_peer_exponential: one peer at distance 2^(round mod ceil(log2 K)), whatever the base graph;
+    #: random_matching: a random maximal matching of the base edges; resample: each base edge active with
+    #: probability active_prob). Rounds are derived from seed and round number alone (schedules.py)
+    schedule: str = "static"
+    active_prob: float = 0.5  #: schedule=resample: probability that a base edge is active in a round
 
 
 @dataclass
@@ -92,6 +100,25 @@ class StrategyConfig:
     """How agents cooperate; everything else is shared code."""
 
     name: str = "dif_maml"  #: dif_maml (graph weights), centralized (all-reduce mean), noncooperative (no exchange)
+    #: combine every N-th iteration only (local steps in between); 1: every iteration, as in the paper
+    combine_every: int = 1
+
+
+@dataclass
+class CompressionConfig:
+    """What dif_maml's neighbour exchange sends. ``none`` sends the full state and combines exactly as the paper;
+    the others send a compressed difference to reference copies and combine CHOCO-style (gossip.py)."""
+
+    name: str = "none"  #: one of COMPRESSIONS
+    ratio: float = 0.1  #: topk / randk: fraction of the entries sent, in (0, 1]
+    bits: int = 4  #: qsgd: bits per entry on the wire, sign included, 2..16 (2^(bits-1) - 1 levels)
+    #: consensus step gamma in (0, 1]: how far an agent moves towards its neighbours' reference copies per round.
+    #: None: a step found stable on the sinusoid, which shrinks with what the compressor keeps
+    #: (gossip.consensus_steps: topk 2.5 x ratio, randk ratio, qsgd and sign 0.5)
+    gamma: Optional[float] = None
+    #: step of the reference copies in (0, 1]: copy += zeta * decompressed message (ACTC's damping, for unbiased
+    #: compressors whose noise rivals the signal). None: 1, except qsgd with 2 bits (0.3) or 3 bits (0.5)
+    zeta: Optional[float] = None
 
 
 @dataclass
@@ -165,6 +192,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     maml: MamlConfig = field(default_factory=MamlConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -223,7 +251,38 @@ def validate(cfg: Config) -> Config:
     if g.name == "edge_list" and not g.edge_list:
         raise ValueError("topology=edge_list needs a file: add topology.edge_list=PATH")
 
-    _choice(cfg.strategy.name, STRATEGIES, "strategy")
+    _choice(g.schedule, SCHEDULES, "topology.schedule")
+    if not 0.0 < g.active_prob <= 1.0:
+        raise ValueError(f"topology.active_prob must be in (0, 1], got {g.active_prob}")
+    if g.schedule != "static" and g.weights == "file":
+        raise ValueError(f"topology.schedule={g.schedule} computes each round's weights from its graph; a weight "
+                         f"matrix file fits the static schedule only: use topology.weights=metropolis")
+
+    s = cfg.strategy
+    _choice(s.name, STRATEGIES, "strategy")
+    if s.combine_every < 1:
+        raise ValueError(f"strategy.combine_every must be at least 1 (combine every N-th iteration), "
+                         f"got {s.combine_every}")
+    if g.schedule != "static" and s.name != "dif_maml":
+        raise ValueError(f"topology.schedule={g.schedule} changes dif_maml's neighbour graph; strategy={s.name} "
+                         f"uses no graph: drop the schedule or use strategy=dif_maml")
+
+    c = cfg.compression
+    _choice(c.name, COMPRESSIONS, "compression")
+    if c.name != "none" and s.name != "dif_maml":
+        raise ValueError(f"compression={c.name} compresses dif_maml's neighbour exchange; strategy={s.name} has "
+                         f"none: drop compression or use strategy=dif_maml")
+    if not 0.0 < c.ratio <= 1.0:
+        raise ValueError(f"compression.ratio must be in (0, 1] (the fraction of entries sent), got {c.ratio}")
+    if not 1 <= c.bits <= 16:
+        raise ValueError(f"compression.bits must be in 1..16, got {c.bits}")
+    if c.name == "qsgd" and c.bits < 2:
+        raise ValueError("compression=qsgd needs at least 2 bits (a sign and one level); for 1 bit per entry use "
+                         "compression=sign")
+    if c.gamma is not None and not 0.0 < c.gamma <= 1.0:
+        raise ValueError(f"compression.gamma must be in (0, 1] (the consensus step), got {c.gamma}")
+    if c.zeta is not None and not 0.0 < c.zeta <= 1.0:
+        raise ValueError(f"compression.zeta must be in (0, 1] (the reference copies' step), got {c.zeta}")
 
     o = cfg.optim
     _choice(o.name, OPTIMIZERS, "optim")

@@ -199,8 +199,9 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
         if diverged:
             last = (f"the last good checkpoint is iteration {checkpointer.last} ({checkpointer.where}); "
                     if checkpointer is not None and checkpointer.last is not None else "")
+            hint = "optim.lr or maml.inner_lr" + (" (or compression.gamma)" if cfg.compression.name != "none" else "")
             raise FloatingPointError(f"agents {diverged}: non-finite meta-training loss or parameters by iteration "
-                                     f"{it}; {last}lower optim.lr or maml.inner_lr")
+                                     f"{it}; {last}lower {hint}")
         if is_checkpoint:
             checkpointer.save(it)
         if not is_log:

@@ -27,12 +27,12 @@ from torch import Tensor
 
 from . import seeding
 from .agent import Agent, initial_params, make_optimizer
-from .combine import combine
 from .config import Config
 from .learner import Learner
 from .maml import TaskBatch, batched_meta_gradient
 from .metrics import Curves
-from .topology import combine_plan
+from .gossip import combine_round, gossip_round, make_gossip
+from .schedules import GraphSchedule, static_schedule
 from .transport import ring_all_reduce_bytes
 
 #: Below this density a sparse matrix product is used for the combine (large, sparse graphs).
@@ -53,14 +53,14 @@ def sample_agents(samplers: Sequence[Any], gens: Sequence[torch.Generator], num_
     return TaskBatch(*(torch.stack(parts) for parts in zip(*(b.tensors() for b in batches))))
 
 
-def nominal_bytes_per_iteration(strategy: str, weights: np.ndarray, agent: int, message_bytes: int) -> int:
-    """What the torchrun runtime sends per iteration for this agent (the simulator sends nothing itself)."""
-    k = weights.shape[0]
-    if strategy == "dif_maml":
-        return combine_plan(weights, agent).degree * message_bytes
-    if strategy == "centralized":
-        return ring_all_reduce_bytes(k, message_bytes)
-    return 0
+def _mixing_operator(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``A^T`` as a tensor, sparse (CSR) on the CPU for sparse graphs."""
+    a_t = torch.as_tensor(a.T, dtype=dtype, device=device)
+    if np.count_nonzero(a) / a.size < _SPARSE_BELOW and device.type == "cpu":
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": a plain product is all we use
+            warnings.simplefilter("ignore", UserWarning)
+            return a_t.to_sparse_csr()
+    return a_t
 
 
 class Simulation:
@@ -68,8 +68,12 @@ class Simulation:
 
     is_root = True
 
-    def __init__(self, cfg: Config, weights: np.ndarray, device: torch.device | str = "cpu", vectorize: bool = True):
-        self.cfg, self.weights = cfg, np.asarray(weights, dtype=np.float64)
+    def __init__(self, cfg: Config, schedule: GraphSchedule | np.ndarray, device: torch.device | str = "cpu",
+                 vectorize: bool = True):
+        """``schedule``: the graphs of every round, or a static weight matrix (the strategy's A, 11^T/K or I)."""
+        self.cfg = cfg
+        self.schedule = schedule if isinstance(schedule, GraphSchedule) else static_schedule(schedule)
+        self.weights = self.schedule.static_weights
         k = self.weights.shape[0]
         self.num_agents, self.agent_ids = k, tuple(range(k))
         self.device, self.dtype = torch.device(device), getattr(torch, cfg.train.dtype)
@@ -78,28 +82,27 @@ class Simulation:
         self.layout = self.learner.layout
         self.compute_seconds = self.exchange_seconds = 0.0
         self._iteration = 0
-        msg = self.layout.numel * torch.empty((), dtype=self.dtype).element_size()
-        self._bytes_per_iter = [nominal_bytes_per_iteration(cfg.strategy.name, self.weights, a, msg) for a in range(k)]
+        self._message_bytes = self.layout.numel * torch.empty((), dtype=self.dtype).element_size()
+        self.bytes_sent = [0] * k  #: what each agent would have handed to the network under torchrun
+        self._mixers: dict[int, Tensor] = {}
         if vectorize:
-            self.params = torch.stack([initial_params(cfg, a, self.dtype, self.device, self.learner.family)
-                                       for a in range(k)])
+            inits = [initial_params(cfg, a, self.dtype, self.device, self.learner.family) for a in range(k)]
+            self.params = torch.stack(inits)
             self.optimizer = make_optimizer(cfg.optim, self.params)
             self.tasks = [self.learner.family.sampler(a, k) for a in range(k)]
             self.rngs = [seeding.generator(cfg.seed, seeding.TASKS, a) for a in range(k)]
             m = cfg.maml
             self._meta_gradients = torch.vmap(batched_meta_gradient(self.learner.batched_loss, m.inner_lr,
                                                                     m.inner_steps, m.first_order, m.vmap_chunk))
-            a_t = torch.as_tensor(self.weights.T, dtype=self.dtype, device=self.device)
-            density = np.count_nonzero(self.weights) / self.weights.size
-            if density < _SPARSE_BELOW and self.device.type == "cpu":
-                with warnings.catch_warnings():  # "sparse CSR support is in beta": a plain product is all we use
-                    warnings.simplefilter("ignore", UserWarning)
-                    self._mix = a_t.to_sparse_csr()
-            else:
-                self._mix = a_t
+            initial = inits.__getitem__
         else:
-            self.agents = [Agent(cfg, a, k, combiner=None, device=self.device, learner=self.learner) for a in range(k)]
-            self.plans = [combine_plan(self.weights, a) for a in range(k)]
+            self.agents = [Agent(cfg, a, k, self.device, self.learner) for a in range(k)]
+            initial = self.agents[0].initial_params_of if cfg.train.init == "shared" else \
+                (lambda a: self.agents[a].initial_params_of(a))
+        # The vectorised engine combines full states with one matrix product; compressed messages go through the
+        # same per-agent gossip objects as torchrun's, as does everything in the per-agent engine.
+        compressed = cfg.strategy.name == "dif_maml" and cfg.compression.name != "none"
+        self.gossips = [make_gossip(cfg, a, initial) for a in range(k)] if compressed or not vectorize else None
 
     # -- state -------------------------------------------------------------------------------------------
     @property
@@ -116,8 +119,21 @@ class Simulation:
         return self.params[i] if self.vectorize else self.agents[i].state.params
 
     # -- one iteration -----------------------------------------------------------------------------------
+    def _mixer(self, r: int) -> Tensor:
+        """Round ``r``'s ``A^T`` (cached for schedules that repeat)."""
+        period = self.schedule.period
+        key = r % period if period is not None else -1
+        if key not in self._mixers or key == -1:
+            self._mixers[key] = _mixing_operator(self.schedule.weights(r), self.dtype, self.device)
+        return self._mixers[key]
+
+    def _full_state_bytes(self, r: int) -> list[int]:
+        return [self.schedule.plan(r, a).degree * self._message_bytes for a in range(self.num_agents)]
+
     def step(self) -> Sequence[Tensor]:
         t0 = time.perf_counter()
+        r = combine_round(self._iteration + 1, self.cfg.strategy.combine_every)
+        sent: Optional[list[int]] = None
         if self.vectorize:
             stacked = sample_agents(self.tasks, self.rngs, self.cfg.task.meta_batch).to(self.device, self.dtype)
             # In chunks of agents: one vmap over a thousand agents is 3x slower than four over 250 (cache).
@@ -131,16 +147,30 @@ class Simulation:
             self.optimizer.step()
             self.params.grad = None
             t1 = time.perf_counter()
-            with torch.no_grad():
-                self.params.copy_(self._mix @ self.params)
+            if r is not None:
+                with torch.no_grad():
+                    if self.gossips is not None:
+                        combined, sent = gossip_round(self.gossips, list(self.params.detach()), self.schedule, r)
+                        self.params.copy_(torch.stack(combined))
+                    else:
+                        self.params.copy_(self._mixer(r) @ self.params)
+                        sent = self._full_state_bytes(r)
             losses = list(losses.detach())
         else:
             losses = [a.adapt() for a in self.agents]
             t1 = time.perf_counter()
-            phis = [a.state.params.clone() for a in self.agents]  # everyone combines the same phi_i
-            for agent, plan in zip(self.agents, self.plans):
-                received = {l: phis[l] for l in plan.neighbors}
-                agent.set_combined(combine(plan, phis[agent.rank], received))
+            if r is not None:
+                phis = [a.state.params.clone() for a in self.agents]  # everyone combines the same phi_i
+                combined, sent = gossip_round(self.gossips, phis, self.schedule, r)
+                for agent, w in zip(self.agents, combined):
+                    agent.set_combined(w)
+            else:
+                for agent in self.agents:
+                    agent.state.iteration += 1
+        if r is not None:
+            if self.cfg.strategy.name == "centralized":  # an all-reduce under torchrun, charged as one
+                sent = [ring_all_reduce_bytes(self.num_agents, self._message_bytes)] * self.num_agents
+            self.bytes_sent = [b + s for b, s in zip(self.bytes_sent, sent)]
         self.compute_seconds += t1 - t0
         self.exchange_seconds += time.perf_counter() - t1
         self._iteration += 1
@@ -151,7 +181,7 @@ class Simulation:
         # Time is the whole simulation's (agents are not separable when vectorised); bytes are what agent i
         # would send under torchrun.
         return {"compute_s": self.compute_seconds, "exchange_s": self.exchange_seconds,
-                "bytes_sent": self._bytes_per_iter[i] * self._iteration}
+                "bytes_sent": self.bytes_sent[i]}
 
     def shared_curves(self, params: Tensor, max_steps: int, final: bool = False) -> Curves:
         return self.learner.test_curves(params.to(self.device, self.dtype), self.cfg.maml.inner_lr, max_steps, final)

@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 import numpy as np
 
 from .config import Config, from_omegaconf
-from .topology import Topology, build_topology, combine_plan, mixing_rate, strategy_weights
+from .schedules import GraphSchedule, build_schedule
+from .topology import Topology, build_topology, mixing_rate, strategy_weights
 
 #: The hydra config groups: conf/ beside the package in a checkout (or editable install); a wheel carries them
 #: as dif_maml_dist/conf (pyproject.toml maps the top-level conf/ there).
@@ -122,6 +123,7 @@ class Plan:
     cfg: Config
     topology: Topology
     weights: np.ndarray  #: the strategy's effective combination matrix (A, 11^T/K or I)
+    schedule: GraphSchedule  #: the graph and weights of every combination round (static: ``weights``)
     run_dir: Path
     #: continue from the run directory's checkpoints: asked for (train.resume), or a torchrun restart
     resuming: bool = False
@@ -144,7 +146,8 @@ def plan_run(cfg: Config, world_size: int, run_dir: Path, restart_count: int = 0
         check_fresh_run_dir(run_dir)
     elif restart_count == 0:
         check_resumable(run_dir)
-    return Plan(cfg, topo, strategy_weights(cfg.strategy.name, topo), run_dir, resuming)
+    weights = strategy_weights(cfg.strategy.name, topo)
+    return Plan(cfg, topo, weights, build_schedule(cfg.topology, cfg.seed, topo.graph, weights), run_dir, resuming)
 
 
 def check_resumable(run_dir: Path) -> None:
@@ -172,6 +175,22 @@ def _log_start(plan: Plan, device) -> None:
              cfg.runtime.mode, device)
 
 
+def _communication(cfg: Config, schedule: GraphSchedule) -> dict:
+    """How the agents communicated: schedule, its mixing rate per round, local steps, compression."""
+    rate, method = schedule.mixing()
+    from .gossip import consensus_steps
+
+    c = cfg.compression
+    compression = {"name": c.name}
+    if c.name != "none":
+        gamma, zeta = consensus_steps(c)
+        compression.update({"gamma": gamma, "zeta": zeta,
+                            **({"ratio": c.ratio} if c.name in ("topk", "randk") else {}),
+                            **({"bits": c.bits} if c.name == "qsgd" else {})})
+    return {"schedule": schedule.name, "mixing_rate_per_round": rate, "mixing_rate_method": method,
+            "combine_every": cfg.strategy.combine_every, "compression": compression}
+
+
 def _write_summary(plan: Plan, result, named_params, extra: dict) -> dict:
     """The root's closing act: centroid model and ``summary.json`` (both written atomically)."""
     from .metrics import save_tensors_atomic, write_json_atomic
@@ -184,6 +203,7 @@ def _write_summary(plan: Plan, result, named_params, extra: dict) -> dict:
         "strategy": cfg.strategy.name, "topology": topo.name, "weights": cfg.topology.weights,
         "num_agents": topo.num_agents, "edges": sorted(sorted(e) for e in topo.graph.edges),
         "lambda2": mixing_rate(plan.weights), "topology_lambda2": topo.lambda2,
+        **_communication(cfg, plan.schedule),
         "optim": cfg.optim.name, "lr": cfg.optim.lr, "iterations": cfg.train.iterations, "seed": cfg.seed,
         "runtime": cfg.runtime.mode, **extra,
         "wall_seconds": result.wall_seconds, "final_eval_seconds": net["final_eval_seconds"],
@@ -224,7 +244,7 @@ def _metric_sinks(run_dir: Path, agent_ids, root: bool, resume_at: int | None = 
 def execute(plan: Plan, env) -> dict | None:
     """Run this process's agent (or, with runtime=simulate, all agents); the root returns the run summary."""
     from . import checkpoint
-    from .agent import Agent, make_combiner, run_agent
+    from .agent import Agent, run_agent
     from .metrics import save_tensors_atomic
     from .runtime import distributed, select_backend, select_device, setup_logging
 
@@ -237,10 +257,11 @@ def execute(plan: Plan, env) -> dict | None:
         setup_logging(env.rank, run_dir / "logs")
         if env.rank == 0:
             _log_start(plan, device)
-        plan_k = combine_plan(plan.weights, env.rank)
-        agent = Agent(cfg, env.rank, topo.num_agents, make_combiner(cfg.strategy.name, plan_k, transport), device)
-        log.info("neighbours %s weights %s (self %.4f), %d parameters, meta-gradient path %s",
+        agent = Agent(cfg, env.rank, topo.num_agents, device).connect(plan.schedule, transport)
+        plan_k = plan.schedule.plan(0, env.rank)
+        log.info("neighbours %s weights %s (self %.4f)%s, %d parameters, meta-gradient path %s",
                  plan_k.neighbors, [round(w, 4) for w in plan_k.neighbor_weights], plan_k.self_weight,
+                 "" if plan.schedule.is_static else f" in round 0 of {plan.schedule.name}",
                  agent.layout.numel, agent.meta_grad_path)
         prints = checkpoint.fingerprint(cfg, plan.weights, agent.layout.numel)
         start = _resume(plan, env, agent, transport, prints) if plan.resuming else None
@@ -306,7 +327,7 @@ def simulate(plan: Plan, device) -> dict:
         torch.set_num_threads(cpu_threads(cfg.runtime))
     setup_logging(0, run_dir / "logs", who="simulator")
     _log_start(plan, device)
-    sim = Simulation(cfg, plan.weights, device, vectorize=cfg.runtime.vectorize)
+    sim = Simulation(cfg, plan.schedule, device, vectorize=cfg.runtime.vectorize)
     with _metric_sinks(run_dir, sim.agent_ids, True) as (sinks, network_sink):
         result = run_loop(sim, sinks, network_sink, progress=True)
     if cfg.train.save_models:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -47,11 +47,12 @@ class Transport(ABC):
         self.bytes_sent = 0  #: training payload handed to the network by this agent so far
 
     @abstractmethod
-    def exchange(self, tensor: Tensor, peers: Sequence[int]) -> dict[int, Tensor]:
-        """Send ``tensor`` to every peer and receive one tensor of the same shape from each.
+    def exchange(self, messages: Mapping[int, Tensor]) -> dict[int, Tensor]:
+        """Send ``messages[p]`` to each peer ``p`` and receive one message from each, of the same shape and dtype
+        as the one sent to it (both ends of an edge send the same kind of payload).
 
-        Every peer must call ``exchange`` with this agent among its peers in the same round (the graph is
-        undirected), otherwise the call waits until the timeout.
+        Every peer must call ``exchange`` with a message for this agent in the same round (the round's graph is
+        undirected), otherwise the call waits until the timeout. The bytes of the messages are counted.
         """
 
     @abstractmethod
@@ -95,15 +96,15 @@ class InMemoryTransport(Transport):
         hub = _Hub(world_size, timeout_s)
         return [cls(hub, r) for r in range(world_size)]
 
-    def exchange(self, tensor: Tensor, peers: Sequence[int]) -> dict[int, Tensor]:
+    def exchange(self, messages: Mapping[int, Tensor]) -> dict[int, Tensor]:
         hub = self.hub
         with hub.cond:
-            for p in peers:
-                hub.mail.setdefault((self.rank, p), []).append(tensor.detach().clone())
-                self.bytes_sent += _nbytes(tensor)
+            for p, message in messages.items():
+                hub.mail.setdefault((self.rank, p), []).append(message.detach().clone())
+                self.bytes_sent += _nbytes(message)
             hub.cond.notify_all()
             received = {}
-            for p in peers:
+            for p in messages:
                 box = hub.mail.setdefault((p, self.rank), [])
                 if not hub.cond.wait_for(lambda: bool(box), timeout=hub.timeout_s):
                     raise PeerError(f"no message from agent {p} within {hub.timeout_s:g} s", peer=p)
@@ -154,14 +155,18 @@ class TorchDistTransport(Transport):
             t = t.cpu()
         return t.contiguous()
 
-    def exchange(self, tensor: Tensor, peers: Sequence[int]) -> dict[int, Tensor]:
-        if not peers:
+    def exchange(self, messages: Mapping[int, Tensor]) -> dict[int, Tensor]:
+        if not messages:
             return {}
-        send = self._wire(tensor)
-        recv = {p: torch.empty_like(send) for p in peers}
+        staged: dict[int, Tensor] = {}  # by id: the full-state exchange sends one tensor to every peer
+        for m in messages.values():
+            if id(m) not in staged:
+                staged[id(m)] = self._wire(m)
+        send = {p: staged[id(m)] for p, m in messages.items()}
+        recv = {p: torch.empty_like(t) for p, t in send.items()}
         ops, peer_of = [], []
-        for p in peers:
-            ops += [dist.P2POp(dist.isend, send, p), dist.P2POp(dist.irecv, recv[p], p)]
+        for p in messages:
+            ops += [dist.P2POp(dist.isend, send[p], p), dist.P2POp(dist.irecv, recv[p], p)]
             peer_of += [p, p]
         # All sends and receives of this round are posted together, so no agent blocks on a send while its
         # peer blocks on another send: plain blocking send/recv in a fixed order deadlocks on odd cycles.
@@ -174,8 +179,8 @@ class TorchDistTransport(Transport):
                 req.wait()
             except RuntimeError as err:
                 raise PeerError(f"no message from agent {p} ({_first_line(err)})", peer=p) from None
-        self.bytes_sent += len(peers) * _nbytes(send)
-        return {p: r.to(tensor.device) for p, r in recv.items()}
+        self.bytes_sent += sum(_nbytes(t) for t in send.values())
+        return {p: r.to(messages[p].device) for p, r in recv.items()}
 
     def all_reduce_mean(self, tensor: Tensor) -> Tensor:
         self._count_all_reduce(tensor)

@@ -31,14 +31,24 @@ def small_config(strategy: str = "dif_maml", iterations: int = 12, optim: str = 
 
 
 
-def simulated_states(cfg: Config, weights, iterations: int, vectorize: bool = True):
-    """Final ``[K, P]`` parameters of the in-process simulator after ``iterations`` lock-step iterations."""
+def schedule_for(cfg: Config, topology):
+    """The graphs of every round for ``cfg``'s strategy and schedule over ``topology`` (as ``train.py`` builds it)."""
+    from dif_maml_dist.schedules import build_schedule
+    from dif_maml_dist.topology import strategy_weights
+
+    return build_schedule(cfg.topology, cfg.seed, topology.graph, strategy_weights(cfg.strategy.name, topology))
+
+
+def simulated_states(cfg: Config, schedule, iterations: int, vectorize: bool = True, with_bytes: bool = False):
+    """Final ``[K, P]`` parameters of the in-process simulator after ``iterations`` lock-step iterations
+    (``schedule``: a GraphSchedule or a static weight matrix), and each agent's bytes if asked."""
     from dif_maml_dist.simulate import Simulation
 
-    sim = Simulation(cfg, weights, vectorize=vectorize)
+    sim = Simulation(cfg, schedule, vectorize=vectorize)
     for _ in range(iterations):
         sim.step()
-    return sim.states().detach().clone()
+    states = sim.states().detach().clone()
+    return (states, list(sim.bytes_sent)) if with_bytes else states
 
 
 def reference_meta_gradient(module, flat, batch, alpha: float, steps: int, first_order: bool, criterion):

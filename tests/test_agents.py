@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from dif_maml_dist.agent import Agent, AgentCohort, AgentState, initial_params, make_combiner, run_agent
+from dif_maml_dist.agent import Agent, AgentCohort, AgentState, initial_params, run_agent
 from dif_maml_dist.learner import Learner
 from dif_maml_dist.combine import combine, combine_dense
 from dif_maml_dist.config import TopologyConfig
 from dif_maml_dist.topology import build_topology, strategy_weights
 from dif_maml_dist.transport import InMemoryTransport
 
-from .helpers import small_config, simulated_states
+from .helpers import schedule_for, simulated_states, small_config
 
 PAPER6 = build_topology(TopologyConfig(name="paper6"))
 
@@ -42,8 +42,7 @@ def run_threads(cfg, weights):
 
     def body(rank):
         try:
-            plan_k = PAPER6.plan(rank) if cfg.strategy.name == "dif_maml" else None
-            agent = Agent(cfg, rank, k, make_combiner(cfg.strategy.name, plan_k, transports[rank]))
+            agent = Agent(cfg, rank, k).connect(schedule_for(cfg, PAPER6), transports[rank])
             agents[rank] = agent
             results[rank] = run_agent(agent, transports[rank])
         except BaseException as err:  # surfaced below; a dead thread would otherwise just hang its peers
@@ -108,7 +107,7 @@ def test_sharded_evaluation_equals_unsharded_task_for_task(world):
     got = [None] * world
 
     def body(rank):
-        cohort = AgentCohort(Agent(cfg, rank, world, None, learner=learner), transports[rank])
+        cohort = AgentCohort(Agent(cfg, rank, world, learner=learner), transports[rank])
         got[rank] = cohort.shared_curves(params, 3, final=True)
 
     threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
@@ -132,7 +131,7 @@ def test_agent_state_round_trip_resumes_identically():
     cfg = small_config("noncooperative", iterations=8)
 
     def fresh():
-        return Agent(cfg, 2, 6, make_combiner("noncooperative", None, None))
+        return Agent(cfg, 2, 6).connect(schedule_for(cfg, PAPER6), None)
 
     straight = fresh()
     for _ in range(8):
@@ -176,7 +175,7 @@ def _run_paper6_threads(tamper, checkpointer=None) -> list:
     errors = [None] * k
 
     def body(rank):
-        agent = Agent(cfg, rank, k, make_combiner("dif_maml", PAPER6.plan(rank), transports[rank]))
+        agent = Agent(cfg, rank, k).connect(schedule_for(cfg, PAPER6), transports[rank])
         tamper(agent)
         try:
             run_agent(agent, transports[rank], checkpointer=None if checkpointer is None else checkpointer(agent))

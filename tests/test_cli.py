@@ -28,15 +28,18 @@ def train(args: list[str], nproc: int | None = None, timeout: float = 300, cwd: 
 
 
 @pytest.mark.parametrize("strategy, extra, degrees", [
-    ("dif_maml", ["seed=3"], PAPER6_DEGREES),
+    ("dif_maml", ["seed=3", "compression=topk", "strategy.combine_every=2"], PAPER6_DEGREES),
     ("centralized", ["optim=sgd"], None),
     ("noncooperative", ["topology=ring"], RING_DEGREES),
 ])
 def test_torchrun_six_agents_short_run(tmp_path, strategy, extra, degrees):
     """A 6-process torchrun job per strategy writes every output, with exactly the traffic the strategy implies.
+    The dif_maml job sends top-10% messages every second iteration: ceil(0.1 x 1761) = 177 float32 values and
+    int32 indices = 1416 bytes per neighbour and combination round.
 
-    Catches: hydra overrides not reaching the agents, ranks writing to different run directories, missing
-    per-agent metrics, and bytes that do not match degree x parameters x iterations (or 0 without exchange).
+    Catches: hydra overrides (and the compression group) not reaching the agents, ranks writing to different run
+    directories, missing per-agent metrics, and bytes that do not match degree x message x rounds (or 0 without
+    exchange).
     """
     iters, run_dir = 40, tmp_path / "run"
     proc = train([f"strategy={strategy}", *extra, f"train.iterations={iters}", "train.eval_every=20",
@@ -49,6 +52,9 @@ def test_torchrun_six_agents_short_run(tmp_path, strategy, extra, degrees):
         assert summary["optim"] == "sgd" and summary["lr"] == 0.005
     if "seed=3" in extra:
         assert summary["seed"] == 3
+        assert summary["compression"] == {"name": "topk", "ratio": 0.1, "gamma": 0.25, "zeta": 1.0}
+        assert summary["combine_every"] == 2 and summary["schedule"] == "static"
+        assert summary["mixing_rate_per_round"] == pytest.approx(0.864, abs=5e-4)
     expected_lambda2 = {"dif_maml": 0.864, "centralized": 0.0, "noncooperative": 1.0}[strategy]
     assert summary["lambda2"] == pytest.approx(expected_lambda2, abs=5e-4)
     for key in ("centroid_test_loss", "disagreement", "wall_seconds"):
@@ -56,8 +62,8 @@ def test_torchrun_six_agents_short_run(tmp_path, strategy, extra, degrees):
     assert len(summary["centroid_adaptation_curve"]) == 11
     for k, agent in enumerate(summary["agents"]):
         assert agent["agent"] == k and len(agent["adaptation_curve"]) == 11
-        bytes_per_iter = {"centralized": 2 * 5 * PARAMS * 4 // 6, "noncooperative": 0}.get(
-            strategy, degrees[k] * PARAMS * 4 if degrees else None)
+        bytes_per_iter = {"centralized": 2 * 5 * PARAMS * 4 // 6, "noncooperative": 0,
+                          "dif_maml": degrees[k] * 177 * 8 // 2}.get(strategy, degrees[k] * PARAMS * 4 if degrees else None)
         assert agent["bytes_sent"] == bytes_per_iter * iters
         records = [json.loads(line) for line in (run_dir / "metrics" / f"agent{k}.jsonl").read_text().splitlines()]
         assert [r["iteration"] for r in records] == [0, 10, 20, 30, 40]
@@ -99,7 +105,8 @@ def _edge_file(tmp_path: Path, text: str) -> str:
 
 @pytest.mark.parametrize("case", ["disconnected", "unknown_topology", "unknown_task", "zero_lr", "negative_alpha",
                                   "missing_node", "nproc_mismatch", "existing_run_dir", "nccl_without_gpu",
-                                  "weights_not_doubly_stochastic", "resume_without_checkpoints"])
+                                  "weights_not_doubly_stochastic", "resume_without_checkpoints",
+                                  "schedule_with_centralized"])
 def test_bad_input_is_one_line_error(tmp_path, case):
     """Each user mistake ends with exit status 2 and exactly one line on stderr naming the problem.
 
@@ -133,6 +140,8 @@ def test_bad_input_is_one_line_error(tmp_path, case):
                                           "stochastic)"),
         "resume_without_checkpoints": (["topology=ring", "topology.num_agents=1", "train.resume=true"],
                                        "holds no checkpoints to resume from"),
+        "schedule_with_centralized": (["strategy=centralized", "topology.schedule=one_peer_exponential"],
+                                      "strategy=centralized uses no graph"),
     }[case]
     if case in ("existing_run_dir", "resume_without_checkpoints"):
         run_dir.mkdir()

@@ -11,17 +11,45 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from dif_maml_dist.agent import Agent, make_combiner, run_agent
+from dif_maml_dist.agent import Agent, run_agent
 from dif_maml_dist.combine import combine, combine_dense
 from dif_maml_dist.config import TopologyConfig
 from dif_maml_dist.runtime import ProcessEnv, distributed
 from dif_maml_dist.topology import build_topology, strategy_weights
 from dif_maml_dist.transport import TorchDistTransport
 
-from .helpers import free_port, simulated_states, small_config
+from .helpers import free_port, schedule_for, simulated_states, small_config
 
 STRATEGIES = ("dif_maml", "centralized", "noncooperative")
 ITERS = 50
+#: Every compressor and every schedule, with local steps, in few runs: (compression, schedule, combine_every).
+VARIANTS = {"topk/matching/every2": ({"name": "topk", "ratio": 0.1}, "random_matching", 2),
+            "randk/exponential": ({"name": "randk", "ratio": 0.2}, "one_peer_exponential", 1),
+            "qsgd/resample": ({"name": "qsgd", "bits": 3}, "resample", 1),
+            "sign/static": ({"name": "sign"}, "static", 1),
+            "none/exponential/every3": ({"name": "none"}, "one_peer_exponential", 3)}
+VARIANT_ITERS = 12
+
+
+def variant_config(name: str):
+    compression, schedule, every = VARIANTS[name]
+    cfg = small_config(iterations=VARIANT_ITERS)
+    for key, value in compression.items():
+        setattr(cfg.compression, key, value)
+    cfg.topology.schedule, cfg.strategy.combine_every = schedule, every
+    return cfg
+
+
+class CountingTransport(TorchDistTransport):
+    """Counts the bytes of every tensor handed to the exchange, apart from the transport's own counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.handed = 0
+
+    def exchange(self, messages):
+        self.handed += sum(m.numel() * m.element_size() for m in messages.values())
+        return super().exchange(messages)
 PAPER6 = build_topology(TopologyConfig(name="paper6"))
 
 
@@ -38,7 +66,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     with distributed(cfg0.runtime, ProcessEnv.from_environ(), torch.device("cpu")) as transport:
         plan = PAPER6.plan(rank)
         phi = _phi()
-        received = transport.exchange(phi[rank], plan.neighbors)
+        received = transport.exchange({p: phi[rank] for p in plan.neighbors})
         out["received_from"] = sorted(received)
         out["received_ok"] = all(torch.equal(received[l], phi[l]) for l in received)
         out["combined"] = combine(plan, phi[rank], received)
@@ -46,12 +74,30 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for strategy in STRATEGIES:
             cfg = small_config(strategy, iterations=ITERS)
             fresh = TorchDistTransport()  # its own byte counter, same process group
-            agent = Agent(cfg, rank, 6, make_combiner(strategy, plan, fresh))
+            agent = Agent(cfg, rank, 6).connect(schedule_for(cfg, PAPER6), fresh)
             result = run_agent(agent, fresh)
             out[strategy] = {"params": agent.state.params, "bytes": result.agents[0]["bytes_sent"],
                              "network": None if result.network is None else
                              {k: result.network[k] for k in ("disagreement", "centroid")}}
+        for name in VARIANTS:
+            cfg = variant_config(name)
+            counting = CountingTransport()
+            agent = Agent(cfg, rank, 6).connect(schedule_for(cfg, PAPER6), counting)
+            result = run_agent(agent, counting)
+            out[name] = {"params": agent.state.params, "bytes": result.agents[0]["bytes_sent"],
+                         "handed": counting.handed}
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+_SPAWNED: list = []
+
+
+def _spawned(tmp_path) -> list:
+    """The six processes' outputs, from one spawn shared by the tests of this module."""
+    if not _SPAWNED:
+        mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=6, join=True)
+        _SPAWNED.extend(torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(6))
+    return _SPAWNED
 
 
 def test_gloo_processes_match_simulator(tmp_path):
@@ -64,8 +110,7 @@ def test_gloo_processes_match_simulator(tmp_path):
     Catches: mis-paired sends/receives, a deadlock-prone exchange (would time out), all-reduce scaling
     mistakes, and any difference between the simulator and the process runtime.
     """
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=6, join=True)
-    outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(6)]
+    outs = _spawned(tmp_path)
     dense = combine_dense(PAPER6.weights, _phi())
     p_bytes = None
     for r, out in enumerate(outs):
@@ -93,3 +138,27 @@ def test_gloo_processes_match_simulator(tmp_path):
         torch.testing.assert_close(net["centroid"], centroid, rtol=1e-12, atol=1e-15)
         assert np.isclose(net["disagreement"], float(((got - centroid) ** 2).sum(1).mean()), rtol=1e-9)
         assert all(o[strategy]["network"] is None for o in outs[1:])
+
+
+def test_compressed_and_scheduled_gloo_runs_equal_the_per_agent_simulator(tmp_path):
+    """Reads the same spawn's runs of every compressor and schedule (with local steps): the six gloo processes end
+    bit for bit where the simulator's per-agent engine ends, and each agent's bytes_sent equals the bytes of the
+    tensors handed to the transport (counted apart from the code's counter), the simulator's count, and — for the
+    scaled sign on the static graph — what its format implies: degree x (8-byte scale + ceil(P/8) bytes) per
+    iteration. Catches: payloads that differ between processes and the simulator (other random draws, other copies),
+    agents disagreeing on a round's graph (a hang: the timeout fails the test), a byte counter that counts the
+    uncompressed state, and local steps that still exchange.
+    """
+    outs = _spawned(tmp_path)
+    for name in VARIANTS:
+        cfg = variant_config(name)
+        expected, sim_bytes = simulated_states(cfg, schedule_for(cfg, PAPER6), VARIANT_ITERS, vectorize=False,
+                                               with_bytes=True)
+        got = torch.stack([o[name]["params"] for o in outs])
+        assert torch.equal(got, expected), name
+        assert [o[name]["bytes"] for o in outs] == [o[name]["handed"] for o in outs] == sim_bytes, name
+        vectorized = simulated_states(cfg, schedule_for(cfg, PAPER6), VARIANT_ITERS)
+        torch.testing.assert_close(got, vectorized, rtol=1e-10, atol=1e-12)
+    sign_bytes = 8 + -(-got.shape[1] // 8)
+    assert [o["sign/static"]["bytes"] for o in outs] == [PAPER6.plan(r).degree * sign_bytes * VARIANT_ITERS
+                                                         for r in range(6)]

@@ -11,13 +11,13 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from dif_maml_dist.agent import Agent, make_combiner, run_agent
+from dif_maml_dist.agent import Agent, run_agent
 from dif_maml_dist.config import TopologyConfig
 from dif_maml_dist.runtime import ProcessEnv, distributed
 from dif_maml_dist.topology import build_topology
 from dif_maml_dist.transport import PeerError
 
-from .helpers import REPO, free_port, small_config
+from .helpers import REPO, free_port, schedule_for, small_config
 
 TIMEOUT_S = 6.0
 HUNG_AGENT, HUNG_AT = 2, 6  # agent 2 stops answering in its 6th exchange
@@ -36,16 +36,16 @@ def _hung_peer_worker(rank: int, port: int, out_dir: str) -> None:
                 calls = [0]
                 real_exchange = transport.exchange
 
-                def exchange(tensor, peers):
+                def exchange(messages):
                     calls[0] += 1
                     if calls[0] == HUNG_AT:
                         result["silent_at"] = time.time()
                         time.sleep(2 * TIMEOUT_S + 5)  # alive but silent, as a hung process
                         raise SystemExit(0)
-                    return real_exchange(tensor, peers)
+                    return real_exchange(messages)
 
                 transport.exchange = exchange
-            agent = Agent(cfg, rank, 4, make_combiner("dif_maml", ring.plan(rank), transport))
+            agent = Agent(cfg, rank, 4).connect(schedule_for(cfg, ring), transport)
             try:
                 run_agent(agent, transport)
             except PeerError as err:
@@ -105,14 +105,17 @@ def test_killed_agent_is_restarted_and_finishes_bit_identical(tmp_path):
 def test_resume_continues_a_run_bit_identically_and_refuses_another_runs_checkpoints(tmp_path):
     """train.resume=true on a finished 10-iteration run (checkpoints every 5) with train.iterations=20 ends with
     exactly the models of a straight 20-iteration run; resuming it under another optimizer is refused in one
-    line naming the difference, with the run directory left as it was.
+    line naming the difference, with the run directory left as it was. The agents exchange qsgd-compressed
+    messages over random matchings, so the per-edge reference copies must be in the checkpoints too.
 
-    Catches a resume that restarts from scratch or from the wrong iteration, state missing from checkpoints,
-    and a resume that clobbers the run it could not continue."""
+    Catches a resume that restarts from scratch or from the wrong iteration, state missing from checkpoints
+    (optimizer moments, RNG, the compressed combine's copies), and a resume that clobbers the run it could not
+    continue."""
     from .test_cli import train
 
     common = ["topology=ring", "topology.num_agents=3", "train.dtype=float64", "train.checkpoint_every=5",
-              "train.eval_every=5", "task.eval_tasks=20", "maml.final_adapt_steps=1"]
+              "train.eval_every=5", "task.eval_tasks=20", "maml.final_adapt_steps=1", "compression=qsgd",
+              "compression.bits=3", "topology.schedule=random_matching"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train([*common, "train.iterations=20", f"hydra.run.dir={straight}"], nproc=3).returncode == 0
     assert train([*common, "train.iterations=10", f"hydra.run.dir={resumed}"], nproc=3).returncode == 0
