@@ -189,9 +189,6 @@ class Topology:
     def num_agents(self) -> int:
         return self.graph.number_of_nodes()
 
-    def plan(self, agent: int) -> CombinePlan:
-        return combine_plan(self.weights, agent)
-
 
 def read_weight_matrix(path: str | Path, graph: nx.Graph) -> np.ndarray:
     """A user's combination matrix from a text file, checked against ``graph`` (``ValueError`` naming the file)."""

@@ -12,7 +12,7 @@ from dif_maml_dist.agent import Agent, AgentCohort, AgentState, initial_params, 
 from dif_maml_dist.learner import Learner
 from dif_maml_dist.combine import combine, combine_dense
 from dif_maml_dist.config import TopologyConfig
-from dif_maml_dist.topology import build_topology, strategy_weights
+from dif_maml_dist.topology import build_topology, combine_plan, strategy_weights
 from dif_maml_dist.transport import InMemoryTransport
 
 from .helpers import schedule_for, simulated_states, small_config
@@ -25,7 +25,7 @@ def test_per_agent_combine_equals_dense_matrix_product():
     phi = torch.randn(6, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     dense = combine_dense(PAPER6.weights, phi)
     for k in range(6):
-        plan = PAPER6.plan(k)
+        plan = combine_plan(PAPER6.weights, k)
         received = {l: phi[l] for l in plan.neighbors}
         torch.testing.assert_close(combine(plan, phi[k], received), dense[k], rtol=1e-14, atol=1e-15)
     # A^T differs from A here (agent 2's column differs from its row in a non-symmetric example):
@@ -83,7 +83,7 @@ def test_in_memory_agents_match_simulator(strategy):
         assert not torch.allclose(got, simulated_states(cfg, np.eye(6), iters), rtol=1e-6, atol=0)
     p_bytes = agents[0].layout.numel * 8
     for k in range(6):
-        expected = {"dif_maml": PAPER6.plan(k).degree * p_bytes * iters,
+        expected = {"dif_maml": combine_plan(PAPER6.weights, k).degree * p_bytes * iters,
                     "centralized": (2 * 5 * p_bytes // 6) * iters, "noncooperative": 0}[strategy]
         assert results[k].agents[0]["bytes_sent"] == expected
     net = results[0].network

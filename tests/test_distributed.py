@@ -15,7 +15,7 @@ from dif_maml_dist.agent import Agent, run_agent
 from dif_maml_dist.combine import combine, combine_dense
 from dif_maml_dist.config import TopologyConfig
 from dif_maml_dist.runtime import ProcessEnv, distributed
-from dif_maml_dist.topology import build_topology, strategy_weights
+from dif_maml_dist.topology import build_topology, combine_plan, strategy_weights
 from dif_maml_dist.transport import TorchDistTransport
 
 from .helpers import free_port, schedule_for, simulated_states, small_config
@@ -64,7 +64,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     cfg0.runtime.timeout_s = 60  # a routing bug must fail the test, not hang it
     out = {}
     with distributed(cfg0.runtime, ProcessEnv.from_environ(), torch.device("cpu")) as transport:
-        plan = PAPER6.plan(rank)
+        plan = combine_plan(PAPER6.weights, rank)
         phi = _phi()
         received = transport.exchange({p: phi[rank] for p in plan.neighbors})
         out["received_from"] = sorted(received)
@@ -114,10 +114,10 @@ def test_gloo_processes_match_simulator(tmp_path):
     dense = combine_dense(PAPER6.weights, _phi())
     p_bytes = None
     for r, out in enumerate(outs):
-        assert out["received_from"] == list(PAPER6.plan(r).neighbors)
+        assert out["received_from"] == list(combine_plan(PAPER6.weights, r).neighbors)
         assert out["received_ok"]
         torch.testing.assert_close(out["combined"], dense[r], rtol=1e-14, atol=1e-15)
-        assert out["exchange_bytes"] == PAPER6.plan(r).degree * 333 * 8
+        assert out["exchange_bytes"] == combine_plan(PAPER6.weights, r).degree * 333 * 8
     for strategy in STRATEGIES:
         cfg = small_config(strategy, iterations=ITERS)
         weights = strategy_weights(strategy, PAPER6)
@@ -130,7 +130,7 @@ def test_gloo_processes_match_simulator(tmp_path):
             assert torch.equal(got, per_agent), strategy
         p_bytes = got.shape[1] * 8
         for r, o in enumerate(outs):
-            expected = {"dif_maml": PAPER6.plan(r).degree * p_bytes * ITERS,
+            expected = {"dif_maml": combine_plan(PAPER6.weights, r).degree * p_bytes * ITERS,
                         "centralized": (2 * 5 * p_bytes // 6) * ITERS, "noncooperative": 0}[strategy]
             assert o[strategy]["bytes"] == expected, (strategy, r)
         net = outs[0][strategy]["network"]
@@ -160,5 +160,5 @@ def test_compressed_and_scheduled_gloo_runs_equal_the_per_agent_simulator(tmp_pa
         vectorized = simulated_states(cfg, schedule_for(cfg, PAPER6), VARIANT_ITERS)
         torch.testing.assert_close(got, vectorized, rtol=1e-10, atol=1e-12)
     sign_bytes = 8 + -(-got.shape[1] // 8)
-    assert [o["sign/static"]["bytes"] for o in outs] == [PAPER6.plan(r).degree * sign_bytes * VARIANT_ITERS
+    assert [o["sign/static"]["bytes"] for o in outs] == [combine_plan(PAPER6.weights, r).degree * sign_bytes * VARIANT_ITERS
                                                          for r in range(6)]
