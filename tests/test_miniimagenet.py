@@ -51,7 +51,7 @@ def csv_fixture(root: Path, split: str, classes: int = 3, per_class: int = 4, si
 @pytest.mark.parametrize("layout", ["pickle", "csv"])
 def test_both_layouts_give_the_same_classes(tmp_path, layout):
     """Classes sorted by name, images grouped by class as [C, n, 3, 84, 84] uint8, colours preserved; the second
-    load comes from the cache file."""
+    load comes from the cache file, and a changed dataset rebuilds it (catches a stale cache used silently)."""
     (pickle_fixture if layout == "pickle" else csv_fixture)(tmp_path, "train")
     data = load_miniimagenet(tmp_path, "train")
     assert data.images.shape == (3, 4, 3, 84, 84) and data.images.dtype == torch.uint8
@@ -61,6 +61,9 @@ def test_both_layouts_give_the_same_classes(tmp_path, layout):
         assert torch.allclose(mean, torch.tensor(class_color(c), dtype=torch.float), atol=3.0)  # JPEG tolerance
     assert (tmp_path / "miniimagenet-train-84.pt").is_file()
     assert torch.equal(load_miniimagenet(tmp_path, "train").images, data.images)
+    # The dataset changes (one more class): the cache follows it instead of serving the old classes.
+    (pickle_fixture if layout == "pickle" else csv_fixture)(tmp_path, "train", classes=4)
+    assert load_miniimagenet(tmp_path, "train").classes[-1] == "n00000003"
 
 
 def test_bad_data_errors_name_the_file(tmp_path):

@@ -53,6 +53,38 @@ def test_reader_builds_a_cache_once_in_the_documented_layout(tmp_path, monkeypat
     assert torch.equal(load_omniglot(tmp_path, progress=False).images, data.images)
 
 
+def test_cache_is_rebuilt_when_the_dataset_changes_and_a_foreign_file_is_refused(tmp_path):
+    """A cache follows its dataset: more characters extracted after the first run (or a drawing replaced) rebuild it
+    with them; once the PNG folders are gone the cache alone still serves. A truncated cache or a file that is not
+    one of ours at the cache's path is a one-line error naming it, and is left as it was.
+    Catches: a stale cache used silently (the new characters missing from training and test), a traceback from a
+    broken cache file, and a user's file overwritten."""
+    make_fixture(tmp_path, LAYOUT)
+    first = load_omniglot(tmp_path, progress=False)
+    assert first.images.shape[0] == 7
+    extra = tmp_path / "more"
+    make_fixture(extra, {"images_evaluation": {"Delta": 1}})
+    (extra / "omniglot-py/images_evaluation/Delta").rename(tmp_path / "omniglot-py/images_evaluation/Delta")
+    grown = load_omniglot(tmp_path, progress=False)
+    assert grown.images.shape[0] == 8 and "evaluation/Delta" in grown.alphabets
+    png = next((tmp_path / "omniglot-py/images_background/Alpha/character01").glob("*.png"))
+    Image.fromarray(np.zeros((105, 105), dtype=bool)).save(png)  # an all-ink drawing replaces the first one
+    assert not torch.equal(load_omniglot(tmp_path, progress=False).images, grown.images)
+    cache = tmp_path / "omniglot-py/cache-28.pt"
+    for part in ("images_background", "images_evaluation"):
+        (tmp_path / "omniglot-py" / part).rename(tmp_path / part)
+    assert load_omniglot(tmp_path, progress=False).images.shape[0] == 8  # the cache is all there is now
+    for content, expect in ((cache.read_bytes()[:1000], "is not a readable dataset cache"),
+                            (b"my notes", "is not a readable dataset cache")):
+        cache.write_bytes(content)
+        with pytest.raises(ValueError, match=f"cache-28.pt {expect} .*delete it"):
+            load_omniglot(tmp_path, progress=False)
+        assert cache.read_bytes() == content
+    torch.save({"weights": torch.zeros(3)}, cache)  # a readable file, but not a dataset cache
+    with pytest.raises(ValueError, match="cache-28.pt is not a dataset cache written by dif_maml_dist"):
+        load_omniglot(tmp_path, progress=False)
+
+
 def test_bad_data_errors_name_the_file_or_folder(tmp_path):
     """Missing root, an empty class folder and a corrupted PNG: one-line errors saying where."""
     with pytest.raises(ValueError, match=r"Omniglot not found: .*images_background is missing"):

@@ -1,12 +1,16 @@
-"""Decoded datasets cached as one tensor file, built once even when every rank of a node asks at the same time."""
+"""Decoded datasets cached as one tensor file, built once even when every rank of a node asks at the same time, and
+rebuilt when the dataset it was built from has changed."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -20,23 +24,66 @@ def exclusive(lock_path: Path) -> Iterator[None]:
         yield
 
 
-def load_or_build(path: Path, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """The dict of tensors/lists saved at ``path``, built by ``build()`` and saved first if the file is missing.
+#: What a cache holds and how it is laid out; a cache written under another version is rebuilt.
+FORMAT = 1
+
+
+def source_fingerprint(files: Iterable[Path], **settings: Any) -> str:
+    """A hash of what a cache is built from: every source file's path, size and modification time, the settings
+    (e.g. the image size) and :data:`FORMAT`. Any file added, removed, replaced or touched changes it."""
+    h = hashlib.sha256(json.dumps({"format": FORMAT, **settings}, sort_keys=True).encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """A cache file's contents; ``ValueError`` naming the file if it is not one of ours (never overwritten then)."""
+    try:
+        data = torch.load(path, weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 (truncated zip, foreign pickle, ...: all mean the same to the user)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"{path} is not a readable dataset cache ({first}); delete it and it is rebuilt from the "
+                         f"dataset on the next run") from None
+    if not isinstance(data, dict) or "images" not in data:
+        raise ValueError(f"{path} is not a dataset cache written by dif_maml_dist; move it away or delete it, and it "
+                         f"is rebuilt from the dataset on the next run")
+    return data
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    # Atomically (a temporary name, then a rename), so a crash mid-build leaves no half-written cache; a process
+    # that has the old file memory-mapped keeps reading it.
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_or_build(path: Path, build: Callable[[], dict[str, Any]], fingerprint: Optional[str]) -> dict[str, Any]:
+    """The dict of tensors/lists saved at ``path``; built by ``build()`` and saved first if the file is missing or
+    was built from other sources (``fingerprint``, from :func:`source_fingerprint`; ``None`` when the sources are
+    gone, and the cache is then used as it is).
 
     All ranks of a torchrun job start together and would all decode the images; an exclusive lock on
-    ``path.lock`` lets one build while the others wait, then find the file. The file appears atomically
-    (written to a temporary name, then renamed), so a crash mid-build leaves no half-written cache. The load is
-    ``weights_only`` (no code runs) and memory-mapped, so the ranks of a node share one copy in the page cache.
+    ``path.lock`` lets one build while the others wait, then find the file. The load is ``weights_only`` (no code
+    runs) and memory-mapped, so the ranks of a node share one copy in the page cache. A file at ``path`` that is
+    not a readable cache is an error naming it, and is left alone.
     """
     path = Path(path)
-    if not path.is_file():
-        with exclusive(path.with_name(path.name + ".lock")):
-            if not path.is_file():
-                data = build()
-                tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-                try:
-                    torch.save(data, tmp)
-                    os.replace(tmp, path)
-                finally:
-                    tmp.unlink(missing_ok=True)
+    if path.is_file():
+        data = _read(path)
+        if fingerprint is None or data.get("fingerprint") == fingerprint:
+            return data
+    assert fingerprint is not None, f"no cache at {path} and no sources to build one from"
+    with exclusive(path.with_name(path.name + ".lock")):
+        if path.is_file():  # built or rebuilt by another rank meanwhile?
+            if _read(path).get("fingerprint") == fingerprint:
+                return torch.load(path, weights_only=True, mmap=True)
+            print(f"{path} was built from other files than the dataset holds now: rebuilding it", file=sys.stderr,
+                  flush=True)
+        _write(path, {**build(), "fingerprint": fingerprint})
     return torch.load(path, weights_only=True, mmap=True)

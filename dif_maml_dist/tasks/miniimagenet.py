@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import seeding
 from ..config import Config
 from ..models import Conv4
-from .cache import load_or_build
+from .cache import load_or_build, source_fingerprint
 from .episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
 
 SPLITS = ("train", "val", "test")
@@ -123,7 +123,15 @@ def load_miniimagenet(root: Path, split: str, size: int = 84) -> ClassImages:
                 "mean": (pixels.mean(axis=0, dtype=np.float64) / 255.0).tolist(),
                 "std": (pixels.std(axis=0, dtype=np.float64) / 255.0).tolist()}
 
-    data = load_or_build(cache, build)
+    if pkl.is_file():
+        fingerprint = source_fingerprint([pkl], dataset="miniimagenet", split=split, size=size)
+    elif table.is_file() and (root / "images").is_dir():
+        images_dir = root / "images"
+        fingerprint = source_fingerprint([table, *sorted(images_dir.iterdir())], dataset="miniimagenet", split=split,
+                                         size=size)
+    else:  # only the cache is left
+        fingerprint = None
+    data = load_or_build(cache, build, fingerprint)
     return ClassImages(data["images"], tuple(data["classes"]), tuple(data["mean"]), tuple(data["std"]))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from .. import seeding
 from ..config import Config
 from ..models import Conv4
-from .cache import exclusive, load_or_build
+from .cache import exclusive, load_or_build, source_fingerprint
 from .episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
@@ -107,6 +108,15 @@ def download_omniglot(root: Path) -> None:
                                  f"without internet, extract omniglot-py.tar.gz into {root} instead") from None
 
 
+def _fingerprint(root: Path, size: int) -> Optional[str]:
+    """Of the PNGs the cache is decoded from; ``None`` when the folders are gone (the cache is all there is)."""
+    base = Path(root) / "omniglot-py"
+    if not all((base / part).is_dir() for part in (BACKGROUND, EVALUATION)):
+        return None
+    files = [f for _, folder in character_folders(root) for f in sorted(folder.glob("*.png"))]
+    return source_fingerprint(files, dataset="omniglot", size=size)
+
+
 def load_omniglot(root: Path, size: int = 28, progress: bool = True, download: bool = False) -> OmniglotImages:
     """The images, from ``ROOT/omniglot-py/cache-<size>.pt`` (decoded and written on first use; with
     ``download``, fetched through torchvision first if the folders are missing)."""
@@ -115,7 +125,7 @@ def load_omniglot(root: Path, size: int = 28, progress: bool = True, download: b
         if download:
             download_omniglot(root)
         character_folders(root)  # a missing dataset is reported before anything is written
-    data = load_or_build(path, lambda: decode_all(root, size, progress))
+    data = load_or_build(path, lambda: decode_all(root, size, progress), _fingerprint(root, size))
     return OmniglotImages(data["images"], tuple(data["alphabets"]), tuple(data["characters"]))
 
 
