@@ -211,6 +211,10 @@ def _positive(value: float, key: str, hint: str = "") -> None:
 
 def validate(cfg: Config) -> Config:
     """Check what the schema's types cannot: names, ranges, consistency. Raises ``ValueError`` (one line)."""
+    for key, value in (("seed", cfg.seed), ("task.split_seed", cfg.task.split_seed),
+                       ("topology.graph_seed", cfg.topology.graph_seed)):
+        if value < 0:  # numpy's seed sequences take non-negative integers only
+            raise ValueError(f"{key} must be a non-negative integer, got {value}")
     t = cfg.task
     _choice(t.name, TASKS, "task")
     if not t.amplitude_min < t.amplitude_max:

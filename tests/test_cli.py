@@ -107,7 +107,7 @@ def _edge_file(tmp_path: Path, text: str) -> str:
 @pytest.mark.parametrize("case", ["disconnected", "unknown_topology", "unknown_task", "zero_lr", "negative_alpha",
                                   "missing_node", "nproc_mismatch", "existing_run_dir", "nccl_without_gpu",
                                   "weights_not_doubly_stochastic", "resume_without_checkpoints",
-                                  "schedule_with_centralized"])
+                                  "schedule_with_centralized", "negative_seed"])
 def test_bad_input_is_one_line_error(tmp_path, case):
     """Each user mistake ends with exit status 2 and exactly one line on stderr naming the problem.
 
@@ -143,6 +143,7 @@ def test_bad_input_is_one_line_error(tmp_path, case):
                                        "holds no checkpoints to resume from"),
         "schedule_with_centralized": (["strategy=centralized", "topology.schedule=one_peer_exponential"],
                                       "strategy=centralized uses no graph"),
+        "negative_seed": (["seed=-1"], "seed must be a non-negative integer, got -1"),
     }[case]
     if case in ("existing_run_dir", "resume_without_checkpoints"):
         run_dir.mkdir()
