@@ -30,6 +30,7 @@ from dif_maml_dist.config import CompressionConfig, Config  # noqa: E402
 from dif_maml_dist.flat import FlatLayout  # noqa: E402
 from dif_maml_dist.gossip import FullStateGossip, make_gossip  # noqa: E402
 from dif_maml_dist.topology import CombinePlan  # noqa: E402
+from dif_maml_dist.transport import nbytes  # noqa: E402
 
 from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
 
@@ -113,9 +114,9 @@ def main() -> None:
             round_s = median_time(one_round)
             message = gossip.outgoing(phi, plan, 0)[1]
             gossip.merge(phi, incoming, plan, 0)
+            size = nbytes(message)
             if full_round is None:
-                full_round, full_bytes = round_s, message.numel() * message.element_size()
-            nbytes = message.numel() * message.element_size()
+                full_round, full_bytes = round_s, size
             if kw:
                 c = gossip.compressor
                 gen = torch.Generator().manual_seed(0)
@@ -123,7 +124,7 @@ def main() -> None:
             else:
                 enc_dec = 0.0
             share_txt = f" {round_s / iteration_s:>11.2%}" if numel > 10000 else ""
-            print(f"  {label:<11} {nbytes:>10} {full_bytes / nbytes:>8.1f}x {enc_dec * 1e3:>10.3f} "
+            print(f"  {label:<11} {size:>10} {full_bytes / size:>8.1f}x {enc_dec * 1e3:>10.3f} "
                   f"{round_s * 1e3:>9.3f} {round_s / full_round:>7.1f}x{share_txt}")
         print()
     print("bytes/msg: payload handed to the transport per neighbour and round; round ms: this agent's outgoing + "

@@ -144,9 +144,11 @@ class Agent:
         return loss
 
     def set_combined(self, combined: Tensor) -> None:
-        """Combine's result becomes w_{k,i}; the iteration is complete."""
-        with torch.no_grad():
-            self.state.params.copy_(combined)
+        """Combine's result becomes w_{k,i} (after a local step, ``strategy.combine_every``, it is phi itself, the
+        parameters as they are); the iteration is complete."""
+        if combined is not self.state.params:
+            with torch.no_grad():
+                self.state.params.copy_(combined)
         self.state.iteration += 1
 
     def step(self) -> Tensor:
@@ -158,10 +160,7 @@ class Agent:
         except PeerError as err:
             raise PeerError(f"agent {self.rank}, iteration {self.state.iteration + 1}: {err} "
                             f"[runtime.timeout_s={self.cfg.runtime.timeout_s:g}]", err.peer) from None
-        if combined is not self.state.params:  # not a local step (strategy.combine_every)
-            self.set_combined(combined)
-        else:
-            self.state.iteration += 1
+        self.set_combined(combined)
         self._sync()
         self.exchange_seconds += time.perf_counter() - t1
         return loss

@@ -39,7 +39,7 @@ from .compression import Compressor, make_compressor
 from .config import CompressionConfig, Config
 from .schedules import GraphSchedule
 from .topology import CombinePlan
-from .transport import Transport
+from .transport import Transport, nbytes
 
 _COMPRESS_STREAM = 6  #: stream name of the random compressors' draws: (seed, 6, sender, round)
 
@@ -47,10 +47,6 @@ _COMPRESS_STREAM = 6  #: stream name of the random compressors' draws: (seed, 6,
 def combine_round(iteration: int, every: int) -> Optional[int]:
     """The combination round that completes iteration ``iteration`` (1-based), or ``None`` for a local step."""
     return None if iteration % every else iteration // every - 1
-
-
-def nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 class Gossip(ABC):

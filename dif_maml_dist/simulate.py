@@ -97,8 +97,10 @@ class Simulation:
             initial = inits.__getitem__
         else:
             self.agents = [Agent(cfg, a, k, self.device, self.learner) for a in range(k)]
-            initial = self.agents[0].initial_params_of if cfg.train.init == "shared" else \
-                (lambda a: self.agents[a].initial_params_of(a))
+            agents = self.agents
+
+            def initial(a: int) -> Tensor:
+                return agents[a].initial_params_of(a)
         # The vectorised engine combines full states with one matrix product; compressed messages go through the
         # same per-agent gossip objects as torchrun's, as does everything in the per-agent engine.
         compressed = cfg.strategy.name == "dif_maml" and cfg.compression.name != "none"
@@ -164,9 +166,9 @@ class Simulation:
                 combined, sent = gossip_round(self.gossips, phis, self.schedule, r)
                 for agent, w in zip(self.agents, combined):
                     agent.set_combined(w)
-            else:
+            else:  # a local step: phi stays
                 for agent in self.agents:
-                    agent.state.iteration += 1
+                    agent.set_combined(agent.state.params)
         if r is not None:
             if self.cfg.strategy.name == "centralized":  # an all-reduce under torchrun, charged as one
                 sent = [ring_all_reduce_bytes(self.num_agents, self._message_bytes)] * self.num_agents

@@ -177,9 +177,9 @@ def _log_start(plan: Plan, device) -> None:
 
 def _communication(cfg: Config, schedule: GraphSchedule) -> dict:
     """How the agents communicated: schedule, its mixing rate per round, local steps, compression."""
-    rate, method = schedule.mixing()
     from .gossip import consensus_steps
 
+    rate, method = schedule.mixing()
     c = cfg.compression
     compression = {"name": c.name}
     if c.name != "none":

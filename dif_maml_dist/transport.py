@@ -24,7 +24,8 @@ class PeerError(RuntimeError):
         self.peer = peer  #: the agent that did not answer (None for a collective, where nobody can tell)
 
 
-def _nbytes(t: Tensor) -> int:
+def nbytes(t: Tensor) -> int:
+    """Bytes a tensor occupies on the wire."""
     return t.numel() * t.element_size()
 
 
@@ -68,7 +69,7 @@ class Transport(ABC):
         """Wait until every agent has reached this point."""
 
     def _count_all_reduce(self, tensor: Tensor) -> None:
-        self.bytes_sent += ring_all_reduce_bytes(self.world_size, _nbytes(tensor))
+        self.bytes_sent += ring_all_reduce_bytes(self.world_size, nbytes(tensor))
 
 
 class _Hub:
@@ -101,7 +102,7 @@ class InMemoryTransport(Transport):
         with hub.cond:
             for p, message in messages.items():
                 hub.mail.setdefault((self.rank, p), []).append(message.detach().clone())
-                self.bytes_sent += _nbytes(message)
+                self.bytes_sent += nbytes(message)
             hub.cond.notify_all()
             received = {}
             for p in messages:
@@ -179,7 +180,7 @@ class TorchDistTransport(Transport):
                 req.wait()
             except RuntimeError as err:
                 raise PeerError(f"no message from agent {p} ({_first_line(err)})", peer=p) from None
-        self.bytes_sent += sum(_nbytes(t) for t in send.values())
+        self.bytes_sent += sum(nbytes(t) for t in send.values())
         return {p: r.to(messages[p].device) for p, r in recv.items()}
 
     def all_reduce_mean(self, tensor: Tensor) -> Tensor:

@@ -34,6 +34,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _figures import pyplot  # launch/_figures.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: name -> overrides; the compressors' consensus steps are their defaults (gossip.consensus_steps).
@@ -178,13 +180,8 @@ def main() -> None:
             print(f"goal {k}: >= {factor}x fewer bytes within {what} of none: "
                   f"{'met by ' + ', '.join(ok) if ok else 'not met'}")
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(no figures: pip install -e '.[plots]')", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     color = {name: plt.cm.tab20(i % 20) for i, name in enumerate(SETTINGS)}  # one colour per setting, both figures
     fig, axes = plt.subplots(1, len(graphs), figsize=(6 * len(graphs), 4.5), squeeze=False)

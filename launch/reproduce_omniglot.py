@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _figures import pyplot  # launch/_figures.py, beside this script
+
 STRATEGIES = ("dif_maml", "centralized", "noncooperative")
 
 
@@ -97,13 +99,8 @@ def main() -> None:
               f"{100 * c['acc_0_steps']:.1f}% → {100 * c['acc_10_steps']:.1f}% | "
               f"{c['training_s']:.0f} / {c['wall_s']:.0f} |")
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: CSVs written, no figure (pip install -e '.[plots]')", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for s, colour in zip(STRATEGIES, ("C0", "C1", "C2")):

@@ -111,8 +111,8 @@ def load_miniimagenet(root: Path, split: str, size: int = 84) -> ClassImages:
         raise ValueError(f"MiniImagenet root {root} is not a folder; set data.root=DIR to the folder holding "
                          f"mini-imagenet-cache-{{train,test}}.pkl, or images/ with train.csv and test.csv")
     cache = root / f"miniimagenet-{split}-{size}.pt"
-    pkl, table = root / f"mini-imagenet-cache-{split}.pkl", root / f"{split}.csv"
-    if not (cache.is_file() or pkl.is_file() or (table.is_file() and (root / "images").is_dir())):
+    pkl, table, image_dir = root / f"mini-imagenet-cache-{split}.pkl", root / f"{split}.csv", root / "images"
+    if not (cache.is_file() or pkl.is_file() or (table.is_file() and image_dir.is_dir())):
         raise ValueError(f"MiniImagenet {split} split not found in {root}: expected mini-imagenet-cache-{split}.pkl, "
                          f"or {split}.csv with an images/ folder")
 
@@ -125,9 +125,8 @@ def load_miniimagenet(root: Path, split: str, size: int = 84) -> ClassImages:
 
     if pkl.is_file():
         fingerprint = source_fingerprint([pkl], dataset="miniimagenet", split=split, size=size)
-    elif table.is_file() and (root / "images").is_dir():
-        images_dir = root / "images"
-        fingerprint = source_fingerprint([table, *sorted(images_dir.iterdir())], dataset="miniimagenet", split=split,
+    elif table.is_file() and image_dir.is_dir():
+        fingerprint = source_fingerprint([table, *sorted(image_dir.iterdir())], dataset="miniimagenet", split=split,
                                          size=size)
     else:  # only the cache is left
         fingerprint = None
