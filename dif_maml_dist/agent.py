@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import seeding
 from .config import Config, OptimConfig
@@ -43,19 +43,17 @@ def make_optimizer(cfg: OptimConfig, params: Tensor) -> torch.optim.Optimizer:
 
 @dataclass
 class AgentState:
-    """Everything that evolves in an agent's loop; ``state_dict`` round-trips it exactly."""
+    """Everything that evolves in an agent's training step; ``state_dict`` round-trips it exactly."""
 
     iteration: int
     params: Tensor  #: flat parameter vector, the agent's w_{k,i}
     optimizer: torch.optim.Optimizer  #: local only, never combined
     rng: torch.Generator  #: the agent's task stream
-    bytes_sent: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         # A snapshot: optimizer.state_dict() holds references to the live moment tensors.
         return {"iteration": self.iteration, "params": self.params.detach().clone(),
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "rng": self.rng.get_state(),
-                "bytes_sent": self.bytes_sent}
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "rng": self.rng.get_state()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -63,12 +61,6 @@ class AgentState:
         self.optimizer.load_state_dict(sd["optimizer"])
         self.rng.set_state(sd["rng"])
         self.iteration = int(sd["iteration"])
-        self.bytes_sent = int(sd["bytes_sent"])
-
-
-def build_model(cfg: Config) -> nn.Module:
-    """The architecture of ``cfg``'s task family (weights as PyTorch initialises them)."""
-    return task_family(cfg).build_model()
 
 
 def initial_params(cfg: Config, agent: int, dtype: torch.dtype, device: torch.device,
@@ -168,18 +160,17 @@ class Agent:
     def named_params(self, params: Optional[Tensor] = None) -> dict[str, Tensor]:
         return self.layout.unflatten(self.state.params if params is None else params)
 
-    def checkpoint_state(self, bytes_sent: int) -> dict[str, Any]:
-        """What a checkpoint holds: the loop state (``AgentState``) and the cumulative counters."""
-        self.state.bytes_sent = bytes_sent
+    def state_dict(self) -> dict[str, Any]:
+        """The agent's whole loop state: ``AgentState``, its combiner's (compression copies), its time counters."""
         return {**self.state.state_dict(), "compute_s": self.compute_seconds, "exchange_s": self.exchange_seconds,
                 "combiner": self.combiner.state_dict() if self.combiner is not None else {}}
 
-    def restore(self, checkpoint: dict[str, Any]) -> None:
-        """Continue from ``checkpoint_state``'s output: the next iteration is the one after it."""
-        self.state.load_state_dict(checkpoint)
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Continue from ``state_dict``'s output: the next iteration is the one after it."""
+        self.state.load_state_dict(sd)
         if self.combiner is not None:
-            self.combiner.load_state_dict(checkpoint.get("combiner", {}))
-        self.compute_seconds, self.exchange_seconds = float(checkpoint["compute_s"]), float(checkpoint["exchange_s"])
+            self.combiner.load_state_dict(sd.get("combiner", {}))
+        self.compute_seconds, self.exchange_seconds = float(sd["compute_s"]), float(sd["exchange_s"])
 
 
 # ------------------------------------------------------------------------------------------------ agent loop
@@ -195,6 +186,15 @@ class AgentCohort:
     @property
     def iteration(self) -> int:
         return self.agent.state.iteration
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint of this process holds: the agent's loop state and the bytes it has sent (counted by
+        the transport, their one owner)."""
+        return {**self.agent.state_dict(), "bytes_sent": self.transport.bytes_sent}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.agent.load_state_dict(sd)
+        self.transport.bytes_sent = int(sd["bytes_sent"])
 
     def step(self) -> list[Tensor]:
         return [self.agent.step()]
@@ -239,7 +239,5 @@ def run_agent(agent: Agent, transport: Transport, sink: MetricsSink | None = Non
               checkpointer: Optional[Checkpointer] = None) -> RunResult:
     """Train ``agent`` as one process of the network (every agent must run this together: evaluation steps
     contain collectives, for diagnostics only)."""
-    result = run_loop(AgentCohort(agent, transport), None if sink is None else [sink], network_sink, progress,
-                      checkpointer)
-    agent.state.bytes_sent = transport.bytes_sent
-    return result
+    return run_loop(AgentCohort(agent, transport), None if sink is None else [sink], network_sink, progress,
+                    checkpointer)

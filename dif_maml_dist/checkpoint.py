@@ -1,17 +1,30 @@
-"""Per-agent checkpoints: written atomically, loaded without running code, matched to the run that wrote them.
+"""Per-agent checkpoints: written atomically, verified on load, loaded without running code, matched to the run
+that wrote them.
 
 Layout: ``RUN_DIR/checkpoints/agent{k}/iter{N:08d}.pt`` holds agent k's loop state after iteration N (parameters,
-optimizer state, task-stream RNG state, counters) and the run's fingerprint. A file appears only complete (written
-to a temporary name, flushed to disk, then renamed), so a process killed mid-write leaves the previous checkpoint
-as its newest. Each agent keeps its ``keep`` newest: agents run in lock-step (each exchange waits for the
-neighbours), so when one dies the others are at most one checkpoint ahead, and the newest iteration that *every*
-agent has is still on disk.
+optimizer state, task-stream RNG state, counters) and the run's fingerprint, as a plain ``torch.save`` file;
+``iter{N:08d}.pt.sha256`` beside it holds the SHA-256 of its bytes, in ``sha256sum`` format (so
+``sha256sum -c iter00000020.pt.sha256`` checks it by hand). Both are written to temporary names and flushed to
+disk first; then the checksum is renamed into place, then the checkpoint. A ``.pt`` therefore appears only
+complete and always after its checksum, so every ``.pt`` that ``available`` lists can be verified; a process
+killed mid-write leaves the previous checkpoint as its newest (and at most a checksum without a checkpoint, which
+counts for nothing and is removed by the next save). ``load`` reads the bytes once, checks them against the
+checksum (a flipped bit or a truncated file is a one-line error naming the file, not a run that diverges later),
+then unpickles those same bytes with ``weights_only=True``. The checksum guards against corruption, not forgery:
+what keeps a planted file from running code is ``weights_only``. A checkpoint without its checksum (written before
+checksums were kept, or the ``.sha256`` lost) is refused; the error says how to vouch for it with ``sha256sum``.
+
+Each agent keeps its ``keep`` newest (pruning removes a checkpoint, then its checksum): agents run in lock-step
+(each exchange waits for the neighbours), so when one dies the others are at most one checkpoint ahead, and the
+newest iteration that *every* agent has is still on disk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
 import re
 from dataclasses import asdict
@@ -23,7 +36,16 @@ import torch
 
 from .config import Config
 
+log = logging.getLogger(__name__)
+
+
+class ResumeError(ValueError):
+    """The run cannot continue from its checkpoints as asked (every rank raises it together; exit status 2)."""
+
+
 _NAME = re.compile(r"^iter(\d{8})\.pt$")
+_SUM = re.compile(r"^iter(\d{8})\.pt\.sha256$")
+_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 #: Config sections that shape the trajectory. Left out on purpose: the schedule's length and bookkeeping
 #: (train.iterations, eval_every, log_every, checkpoint_every, keep_checkpoints, save_models, resume), where the
@@ -54,8 +76,14 @@ def checkpoint_path(run_dir: Path, agent: int, iteration: int) -> Path:
     return agent_dir(run_dir, agent) / f"iter{iteration:08d}.pt"
 
 
+def checksum_path(path: Path) -> Path:
+    """The checksum file of checkpoint ``path`` (``iter{N:08d}.pt.sha256``)."""
+    return path.with_name(path.name + ".sha256")
+
+
 def available(run_dir: Path, agent: int) -> list[int]:
-    """Iterations of agent ``agent``'s complete checkpoints, ascending (temporary files are not complete)."""
+    """Iterations of agent ``agent``'s complete checkpoints, ascending: the ``.pt`` files, each renamed into place
+    only after it and its checksum were on disk (temporary files, and a checksum alone, are not complete)."""
     folder = agent_dir(run_dir, agent)
     if not folder.is_dir():
         return []
@@ -70,35 +98,96 @@ def newest_common(per_agent: Iterable[Iterable[int]]) -> int | None:
     return max(common) if common else None
 
 
-def save(run_dir: Path, agent: int, state: dict[str, Any], prints: dict[str, str], keep: int = 2) -> Path:
-    """Write agent ``agent``'s ``state`` (``state["iteration"]`` names the file) atomically; prune to ``keep``."""
-    path = checkpoint_path(run_dir, agent, int(state["iteration"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+def _write_synced(path: Path, data) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(folder: Path) -> None:
+    """Put the folder's renames on disk, so they survive a power cut in the order they were made."""
     try:
-        with open(tmp, "wb") as f:
-            torch.save({**state, "fingerprint": prints}, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it "complete"
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # platforms that cannot open a folder (the renames are still atomic)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(run_dir: Path, agent: int, state: dict[str, Any], prints: dict[str, str], keep: int = 2) -> Path:
+    """Write agent ``agent``'s ``state`` (``state["iteration"]`` names the file) and its checksum atomically;
+    prune to ``keep``."""
+    path = checkpoint_path(run_dir, agent, int(state["iteration"]))
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save({**state, "fingerprint": prints}, buf)
+    data = buf.getbuffer()
+    digest = hashlib.sha256(data).hexdigest()
+    sums = checksum_path(path)
+    tmp, tmp_sum = (p.with_name(p.name + f".tmp{os.getpid()}") for p in (path, sums))
+    try:
+        _write_synced(tmp, data)  # both on disk before the renames make them "complete"
+        _write_synced(tmp_sum, f"{digest}  {path.name}\n".encode())
+        # Written again (a resumed run re-saving an iteration it had saved before the crash): the old file goes
+        # first, so that no moment pairs the old checkpoint with the new checksum.
+        path.unlink(missing_ok=True)
+        os.replace(tmp_sum, sums)
+        _sync_dir(folder)
         os.replace(tmp, path)
+        _sync_dir(folder)
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_sum.unlink(missing_ok=True)
     for old in available(run_dir, agent)[:-keep]:
-        checkpoint_path(run_dir, agent, old).unlink(missing_ok=True)
+        old_path = checkpoint_path(run_dir, agent, old)
+        old_path.unlink(missing_ok=True)  # the checkpoint first: a checksum alone never counts
+        checksum_path(old_path).unlink(missing_ok=True)
+    for p in folder.iterdir():  # checksums whose checkpoint never landed (a save killed between the two renames)
+        if _SUM.match(p.name) and not p.with_name(p.name[:-len(".sha256")]).exists():
+            p.unlink(missing_ok=True)
     return path
 
 
 def load(run_dir: Path, agent: int, iteration: int, prints: dict[str, str]) -> dict[str, Any]:
-    """Agent ``agent``'s checkpoint of ``iteration``, checked against this run's fingerprint.
+    """Agent ``agent``'s checkpoint of ``iteration``, verified against its checksum and checked against this run's
+    fingerprint.
 
     ``weights_only=True``: tensors and plain containers only, so loading a checkpoint never runs code from it.
-    Raises ``ValueError`` naming the file and the sections that differ, or what is wrong with the file.
+    Raises a one-line ``ValueError`` naming the file and the sections that differ, or what is wrong with the file.
     """
     path = checkpoint_path(run_dir, agent, iteration)
+    sums = checksum_path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err.strerror or err}; delete it to resume from the one "
+                         f"before") from None
+    try:
+        fields = sums.read_text(encoding="ascii").split()
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} has no checksum file {sums.name} (written before checksums were kept, "
+                         f"or the file was lost), so it cannot be verified; if you trust it, write one with "
+                         f"'sha256sum {path.name} > {sums.name}' in {path.parent}, or delete it to resume from the "
+                         f"one before") from None
+    except (OSError, UnicodeDecodeError):
+        fields = []
+    expected = fields[0].lower() if fields else ""
+    if not _HEX.match(expected):
+        raise ValueError(f"checksum file {sums} does not hold a SHA-256; delete it and {path.name} to resume from "
+                         f"the checkpoint before")
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(f"checkpoint {path} is corrupt (its SHA-256 differs from the one recorded in {sums.name} "
+                         f"when it was written); delete it to resume from the one before")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (unpickling errors come in many types)
-        raise ValueError(f"cannot load checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0]}; "
+        raise ValueError(f"cannot load checkpoint {path}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}; "
                          f"delete it to resume from the one before") from None
     theirs = state.get("fingerprint", {}) if isinstance(state, dict) else {}
     differ = sorted(k for k in prints if theirs.get(k) != prints[k])
@@ -122,3 +211,38 @@ class AgentCheckpoints:
         assert state["iteration"] == iteration, (state["iteration"], iteration)
         save(self.run_dir, self.agent, state, self.prints, self.keep)
         self.last = iteration
+
+
+def check_target(start: int, iterations: int, where: Path | str) -> None:
+    """A resume must continue forward: ``train.iterations`` below the checkpoint's iteration is refused."""
+    if start > iterations:
+        raise ValueError(f"train.iterations={iterations}, but the run in {where} is checkpointed at iteration "
+                         f"{start}: resume with train.iterations of at least {start}, or start a new run directory")
+
+
+def resume(cohort, transport, run_dir: Path, rank: int, prints: dict[str, str], iterations: int,
+           restart_count: int = 0) -> int | None:
+    """*Collective*: restore ``cohort`` (its ``load_state_dict``) from the newest iteration that every agent has a
+    checkpoint of; that iteration (``None``: none yet, start from scratch — a torchrun restart before the first
+    checkpoint).
+
+    Agreed through the transport rather than read off one filesystem, so nodes without a shared run directory
+    agree too. A failure on any rank (a checkpoint of another run, a damaged file, a target behind the
+    checkpoint) is every rank's ``ValueError``, with the first rank's message."""
+    start, err = None, None
+    try:
+        start = newest_common(transport.all_gather_object(available(run_dir, rank)))
+        if start is None and restart_count == 0:
+            raise ValueError(f"train.resume=true, but no iteration has a checkpoint from every agent in "
+                             f"{Path(run_dir) / 'checkpoints'}")
+        if start is not None:
+            check_target(start, iterations, run_dir)
+            cohort.load_state_dict(load(run_dir, rank, start, prints))
+    except ValueError as e:
+        err = str(e)
+    errors = [e for e in transport.all_gather_object(err) if e]
+    if errors:
+        raise ResumeError(errors[0])
+    if rank == 0:
+        log.info("resuming from the checkpoints of iteration %s (restart %d)", start, restart_count)
+    return start

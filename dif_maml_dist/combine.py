@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,7 +26,3 @@ def combine(plan: CombinePlan, own: Tensor, received: Mapping[int, Tensor]) -> T
         out.add_(state, alpha=weight)
     return out
 
-
-def combine_dense(a: np.ndarray, phi: Tensor) -> Tensor:
-    """All agents at once: ``W = A^T Phi`` for stacked states ``Phi`` of shape ``[K, P]``."""
-    return torch.as_tensor(a, dtype=phi.dtype, device=phi.device).T @ phi

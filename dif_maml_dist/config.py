@@ -21,6 +21,8 @@ META_GRAD_PATHS = ("auto", "loop", "vmap")
 DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
+#: The shortest runtime.timeout_s accepted: below it, process-group start-up alone would time out.
+MIN_TIMEOUT_S = 5.0
 RUNTIME_MODES = ("torchrun", "simulate")
 INITS = ("shared", "per_agent")
 COMPRESSIONS = ("none", "topk", "randk", "qsgd", "sign")
@@ -179,7 +181,8 @@ class RuntimeConfig:
     #: torch intra-op threads per process on CPU; None: 1 per torchrun agent (agents usually outnumber cores), and
     #: every core this process may use for the simulator (one process runs all agents)
     threads: Optional[int] = None
-    timeout_s: float = 300.0  #: how long a collective or neighbour exchange may wait before the job fails
+    #: how long a collective or neighbour exchange may wait before the job fails (at least ``MIN_TIMEOUT_S``)
+    timeout_s: float = 300.0
 
 
 @dataclass
@@ -328,6 +331,9 @@ def validate(cfg: Config) -> Config:
     if r.threads is not None:
         _positive(r.threads, "runtime.threads")
     _positive(r.timeout_s, "runtime.timeout_s")
+    if r.timeout_s < MIN_TIMEOUT_S:
+        raise ValueError(f"runtime.timeout_s={r.timeout_s:g} is too short: starting the process group alone takes "
+                         f"seconds; use at least {MIN_TIMEOUT_S:g}")
     if tr.resume and r.mode != "torchrun":
         raise ValueError("train.resume=true continues a torchrun job from its checkpoints; the simulator writes none")
     if r.backend == "nccl" and r.device == "cpu":

@@ -4,6 +4,7 @@ what an agent (or the simulator) trains and evaluates."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -35,8 +36,10 @@ class Learner:
         return self.model.layout
 
     @classmethod
-    def build(cls, cfg: Config, device: torch.device, dtype: torch.dtype) -> "Learner":
-        family = task_family(cfg)
+    def build(cls, cfg: Config, device: torch.device, dtype: torch.dtype,
+              family: Optional[TaskFamily] = None) -> "Learner":
+        """``family``: the task family, if the caller has built it already (building one may load a dataset)."""
+        family = family or task_family(cfg)
         model = functional(family.build_model().to(device=device, dtype=dtype))
         t = cfg.task
         # One seeded stream: the periodic test set is the first eval_tasks tasks of the final one.

@@ -249,8 +249,3 @@ def adaptation_curves_loop(forward: Forward, criterion: Criterion, params: Seque
         scores.append(torch.stack([p[1] for p in points]))
     return torch.stack(losses), torch.stack(scores) if metric else None
 
-
-def adaptation_curve(forward: Forward, criterion: Criterion, params: Sequence[Tensor], batch: TaskBatch,
-                     inner_lr: float, max_steps: int, chunk: int = 1000) -> Tensor:
-    """Mean query loss over tasks after 0..max_steps inner SGD steps; shape ``[max_steps+1]``."""
-    return adaptation_curves(forward, criterion, params, batch, inner_lr, max_steps, chunk=chunk)[0].mean(0)

@@ -34,37 +34,96 @@ class NullSink:
 
 
 class JsonlSink:
-    """One JSON object per line, flushed per record so a crashed run keeps everything logged so far."""
+    """One JSON object per line, flushed per record so a crashed run keeps everything logged so far.
+
+    A new stream (``resume_at=None``) opens its file with ``"x"``: it is never appended to another run's stream
+    (two jobs sharing a run directory fail instead).
+
+    A resumed stream (``resume_at=N``, the iteration of the checkpoint the run continues from) leaves the existing
+    file untouched until the resumed run has passed it: it writes the continued stream to a shadow file beside it
+    (``<name>.resuming``): the old records of iterations before N, the resumed run's first record (of iteration
+    N) merged over the old record of N (the old fields kept, e.g. the training loss and timings up to N; the new
+    ones win, including its ``"resumed": true``), then the new records. As soon as a new record's iteration passes
+    the last iteration of the old stream, the shadow replaces the file (``os.replace``, atomic) and writing
+    continues by appending to it. Until then:
+
+    - ``abandon()`` (the resumed run failed: diverged, a peer died) removes the shadow and leaves the old file
+      exactly as it was; so does a process killed outright (the stale shadow is overwritten by the next resume).
+    - ``close()`` (the resumed run finished) commits the shadow anyway: a run that finished is the truth, so old
+      records beyond what it wrote are dropped.
+
+    A line of the old file cut short by a crash is skipped. Once committed (or for a new stream), ``abandon`` only
+    closes the file: what was written stays, as a crash would leave it.
+    """
 
     def __init__(self, path: Path, resume_at: int | None = None):
-        """A new stream; or, with ``resume_at``, the existing one continued from a checkpoint of that iteration:
-        records of iterations from ``resume_at`` on (written after the checkpoint, before the crash) are
-        dropped, since the resumed run writes them again."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.shadow: Path | None = None  #: the shadow file while a resumed stream is not yet committed
+        self._merge: dict[str, Any] | None = None  # the old record of iteration resume_at, until merged
+        self._old_last: int | None = None  # the old stream's last iteration: passing it commits the shadow
+        self._resume_at = resume_at
         if resume_at is None:
-            # "x": a stream is never appended to another run's (two jobs sharing a run directory fail instead).
             self._fh = path.open("x", encoding="utf-8")
             return
         kept = []
         if path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
-                    if json.loads(line)["iteration"] < resume_at:
-                        kept.append(line + "\n")
+                    record = json.loads(line)
+                    it = int(record["iteration"])
                 except (ValueError, KeyError, TypeError):
-                    pass  # a line cut short by the crash
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
-        self._fh = path.open("a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record, allow_nan=True) + "\n")
+                    continue  # a line cut short by the crash
+                self._old_last = it if self._old_last is None else max(self._old_last, it)
+                if it < resume_at:
+                    kept.append(line + "\n")
+                elif it == resume_at:
+                    self._merge = record
+        self.shadow = path.with_name(path.name + ".resuming")
+        self._fh = self.shadow.open("w", encoding="utf-8")  # a stale shadow (a killed resume) is overwritten
+        self._fh.write("".join(kept))
         self._fh.flush()
 
-    def close(self) -> None:
+    def write(self, record: dict[str, Any]) -> None:
+        if self.shadow is not None and self._merge is not None and record.get("iteration") == self._resume_at:
+            record, self._merge = {**self._merge, **record}, None
+        self._fh.write(json.dumps(record, allow_nan=True) + "\n")
+        self._fh.flush()
+        if self.shadow is not None and (self._old_last is None or _after(record.get("iteration"), self._old_last)):
+            self._commit()
+
+    def _commit(self) -> None:
+        """Make the shadow the stream: on disk, then renamed over the old file; keep appending to it."""
+        assert self.shadow is not None
+        os.fsync(self._fh.fileno())
         self._fh.close()
+        os.replace(self.shadow, self.path)
+        self.shadow = None
+        self._fh = self.path.open("a", encoding="utf-8")
+
+    def close(self) -> None:
+        """The run finished: commit a shadow not yet committed; close the file."""
+        if self._fh.closed:
+            return
+        if self.shadow is not None:
+            self._commit()
+        self._fh.close()
+
+    def abandon(self) -> None:
+        """The run failed: drop a shadow not yet committed (the old file stays as it was); close the file."""
+        if self._fh.closed:
+            return
+        self._fh.close()
+        if self.shadow is not None:
+            self.shadow.unlink(missing_ok=True)
+            self.shadow = None
+
+
+def _after(iteration: Any, last: int) -> bool:
+    try:
+        return int(iteration) > last
+    except (TypeError, ValueError):
+        return False
 
 
 class ListSink:

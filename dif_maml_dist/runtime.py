@@ -69,17 +69,19 @@ def cpu_threads(cfg: RuntimeConfig) -> int:
 
 
 @contextmanager
-def distributed(cfg: RuntimeConfig, env: ProcessEnv, device: torch.device) -> Iterator[Transport]:
+def distributed(cfg: RuntimeConfig, env: ProcessEnv, device: torch.device, backend: str | None = None,
+                threads: int | None = None) -> Iterator[Transport]:
     """The process group for one agent, torn down on the way out whatever happens.
 
-    Without torchrun (a single process) this yields a one-agent in-memory transport instead.
+    ``backend`` and ``threads``: as the run's context decided them (by default, from ``cfg``). Without torchrun
+    (a single process) this yields a one-agent in-memory transport instead.
     """
     if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(cfg))
+        torch.set_num_threads(threads if threads is not None else cpu_threads(cfg))
     if not env.under_torchrun:
         yield InMemoryTransport.network(1, cfg.timeout_s)[0]
         return
-    backend = select_backend(cfg, device)
+    backend = backend if backend not in (None, "none") else select_backend(cfg, device)
     if device.type == "cuda":
         # nccl binds a communicator to the current device at its first use: set it before anything else.
         torch.cuda.set_device(device)
@@ -96,9 +98,9 @@ def distributed(cfg: RuntimeConfig, env: ProcessEnv, device: torch.device) -> It
         # a P2P call as the very first operation can hang; on gloo it simply lines everybody up.
         dist.barrier()
         yield TorchDistTransport()
-        # Leave together (normal exit only: after an error a barrier would just wait for the timeout). A rank
-        # that tears down gloo while its peers still finish their last messages and outputs was seen to
-        # abort at exit ("terminate called without an active exception") in about 1 run in 10 here.
+        # Leave together (normal exit only: after an error a barrier would just wait for the timeout): a rank
+        # that tears down gloo while its peers still finish their last messages can abort at exit
+        # ("terminate called without an active exception"; see docs/notes.md).
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -28,10 +28,11 @@ import networkx as nx
 import numpy as np
 
 from .config import SCHEDULES, TopologyConfig
-from .topology import CombinePlan, combine_plan, mixing_rate
+from .topology import (EXACT_SPECTRUM_MAX_AGENTS_NONSYMMETRIC, CombinePlan, combine_plan, mixing_rate)
 
 _SCHEDULE_STREAM = 4  #: stream name for the per-round draws (seeding.py's TASKS, INIT, EVAL are 1-3)
 _MEASURE_STREAM = 5  #: stream of the random starts a random schedule's mixing rate is measured from
+_NOT_COMPUTED = "not computed (too many agents for an exact spectrum, O(K^3))"
 _MEASURE_ROUNDS = 200  #: rounds over which a random schedule's mixing rate is measured
 _MEASURE_VECTORS = 8
 
@@ -131,15 +132,19 @@ class GraphSchedule:
             g.add_edges_from(self.edges(r))
         return g
 
-    def mixing(self) -> tuple[float, str]:
+    def mixing(self) -> tuple[Optional[float], str]:
         """How much one round contracts the disagreement, and how that was found: λ₂ of the static matrix; the
         period's product ``rho(prod A_r^T - 11^T/K)^(1/period)`` for the exponential schedule; for random ones,
-        the measured geometric-mean decay of ``||X - mean||`` over 200 rounds from random starts."""
+        the measured geometric-mean decay of ``||X - mean||`` over 200 rounds from random starts. ``None`` where
+        an exact spectrum would take too long (``topology.EXACT_SPECTRUM_MAX_AGENTS``)."""
         k = self.num_agents
         if k < 2:
             return 0.0, "single agent"
         if self.is_static:
-            return mixing_rate(self.static_weights), "lambda_2 of A"
+            rate = mixing_rate(self.static_weights)
+            return rate, "lambda_2 of A" if rate is not None else _NOT_COMPUTED
+        if self.period is not None and k > EXACT_SPECTRUM_MAX_AGENTS_NONSYMMETRIC:
+            return None, _NOT_COMPUTED
         if self.period is not None:
             product = np.eye(k)
             for r in range(self.period):

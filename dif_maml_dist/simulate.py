@@ -33,6 +33,7 @@ from .maml import TaskBatch, batched_meta_gradient
 from .metrics import Curves
 from .gossip import combine_round, gossip_round, make_gossip
 from .schedules import GraphSchedule, static_schedule
+from .tasks import TaskFamily
 from .transport import ring_all_reduce_bytes
 
 #: Below this density a sparse matrix product is used for the combine (large, sparse graphs).
@@ -69,8 +70,9 @@ class Simulation:
     is_root = True
 
     def __init__(self, cfg: Config, schedule: GraphSchedule | np.ndarray, device: torch.device | str = "cpu",
-                 vectorize: bool = True):
-        """``schedule``: the graphs of every round, or a static weight matrix (the strategy's A, 11^T/K or I)."""
+                 vectorize: bool = True, family: Optional[TaskFamily] = None):
+        """``schedule``: the graphs of every round, or a static weight matrix (the strategy's A, 11^T/K or I);
+        ``family``: the task family, if the caller has built it already."""
         self.cfg = cfg
         self.schedule = schedule if isinstance(schedule, GraphSchedule) else static_schedule(schedule)
         self.weights = self.schedule.static_weights
@@ -78,7 +80,7 @@ class Simulation:
         self.num_agents, self.agent_ids = k, tuple(range(k))
         self.device, self.dtype = torch.device(device), getattr(torch, cfg.train.dtype)
         self.vectorize = vectorize
-        self.learner = Learner.build(cfg, self.device, self.dtype)
+        self.learner = Learner.build(cfg, self.device, self.dtype, family)
         self.layout = self.learner.layout
         self.compute_seconds = self.exchange_seconds = 0.0
         self._iteration = 0

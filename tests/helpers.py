@@ -72,3 +72,11 @@ def reference_meta_gradient(module, flat, batch, alpha: float, steps: int, first
         total = total + criterion(torch.func.functional_call(module, layout.unflatten(adapted), (xq,)), yq)
     (grad,) = torch.autograd.grad(total / len(batch), w)
     return grad
+
+
+def combine_dense(a, phi):
+    """The reference Combine for all agents at once: ``W = A^T Phi`` for stacked states ``Phi`` ``[K, P]`` (the
+    project's convention written as one matrix product)."""
+    import torch
+
+    return torch.as_tensor(a, dtype=phi.dtype, device=phi.device).T @ phi

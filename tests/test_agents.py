@@ -10,12 +10,12 @@ import torch
 
 from dif_maml_dist.agent import Agent, AgentCohort, AgentState, initial_params, run_agent
 from dif_maml_dist.learner import Learner
-from dif_maml_dist.combine import combine, combine_dense
+from dif_maml_dist.combine import combine
 from dif_maml_dist.config import TopologyConfig
 from dif_maml_dist.topology import build_topology, combine_plan, strategy_weights
 from dif_maml_dist.transport import InMemoryTransport
 
-from .helpers import schedule_for, simulated_states, small_config
+from .helpers import combine_dense, schedule_for, simulated_states, small_config
 
 PAPER6 = build_topology(TopologyConfig(name="paper6"))
 

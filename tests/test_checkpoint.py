@@ -1,9 +1,13 @@
-"""Checkpoint files: atomic, pruned, matched to their run, never executing code on load; metric streams resumed."""
+"""Checkpoint files: atomic, checksummed, pruned, matched to their run, never executing code on load; metric streams
+resumed."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import struct
 from dataclasses import replace
 
 import numpy as np
@@ -61,6 +65,95 @@ def test_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
         checkpoint.load(tmp_path, 0, 5, checkpoint.fingerprint(other, ring, 4))
 
 
+def _vouch_for(path):
+    """What ``sha256sum iterN.pt > iterN.pt.sha256`` writes."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    checkpoint.checksum_path(path).write_text(f"{digest}  {path.name}\n")
+
+
+def _one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_flipped_byte_is_a_one_line_error_naming_the_file(tmp_path):
+    """One byte flipped inside the parameters (a file torch.load still reads, giving other numbers) is refused
+    with a one-line error naming the file and what to do. Catches a corrupt checkpoint loading silently and the
+    resumed run diverging later, with the blame on the step sizes."""
+    prints = checkpoint.fingerprint(small_config(), WEIGHTS, 4)
+    path = checkpoint.save(tmp_path, 0, _state(20), prints)
+    data = bytearray(path.read_bytes())
+    at = data.find(struct.pack("<4f", 20, 21, 22, 23))
+    assert at > 0
+    data[at + 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    silently = torch.load(io.BytesIO(bytes(data)), weights_only=True)  # the bug: it loads, with a wrong number
+    assert not torch.equal(silently["params"], torch.arange(4.0) + 20)
+    with pytest.raises(ValueError) as excinfo:
+        checkpoint.load(tmp_path, 0, 20, prints)
+    assert _one_line_error(excinfo) == (
+        f"checkpoint {path} is corrupt (its SHA-256 differs from the one recorded in iter00000020.pt.sha256 when "
+        f"it was written); delete it to resume from the one before")
+
+
+def test_truncated_checkpoint_is_a_one_line_error_naming_the_file(tmp_path):
+    """A checkpoint cut short after it was written (a disk filling, a copy interrupted) is refused as corrupt,
+    in one line naming the file, before unpickling is tried. Catches a truncated file reported as a multi-line
+    zip error or, worse, read in part."""
+    prints = checkpoint.fingerprint(small_config(), WEIGHTS, 4)
+    path = checkpoint.save(tmp_path, 0, _state(20), prints)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"^checkpoint .*iter00000020\.pt is corrupt .*delete it to resume from "
+                                         r"the one before$") as excinfo:
+        checkpoint.load(tmp_path, 0, 20, prints)
+    _one_line_error(excinfo)
+
+
+def test_checksums_are_written_and_pruned_with_their_checkpoints(tmp_path):
+    """Every checkpoint has its ``.sha256`` (in ``sha256sum`` format); pruning removes a checkpoint's checksum
+    with it, a checksum left without its checkpoint (a save killed between the two renames) is not a checkpoint
+    and is removed by the next save, and an iteration saved again (a resumed run) pairs the new file with the new
+    checksum. Catches checksum files piling up, a lone checksum counted as a checkpoint, and a re-saved iteration
+    that no longer verifies."""
+    prints = checkpoint.fingerprint(small_config(), WEIGHTS, 4)
+    folder = checkpoint.agent_dir(tmp_path, 0)
+    for it in (10, 20):
+        checkpoint.save(tmp_path, 0, _state(it), prints, keep=2)
+    (folder / "iter00000030.pt.sha256").write_text("0" * 64 + "  iter00000030.pt\n")  # killed mid-save of 30
+    assert checkpoint.available(tmp_path, 0) == [10, 20]
+    checkpoint.save(tmp_path, 0, _state(40), prints, keep=2)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "iter00000020.pt", "iter00000020.pt.sha256", "iter00000040.pt", "iter00000040.pt.sha256"]
+    line = (folder / "iter00000040.pt.sha256").read_text()
+    assert line == f"{hashlib.sha256((folder / 'iter00000040.pt').read_bytes()).hexdigest()}  iter00000040.pt\n"
+    again = {**_state(40), "params": torch.full((4,), 7.0)}
+    checkpoint.save(tmp_path, 0, again, prints, keep=2)
+    assert torch.equal(checkpoint.load(tmp_path, 0, 40, prints)["params"], torch.full((4,), 7.0))
+    assert checkpoint.available(tmp_path, 0) == [20, 40]
+
+
+def test_checkpoint_without_checksum_is_refused_until_vouched_for(tmp_path):
+    """A checkpoint without its ``.sha256`` (written before checksums were kept, or the file lost) is refused in
+    one line that names the file and the ``sha256sum`` command that vouches for it; once written, it loads.
+    Catches an unverifiable file loading silently, and a refusal that leaves no way to resume an old run."""
+    prints = checkpoint.fingerprint(small_config(), WEIGHTS, 4)
+    path = checkpoint.save(tmp_path, 0, _state(20), prints)
+    checkpoint.checksum_path(path).unlink()
+    assert checkpoint.available(tmp_path, 0) == [20]  # listed, so resuming says what is wrong instead of "none"
+    with pytest.raises(ValueError, match=r"^checkpoint .*iter00000020\.pt has no checksum file "
+                                         r"iter00000020\.pt\.sha256 .*'sha256sum iter00000020\.pt > "
+                                         r"iter00000020\.pt\.sha256' in .*delete it to resume from the one "
+                                         r"before$") as excinfo:
+        checkpoint.load(tmp_path, 0, 20, prints)
+    _one_line_error(excinfo)
+    _vouch_for(path)
+    assert torch.equal(checkpoint.load(tmp_path, 0, 20, prints)["params"], torch.arange(4.0) + 20)
+    checkpoint.checksum_path(path).write_text("not a digest\n")
+    with pytest.raises(ValueError, match=r"^checksum file .*iter00000020\.pt\.sha256 does not hold a SHA-256; "):
+        checkpoint.load(tmp_path, 0, 20, prints)
+
+
 def test_loading_never_runs_code_from_the_file(tmp_path):
     """A checkpoint file carrying a pickled callable (what a malicious file would hold) is refused with a
     one-line error and the callable is not run. Catches torch.load without weights_only."""
@@ -73,6 +166,8 @@ def test_loading_never_runs_code_from_the_file(tmp_path):
     path = checkpoint.checkpoint_path(tmp_path, 0, 7)
     path.parent.mkdir(parents=True)
     torch.save({"iteration": 7, "payload": Exploit()}, path)
+    # A checksum proves integrity, not origin: whoever plants the file can plant its checksum too.
+    _vouch_for(path)
     with pytest.raises(ValueError, match=r"^cannot load checkpoint .*iter00000007\.pt: UnpicklingError"):
         checkpoint.load(tmp_path, 0, 7, {})
     assert not marker.exists()
@@ -80,7 +175,9 @@ def test_loading_never_runs_code_from_the_file(tmp_path):
 
 def test_resumed_metric_stream_drops_records_from_the_checkpoint_on(tmp_path):
     """Resuming at iteration 20 keeps the records before 20 (and a line cut short by the crash is dropped), then
-    appends; a new stream refuses an existing file. Catches duplicated or lost records after a restart."""
+    appends; once the resumed run finishes (close), its records are the stream, even where it stopped before the
+    old one; a new stream refuses an existing file. Catches duplicated or lost records after a restart (more in
+    test_metrics.py)."""
     path = tmp_path / "agent0.jsonl"
     path.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in (0, 10, 20, 30)) + '{"iterati')
     with pytest.raises(FileExistsError):

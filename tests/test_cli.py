@@ -120,7 +120,7 @@ def test_bad_input_is_one_line_error(tmp_path, case):
     matrix.write_text("0.5 0.5 0.2\n0.25 0.5 0.3\n0.25 0.0 0.5\n")
     names_node_5 = _edge_file(tmp_path / "m", "0 1\n1 5\n")
     args, expect = {
-        "disconnected": (["topology=edge_list", f"topology.edge_list={two_components}"],
+        "disconnected": (["runtime=simulate", "topology=edge_list", f"topology.edge_list={two_components}"],
                          "disconnected"),
         "unknown_topology": (["topology=hexagon"], "unknown topology 'hexagon'; choose one of: complete"),
         "unknown_task": (["task=imagenet"], "unknown task 'imagenet'; choose one of: miniimagenet_5w1s, "
@@ -128,18 +128,19 @@ def test_bad_input_is_one_line_error(tmp_path, case):
                                             "sinusoid"),
         "zero_lr": (["optim.lr=0"], "optim.lr must be a positive number"),
         "negative_alpha": (["maml.inner_lr=-0.01"], "maml.inner_lr must be a positive number"),
-        "missing_node": (["topology=edge_list", f"topology.edge_list={names_node_5}",
+        "missing_node": (["runtime=simulate", "topology=edge_list", f"topology.edge_list={names_node_5}",
                           "topology.num_agents=3"], "edges.txt:2: node 5 does not exist"),
         "nproc_mismatch": ([], "has 6 agents but 1 process(es) were started; launch with torchrun --nproc-per-node=6"),
         "existing_run_dir": ([], "already holds a run"),
         # This machine (and CI) has no GPU: asking for nccl must fail before any process group is formed.
         "nccl_without_gpu": (["topology=ring", "topology.num_agents=1", "runtime.backend=nccl"],
                              "runtime.backend=nccl needs GPUs"),
-        "weights_not_doubly_stochastic": (["topology=ring", "topology.num_agents=3", "topology.weights=file",
+        "weights_not_doubly_stochastic": (["runtime=simulate", "topology=ring", "topology.num_agents=3",
+                                           "topology.weights=file",
                                            f"topology.weight_matrix={matrix}"],
                                           "weights.txt: combination matrix row 2 sums to 0.75, not 1 (not doubly "
                                           "stochastic)"),
-        "resume_without_checkpoints": (["topology=ring", "topology.num_agents=1", "train.resume=true"],
+        "resume_without_checkpoints": (["topology=ring", "topology.num_agents=1", "train.resume=yes"],
                                        "holds no checkpoints to resume from"),
         "schedule_with_centralized": (["strategy=centralized", "topology.schedule=one_peer_exponential"],
                                       "strategy=centralized uses no graph"),
@@ -157,6 +158,60 @@ def test_bad_input_is_one_line_error(tmp_path, case):
         assert sorted(p.name for p in run_dir.iterdir()) == ["summary.json"]
     else:
         assert not run_dir.exists()  # a run that never started leaves no directory behind
+
+
+@pytest.mark.parametrize("case", ["run_dir_empty", "run_dir_is_file", "run_dir_below_file", "timeout_tiny",
+                                  "unknown_key", "bad_value", "edge_list_directory", "edge_list_not_utf8",
+                                  "weights_ragged", "huge_node_id", "too_many_agents_for_memory",
+                                  "processes_checked_first"])
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
+    """The entry point's checks (``train.prepare``: hydra's compose API on the command line's overrides, then
+    the run's context), case by case: each refusal is one line naming what to change, and nothing is created.
+
+    Catches: ``hydra.run.dir=`` writing a whole run into the current folder; a run directory at or below a file
+    (a traceback); a timeout too short for process-group start-up (a traceback inside it); hydra's multi-line
+    errors for unknown keys and bad values; a directory, non-UTF-8 bytes or ragged rows in the user's files; a
+    mistyped huge node id listing a million components; 50,000 agents ending in a MemoryError; and 8000 agents
+    in one process computing dense spectra for minutes before the process count was checked. (The exit status
+    and the printing of these lines are the CLI's, checked by the subprocess test above.)"""
+    from dif_maml_dist.runtime import ProcessEnv
+    from dif_maml_dist.train import prepare
+
+    cwd_before = sorted(os.listdir(REPO))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory\n")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("0 1\n1 2 # caf\xe9\n".encode("latin-1"))
+    ragged = tmp_path / "ragged.txt"
+    ragged.write_text("0.5 0.5 0\n0.5 0.5\n0 0 1\n")
+    huge = _edge_file(tmp_path, "0 1\n1 2\n2 999999\n")
+    run_dir = tmp_path / "run"
+    args, expect = {
+        "run_dir_empty": (["hydra.run.dir="], "hydra.run.dir is empty"),
+        "run_dir_is_file": ([f"hydra.run.dir={a_file}"], "is a file: choose a directory path"),
+        "run_dir_below_file": ([f"hydra.run.dir={a_file / 'run'}"], f"is below {a_file}, which is a file"),
+        "timeout_tiny": (["runtime.timeout_s=0.001"], "runtime.timeout_s=0.001 is too short"),
+        "unknown_key": (["train.iterationz=5"], "Could not override 'train.iterationz': Key 'iterationz' not in"),
+        "bad_value": (["train.iterations=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
+        "edge_list_directory": (["topology=edge_list", f"topology.edge_list={tmp_path}"], "is a directory"),
+        "edge_list_not_utf8": (["runtime=simulate", "topology=edge_list", f"topology.edge_list={latin}"],
+                               "latin.txt:2: edge list file is not UTF-8 text"),
+        "weights_ragged": (["runtime=simulate", "topology=ring", "topology.num_agents=3", "topology.weights=file",
+                            f"topology.weight_matrix={ragged}"], "ragged.txt:2: row has 2 values, expected 3"),
+        "huge_node_id": (["runtime=simulate", "topology=edge_list", f"topology.edge_list={huge}"],
+                         "node id 999999 makes K = 1000000 agents"),
+        "too_many_agents_for_memory": (["runtime=simulate", "topology=ring", "topology.num_agents=200000"],
+                                       "200000 agents need about"),
+        "processes_checked_first": (["topology=ring", "topology.num_agents=8000"],
+                                    "has 8000 agents but 1 process(es) were started"),
+    }[case]
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        args = [*args, f"hydra.run.dir={run_dir}"]
+    with pytest.raises(ValueError) as refused:
+        prepare(args, ProcessEnv())
+    message = str(refused.value)
+    assert expect in message and "\n" not in message and len(message) < 400, message
+    assert not run_dir.exists() and sorted(os.listdir(REPO)) == cwd_before
 
 
 def test_default_run_dir_holding_a_run_is_left_intact(tmp_path):

@@ -12,13 +12,13 @@ import torch
 import torch.multiprocessing as mp
 
 from dif_maml_dist.agent import Agent, run_agent
-from dif_maml_dist.combine import combine, combine_dense
+from dif_maml_dist.combine import combine
 from dif_maml_dist.config import TopologyConfig
 from dif_maml_dist.runtime import ProcessEnv, distributed
 from dif_maml_dist.topology import build_topology, combine_plan, strategy_weights
 from dif_maml_dist.transport import TorchDistTransport
 
-from .helpers import free_port, schedule_for, simulated_states, small_config
+from .helpers import combine_dense, free_port, schedule_for, simulated_states, small_config
 
 STRATEGIES = ("dif_maml", "centralized", "noncooperative")
 ITERS = 50

@@ -11,8 +11,6 @@ from dif_maml_dist import seeding
 from dif_maml_dist.config import TaskConfig
 from dif_maml_dist.tasks import SinusoidTasks
 
-from .helpers import REPO
-
 
 def _amplitude_phase(batch):
     """Recover A and phase of y = A sin(x - phase) = a sin x + b cos x by least squares (exact, noise-free)."""
@@ -83,13 +81,9 @@ def test_few_shot_configs_carry_the_papers_settings(name, strategy):
     """Each task config, composed by hydra under each strategy with a data root, validates and holds the paper's
     hyper-parameters. Catches a config that drifted from the paper or that a strategy override cannot compose
     with."""
-    from hydra import compose, initialize_config_dir
+    from dif_maml_dist.train import compose
 
-    import dif_maml_dist.train  # noqa: F401  (registers the schema with hydra's ConfigStore)
-    from dif_maml_dist.config import from_omegaconf
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = from_omegaconf(compose("config", [f"task={name}", f"strategy={strategy}", "data.root=/data"]))
+    cfg, _ = compose([f"task={name}", f"strategy={strategy}", "data.root=/data"])  # as the entry point does
     t, m = cfg.task, cfg.maml
     assert (t.n_way, t.k_shot, t.meta_batch, m.inner_lr, m.inner_steps, m.eval_inner_steps, cfg.model.filters,
             t.image_size) == PAPER_FEW_SHOT[name]

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from dif_maml_dist.config import TopologyConfig
-from dif_maml_dist.topology import (build_topology, check_weights, combine_plan, max_degree_weights,
-                                    metropolis_weights, mixing_rate, strategy_weights)
+import dif_maml_dist.topology as topology
+from dif_maml_dist.topology import (build_topology, check_size, check_weights, combine_plan, is_primitive,
+                                    max_degree_weights, metropolis_weights, mixing_rate, num_agents_of,
+                                    strategy_weights)
 
 # The paper's graph, Metropolis rule worked out by hand from a_lk = 1/max(n_k, n_l), n = degree + 1:
 # n = [2, 2, 5, 3, 4, 2]; diagonal = 1 - (sum of the column's other entries).
@@ -133,3 +135,223 @@ def test_strategy_weights():
     np.testing.assert_array_equal(strategy_weights("dif_maml", topo), topo.weights)
     assert mixing_rate(strategy_weights("centralized", topo)) == pytest.approx(0, abs=1e-12)
     assert mixing_rate(strategy_weights("noncooperative", topo)) == pytest.approx(1)
+
+
+# ------------------------------------------------------------------------------ primitivity, spectrum, size
+
+
+def _spectral_lambda2(a):
+    """The definition itself, by the general eigensolver: rho(A.T - 11^T/K)."""
+    k = a.shape[0]
+    return float(max(abs(np.linalg.eigvals(a.T - np.full((k, k), 1.0 / k)))))
+
+
+def _birkhoff(rng, k, terms):
+    """A random doubly stochastic matrix: a convex mix of a few permutation matrices (often sparse, no diagonal)."""
+    w = rng.dirichlet(np.ones(terms))
+    return sum(wi * np.eye(k)[rng.permutation(k)] for wi in w)
+
+
+def test_primitivity_check_agrees_with_the_spectral_definition():
+    """The combinatorial test (strongly connected + aperiodic support) must say exactly what lambda_2 < 1 says:
+    catches a check that misses periodicity (bipartite graph, zero diagonal), reducibility, or that wrongly
+    needs self-loops (K_3 without diagonal is primitive: cycles of length 2 and 3)."""
+    c4 = np.roll(np.eye(4), 1, axis=0)
+    cases = {
+        "paper6": (PAPER6_A, True),
+        "bipartite 4-cycle, zero diagonal (period 2)": (0.5 * (c4 + c4.T), False),
+        "two separate pairs (reducible)": (np.kron(np.eye(2), np.full((2, 2), 0.5)), False),
+        "directed 5-cycle (period 5)": (np.roll(np.eye(5), 1, axis=0), False),
+        "K_3 without self-loops": ((np.ones((3, 3)) - np.eye(3)) / 2, True),
+        "lazy directed 5-cycle": (0.5 * np.eye(5) + 0.5 * np.roll(np.eye(5), 1, axis=0), True),
+    }
+    for name, (a, primitive) in cases.items():
+        assert is_primitive(a) is primitive, name
+        assert (_spectral_lambda2(a) < 1 - 1e-9) is primitive, name
+    with pytest.raises(ValueError, match=r"not primitive \(lambda_2 = 1\)"):
+        check_weights(cases["bipartite 4-cycle, zero diagonal (period 2)"][0], nx.cycle_graph(4))
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(300):
+        k = int(rng.integers(2, 7))
+        a = _birkhoff(rng, k, int(rng.integers(1, 4)))
+        primitive = is_primitive(a)
+        seen.add(primitive)
+        assert primitive is (_spectral_lambda2(a) < 1 - 1e-9), a
+        g = nx.DiGraph()
+        g.add_nodes_from(range(k))
+        g.add_edges_from(map(tuple, np.argwhere(a > 1e-12)))
+        assert primitive is (nx.is_strongly_connected(g) and nx.is_aperiodic(g)), a
+    assert seen == {True, False}  # the random cases exercise both answers
+    # Any nonnegative matrix (not only doubly stochastic): a one-way path must not pass as strongly connected.
+    assert not is_primitive(np.array([[1.0, 1.0], [0.0, 1.0]]))  # 0 -> 1, but never back to 0
+    for _ in range(300):
+        k = int(rng.integers(1, 7))
+        a = rng.random((k, k)) * (rng.random((k, k)) < 0.4)
+        g = nx.DiGraph()
+        g.add_nodes_from(range(k))
+        g.add_edges_from(map(tuple, np.argwhere(a > 1e-12)))
+        assert is_primitive(a) is (nx.is_strongly_connected(g) and nx.is_aperiodic(g)), a
+
+
+def test_mixing_rate_symmetric_path_equals_general_eigensolver():
+    """mixing_rate uses eigvalsh on symmetric A: catches a wrong shift or transposition in that fast path."""
+    for seed in range(5):
+        g = nx.gnp_random_graph(40, 0.15, seed=seed)
+        g = g.subgraph(max(nx.connected_components(g), key=len))
+        g = nx.convert_node_labels_to_integers(g)
+        for rule in (metropolis_weights, max_degree_weights):
+            a = rule(g)
+            assert np.array_equal(a, a.T)
+            assert mixing_rate(a) == pytest.approx(_spectral_lambda2(a), abs=1e-10)
+    a = _birkhoff(np.random.default_rng(1), 6, 3)  # not symmetric: the general path
+    assert not np.array_equal(a, a.T)
+    assert mixing_rate(a) == pytest.approx(_spectral_lambda2(a), abs=1e-12)
+
+
+def test_mixing_rate_above_the_cap_is_none_without_decomposing(monkeypatch):
+    """Above the cap lambda_2 is not computed (None) and no eigensolver runs: catches an O(K^3) decomposition
+    sneaking back for large K (the cap is lowered so the test stays small)."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an eigendecomposition ran above the cap")
+
+    monkeypatch.setattr(topology, "EXACT_SPECTRUM_MAX_AGENTS", 5)
+    monkeypatch.setattr(np.linalg, "eigvals", forbidden)
+    monkeypatch.setattr(np.linalg, "eigvalsh", forbidden)
+    topo = build_topology(TopologyConfig(name="ring", num_agents=6))  # checks still run, combinatorially
+    assert topo.lambda2 is None
+    assert mixing_rate(np.eye(6)) is None
+    monkeypatch.setattr(topology, "EXACT_SPECTRUM_MAX_AGENTS_NONSYMMETRIC", 4)
+    assert mixing_rate(_birkhoff(np.random.default_rng(2), 5, 2)) is None  # non-symmetric: the lower cap
+    monkeypatch.undo()
+    assert mixing_rate(np.eye(6)) == pytest.approx(1.0)
+
+
+def test_memory_refusal_before_any_dense_allocation(monkeypatch):
+    """K whose K x K matrices cannot fit is refused in one line before the graph or A is built: catches the
+    MemoryError traceback (50,000 agents tried to allocate 20 GB). The machine's memory is faked small."""
+    monkeypatch.setattr(topology, "physical_memory_bytes", lambda: 2 ** 30)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("built the graph or weights before the size check")
+
+    monkeypatch.setattr(topology, "build_graph", forbidden)
+    with pytest.raises(ValueError) as err:
+        build_topology(TopologyConfig(name="complete", num_agents=10_000))
+    msg = str(err.value)
+    assert msg == ("10000 agents need about 3.0 GiB (4 dense 10000x10000 float64 weight matrices of 0.7 GiB), but "
+                   "this machine has 1.0 GiB of memory: use fewer agents (at most about 5792 here)")
+    check_size(5792)  # the bound the message quotes fits
+    with pytest.raises(ValueError, match="use fewer agents"):
+        check_size(5793)
+    with pytest.raises(ValueError, match="at least 1 agent"):
+        check_size(0)
+    monkeypatch.undo()
+    real = topology.physical_memory_bytes()
+    assert real is None or real > 2 ** 20
+
+
+@pytest.mark.parametrize("cfg, k", [
+    (TopologyConfig(name="paper6"), 6),
+    (TopologyConfig(name="ring"), 6),
+    (TopologyConfig(name="complete", num_agents=10 ** 9), 10 ** 9),  # arithmetic only: nothing is built
+    (TopologyConfig(name="torus", rows=3, cols=4), 12),
+    (TopologyConfig(name="erdos_renyi", num_agents=9), 9),
+])
+def test_num_agents_of_builds_nothing(cfg, k):
+    """The entry point sizes the run before building: catches num_agents_of disagreeing with build_graph."""
+    assert num_agents_of(cfg) == k
+    if k < 100:
+        assert build_topology(cfg).num_agents == k
+
+
+def test_num_agents_of_edge_list(tmp_path):
+    """An edge list's K is its largest id + 1 unless topology.num_agents says otherwise."""
+    f = tmp_path / "g.txt"
+    f.write_text("0 1\n1 2\n2 3\n")
+    assert num_agents_of(TopologyConfig(name="edge_list", edge_list=str(f))) == 4
+    assert num_agents_of(TopologyConfig(name="edge_list", edge_list=str(f), num_agents=7)) == 7
+
+
+# ---------------------------------------------------------------------------------- messages on user files
+
+
+def _one_line_error(fn):
+    with pytest.raises(ValueError) as err:
+        fn()
+    msg = str(err.value)
+    assert "\n" not in msg and err.value.__cause__ is None
+    return msg
+
+
+def test_directory_instead_of_file(tmp_path):
+    """A folder given as a file said "does not exist": it must say it is a directory and that a file is needed."""
+    msg = _one_line_error(lambda: build_topology(TopologyConfig(name="edge_list", edge_list=str(tmp_path))))
+    assert msg == (f"edge list file {str(tmp_path)!r} is a directory; set topology.edge_list to a file "
+                   f"(one 'u v' edge per line), not a folder")
+    msg = _one_line_error(lambda: build_topology(TopologyConfig(weights="file", weight_matrix=str(tmp_path))))
+    assert msg == (f"weight matrix file {str(tmp_path)!r} is a directory; set topology.weight_matrix to a file "
+                   f"(K rows of K weights), not a folder")
+
+
+def test_non_utf8_files_name_file_and_line(tmp_path):
+    """Latin-1 bytes raised a bare UnicodeDecodeError without the file name."""
+    f = tmp_path / "g.txt"
+    f.write_bytes(b"0 1\n# caf\xe9\n1 2\n")
+    msg = _one_line_error(lambda: build_topology(TopologyConfig(name="edge_list", edge_list=str(f))))
+    assert msg == f"{f}:2: edge list file is not UTF-8 text (byte 0xe9); it must be a plain text file: save it as " \
+                  f"UTF-8 (or ASCII)"
+    w = tmp_path / "w.txt"
+    w.write_bytes(b"\xff\xfe0.5 0.5\n")
+    msg = _one_line_error(lambda: build_topology(TopologyConfig(name="ring", num_agents=2, weights="file",
+                                                                weight_matrix=str(w))))
+    assert msg.startswith(f"{w}:1: weight matrix file is not UTF-8 text (byte 0xff)")
+    f.write_bytes(b"\xef\xbb\xbf0 1\n1 2\n")  # a UTF-8 byte-order mark is fine
+    assert build_topology(TopologyConfig(name="edge_list", edge_list=str(f))).num_agents == 3
+
+
+def test_weight_file_row_errors_name_the_line(tmp_path):
+    """Ragged rows and non-numbers gave numpy's message; now PATH:LINE and what was expected."""
+    w = tmp_path / "w.txt"
+    cfg = TopologyConfig(name="ring", num_agents=3, weights="file", weight_matrix=str(w))
+    w.write_text("# A for a 3-ring\n0.5, 0.25, 0.25\n0.25 0.5\n0.25 0.25 0.5\n")
+    assert _one_line_error(lambda: build_topology(cfg)) == f"{w}:3: row has 2 values, expected 3 (one per agent)"
+    w.write_text("0.5 0.25 0.25\n0.25 0.5 0.25\n0.25 0.25 half\n")
+    assert _one_line_error(lambda: build_topology(cfg)) == \
+        f"{w}:3: 'half' is not a number; the weight matrix holds numbers only"
+    w.write_text("# nothing yet\n")
+    assert _one_line_error(lambda: build_topology(cfg)) == \
+        f"{w}: the weight matrix file holds no numbers; expected 3 rows of 3 values"
+    w.write_text("0.5 0.25 0.25\n0.25 0.5 0.25\n0.25 0.25 nan\n")
+    assert "non-finite weight A[2, 2] = nan" in _one_line_error(lambda: build_topology(cfg))
+    w.write_text("0.5 0.25 0.25\n0.25 0.5 0.25\n0.25 0.25 0.5\n")
+    np.testing.assert_array_equal(build_topology(cfg).weights, [[0.5, 0.25, 0.25], [0.25, 0.5, 0.25],
+                                                                 [0.25, 0.25, 0.5]])
+
+
+def test_mistyped_huge_node_id_gives_a_short_message(tmp_path):
+    """'2 999999' made K = 1,000,000 and a "disconnected" message listing a million components; now one short
+    line saying which id sets K and which ids are missing, with no million-node graph built."""
+    f = tmp_path / "g.txt"
+    f.write_text("0 1\n1 2\n2 999999\n")
+    msg = _one_line_error(lambda: build_topology(TopologyConfig(name="edge_list", edge_list=str(f))))
+    assert msg == (f"{f}:3: node id 999999 makes K = 1000000 agents (ids 0..K-1; the largest id sets K) but only "
+                   f"4 ids appear in edges (missing: 3, 4, 5, ... (999996 in all)); fix a mistyped id or renumber "
+                   f"the nodes 0..K-1")
+    assert len(msg) - len(str(f)) < 300
+    f.write_text("0 1\n1 3\n")
+    assert "(missing: 2);" in _one_line_error(lambda: num_agents_of(TopologyConfig(name="edge_list",
+                                                                                   edge_list=str(f))))
+    f.write_text("0 1\n-1 1\n")
+    assert _one_line_error(lambda: build_topology(TopologyConfig(name="edge_list", edge_list=str(f)))) == \
+        f"{f}:2: node -1 does not exist; node ids are 0..K-1"
+
+
+def test_disconnected_message_is_capped(tmp_path):
+    """Many components are summarised (first few, with sizes, and how many more), not listed in full."""
+    f = tmp_path / "g.txt"
+    f.write_text("".join(f"{i} {i + 1}\n" for i in range(9)) + "10 11\n")
+    msg = _one_line_error(lambda: build_topology(TopologyConfig(name="edge_list", edge_list=str(f),
+                                                                num_agents=5000)))
+    assert msg == ("topology 'edge_list' is disconnected (4990 components: [0, 1, 2, 3, 4, ...] (10 agents), "
+                   "[10, 11], [12] and 4987 more); agents in different components can never agree: add edges")

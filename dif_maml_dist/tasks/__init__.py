@@ -55,11 +55,11 @@ def task_family(cfg: "Config") -> TaskFamily:
     return FAMILIES[cfg.task.name](cfg)
 
 
-def check_task_data(cfg: "Config", num_agents: int) -> None:
+def check_task_data(cfg: "Config", num_agents: int, family: Optional[TaskFamily] = None) -> None:
     """Raise ``ValueError`` now if the dataset cannot serve the configured episodes to every agent and the test set
     (missing files, too few classes for N-way, too few images for K + Q): called before any process group or run
-    directory exists. Decodes the dataset into its cache on first use."""
-    family = task_family(cfg)
+    directory exists. Decodes the dataset into its cache on first use (``family``: check this one, if built)."""
+    family = family or task_family(cfg)
     for agent in range(num_agents):
         family.sampler(agent, num_agents)
     family.eval_set(cfg.seed, 1)

@@ -1,0 +1,82 @@
+"""Everything a run decides before it starts, decided once: :class:`RunContext`.
+
+Built by the entry point from the validated config and torchrun's environment, cheapest checks first, before
+any process group, run directory or dataset cache is written. Components take the parts they need from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config
+from .runtime import ProcessEnv, cpu_threads, select_backend, select_device
+from .schedules import GraphSchedule, build_schedule
+from .tasks import TaskFamily
+from .topology import Topology, build_topology, num_agents_of, strategy_weights
+
+
+class LaunchError(ValueError):
+    """The launch does not fit the config (process count, simulator under torchrun): one line, exit status 2."""
+
+
+def check_launch(cfg: Config, env: ProcessEnv, num_agents: int) -> None:
+    """Whether this launch can run ``num_agents`` agents (cheap: called before any weight matrix is built)."""
+    if cfg.runtime.mode == "simulate":
+        if env.world_size != 1:
+            raise LaunchError(f"runtime=simulate runs all {num_agents} agents in one process, but {env.world_size} "
+                              f"were started: run it with python -m dif_maml_dist.train, not torchrun")
+    elif num_agents != env.world_size:
+        raise LaunchError(f"topology {cfg.topology.name!r} has {num_agents} agents but {env.world_size} process(es) "
+                          f"were started; launch with torchrun --nproc-per-node={num_agents} "
+                          f"(or choose a topology with as many agents as processes, or runtime=simulate)")
+
+
+@dataclass
+class RunContext:
+    """One run's decisions: who this process is, where it writes, on what it computes, over which graph."""
+
+    cfg: Config
+    env: ProcessEnv
+    run_dir: Path
+    device: torch.device
+    backend: str  #: gloo or nccl under torchrun; "none" for a lone process or the simulator
+    threads: int  #: intra-op threads of this process on the CPU
+    topology: Topology
+    weights: np.ndarray  #: the strategy's effective combination matrix (A, 11^T/K or I)
+    schedule: GraphSchedule  #: the graph and weights of every combination round (static: ``weights``)
+    family: TaskFamily  #: the task family (its dataset loaded and checked)
+    resuming: bool  #: continue from the run directory's checkpoints (train.resume, or a torchrun restart)
+
+    @property
+    def is_root(self) -> bool:
+        return self.env.rank == 0
+
+    def fingerprint(self) -> dict[str, str]:
+        """What this run's checkpoints must match (``checkpoint.fingerprint``): the same before hydra starts (the
+        resume check) and in the run."""
+        from .checkpoint import fingerprint
+        from .flat import FlatLayout
+
+        return fingerprint(self.cfg, self.weights, FlatLayout.of(self.family.build_model()).numel)
+
+    @classmethod
+    def build(cls, cfg: Config, env: ProcessEnv, run_dir: Path) -> "RunContext":
+        """Check ``cfg`` against this launch and machine and decide everything, cheapest first (``ValueError``)."""
+        from .tasks import check_task_data, task_family
+
+        check_launch(cfg, env, num_agents_of(cfg.topology))
+        device = select_device(cfg.runtime, env)
+        backend = select_backend(cfg.runtime, device) if cfg.runtime.mode == "torchrun" else "none"
+        if not env.under_torchrun:
+            backend = "none"
+        topology = build_topology(cfg.topology)
+        weights = strategy_weights(cfg.strategy.name, topology)
+        schedule = build_schedule(cfg.topology, cfg.seed, topology.graph, weights)
+        family = task_family(cfg)
+        check_task_data(cfg, topology.num_agents, family)
+        return cls(cfg, env, Path(run_dir), device, backend, cpu_threads(cfg.runtime), topology, weights, schedule,
+                   family, cfg.train.resume or env.restart_count > 0)

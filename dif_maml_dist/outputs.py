@@ -1,0 +1,114 @@
+"""What a run writes: its log's first lines, its metric streams, its models and ``summary.json``.
+
+Layout of the run directory (shared by all ranks): ``metrics/agent{k}.jsonl`` (per agent),
+``metrics/network.jsonl`` (centroid and disagreement, rank 0), ``models/agent{k}.pt`` and ``models/centroid.pt``,
+``logs/agent{k}.log``, ``summary.json`` (rank 0); ``checkpoints/`` (``checkpoint.py``) and ``.hydra/``
+(hydra's record; ``.hydra/resume-N`` for each resumed start).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from torch import Tensor
+
+from .config import Config
+from .context import RunContext
+from .loop import RunResult
+from .metrics import JsonlSink, save_tensors_atomic, write_json_atomic
+from .schedules import GraphSchedule
+from .topology import mixing_rate
+
+log = logging.getLogger("dif_maml_dist")
+
+
+def log_start(ctx: RunContext) -> None:
+    """The run's first log lines: where it writes, what it runs, on which graph and device."""
+    cfg, topo = ctx.cfg, ctx.topology
+    log.info("run dir %s", ctx.run_dir.resolve())
+    log.info("%s on %s (%d agents, %s weights, lambda_2 = %s; effective lambda_2 = %s), %s lr=%g, "
+             "%d iterations, %s on %s", cfg.strategy.name, topo.name, topo.num_agents, cfg.topology.weights,
+             _rate(topo.lambda2), _rate(mixing_rate(ctx.weights)), cfg.optim.name, cfg.optim.lr,
+             cfg.train.iterations, cfg.runtime.mode, ctx.device)
+
+
+def _rate(value: float | None) -> str:
+    return "not computed (too many agents)" if value is None else f"{value:.4f}"
+
+
+def communication(cfg: Config, schedule: GraphSchedule) -> dict:
+    """How the agents communicated: schedule, its mixing rate per round, local steps, compression."""
+    from .gossip import consensus_steps
+
+    rate, method = schedule.mixing()
+    c = cfg.compression
+    compression = {"name": c.name}
+    if c.name != "none":
+        gamma, zeta = consensus_steps(c)
+        compression.update({"gamma": gamma, "zeta": zeta,
+                            **({"ratio": c.ratio} if c.name in ("topk", "randk") else {}),
+                            **({"bits": c.bits} if c.name == "qsgd" else {})})
+    return {"schedule": schedule.name, "mixing_rate_per_round": rate, "mixing_rate_method": method,
+            "combine_every": cfg.strategy.combine_every, "compression": compression}
+
+
+def write_summary(ctx: RunContext, result: RunResult, named_params, extra: dict) -> dict:
+    """The root's closing act: centroid model and ``summary.json`` (both written atomically)."""
+    cfg, topo, net = ctx.cfg, ctx.topology, result.network
+    if cfg.train.save_models:
+        save_tensors_atomic(ctx.run_dir / "models" / "centroid.pt", named_params(net["centroid"]))
+    agents = net["agents"]
+    summary = {
+        "strategy": cfg.strategy.name, "topology": topo.name, "weights": cfg.topology.weights,
+        "num_agents": topo.num_agents, "edges": sorted(sorted(e) for e in topo.graph.edges),
+        "lambda2": mixing_rate(ctx.weights), "topology_lambda2": topo.lambda2,
+        **communication(cfg, ctx.schedule),
+        "optim": cfg.optim.name, "lr": cfg.optim.lr, "iterations": cfg.train.iterations, "seed": cfg.seed,
+        "runtime": cfg.runtime.mode, **extra,
+        "wall_seconds": result.wall_seconds, "final_eval_seconds": net["final_eval_seconds"],
+        "centroid_test_loss": net["centroid_test_loss"], "centroid_test_loss_pre": net["centroid_test_loss_pre"],
+        "centroid_adaptation_curve": net["centroid_adaptation_curve"], "disagreement": net["disagreement"],
+        "mean_final_test_loss": sum(a["final_test_loss"] for a in agents) / len(agents),
+        **({"centroid_test_accuracy": net["centroid_test_accuracy"],
+            "centroid_test_accuracy_ci95": net["centroid_test_accuracy_ci95"],
+            "centroid_accuracy_curve": net["centroid_accuracy_curve"],
+            "mean_final_test_accuracy": sum(a["final_test_accuracy"] for a in agents) / len(agents)}
+           if "centroid_test_accuracy" in net else {}),
+        "agents": agents,
+        "config": asdict(cfg),
+    }
+    write_json_atomic(ctx.run_dir / "summary.json", summary)
+    log.info("done in %.1f s: centroid test loss %.4f (after %d step), mean agent %.4f, disagreement %.3g; "
+             "summary in %s", result.wall_seconds, summary["centroid_test_loss"], cfg.maml.eval_inner_steps,
+             summary["mean_final_test_loss"], summary["disagreement"], ctx.run_dir / "summary.json")
+    return summary
+
+
+@contextmanager
+def metric_sinks(run_dir: Path, agent_ids: Iterable[int], root: bool,
+                 resume_at: int | None = None) -> Iterator[tuple[list[JsonlSink], JsonlSink | None]]:
+    """Per-agent JSONL sinks (and the root's network sink). ``resume_at``: continue the streams of a resumed run
+    from that iteration — the earlier records are replaced only once the resumed run has passed them, and left
+    exactly as they were if it fails."""
+    sinks = [JsonlSink(run_dir / "metrics" / f"agent{k}.jsonl", resume_at) for k in agent_ids]
+    network = JsonlSink(run_dir / "metrics" / "network.jsonl", resume_at) if root else None
+    opened = [s for s in (*sinks, network) if s is not None]
+    try:
+        yield sinks, network
+    except BaseException:
+        for sink in opened:
+            sink.abandon()
+        raise
+    for sink in opened:
+        sink.close()
+
+
+def save_models(run_dir: Path, models: dict[int, dict[str, Tensor]]) -> None:
+    """``models/agent{k}.pt`` for each local agent k (its parameters by name; each written atomically)."""
+    (run_dir / "models").mkdir(exist_ok=True)
+    for k, named in models.items():
+        save_tensors_atomic(run_dir / "models" / f"agent{k}.pt", named)
