@@ -157,6 +157,23 @@ def disk_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+#: Below this much free space the run directory's disk counts as full (a checkpoint or a record would not fit).
+FULL_DISK_BYTES = 1 << 20
+
+
+def disk_hint(run_dir: Path) -> str:
+    """For a peer's failure: a note when the run directory's disk is full (the likely reason a peer stopped:
+    every agent writes there), else nothing."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return ""
+    return (f"; the disk holding {run_dir} is full ({free} bytes free), which may be why it stopped: free space, "
+            f"then continue with train.resume=true") if free < FULL_DISK_BYTES else ""
+
+
 def resume_record_dir(run_dir: Path) -> str:
     """Where hydra's record of a resumed start goes (relative to the run directory): the first start's
     ``.hydra/`` is never rewritten; each resume gets its own ``.hydra/resume-N``."""

@@ -154,6 +154,12 @@ def prepare(overrides: list[str], env: ProcessEnv) -> Launch:
     # Only rank 0 owns the directory; the other ranks write nothing before the first barrier, which they pass
     # only once rank 0 holds the lock.
     lock = rundir.RunDirLock(run_dir, _run_id()).acquire() if env.rank == 0 else None
+    if lock is not None and not resuming:
+        try:  # again, now that the directory is ours: another job may have finished there in the meantime
+            rundir.check_fresh(run_dir)
+        except ValueError:
+            lock.remove_if_unused()
+            raise
     return Launch(ctx, lock)
 
 
@@ -245,7 +251,7 @@ def _interrupted(ctx: RunContext) -> None:
 def run(ctx: RunContext) -> None:
     """``execute`` with every way a started run can end turned into one line and an exit status."""
     from .checkpoint import ResumeError
-    from .rundir import disk_full
+    from .rundir import disk_full, disk_hint
     from .transport import PeerError
 
     rank = ctx.env.rank
@@ -256,7 +262,7 @@ def run(ctx: RunContext) -> None:
     except FloatingPointError as err:  # agreed by every rank: said once
         _fail(err, rank, exit_code=EXIT_FAILED)
     except PeerError as err:  # this rank's own view of the network: every rank says it
-        _say(f"error: {err}")
+        _say(f"error: {err}{disk_hint(ctx.run_dir)}")
         sys.exit(EXIT_FAILED)
     except OSError as err:
         if not disk_full(err):

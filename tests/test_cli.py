@@ -104,47 +104,27 @@ def _edge_file(tmp_path: Path, text: str) -> str:
     return str(f)
 
 
-@pytest.mark.parametrize("case", ["disconnected", "unknown_topology", "unknown_task", "zero_lr", "negative_alpha",
-                                  "missing_node", "nproc_mismatch", "existing_run_dir", "nccl_without_gpu",
-                                  "weights_not_doubly_stochastic", "resume_without_checkpoints",
-                                  "schedule_with_centralized", "negative_seed"])
+@pytest.mark.parametrize("case", ["disconnected", "unknown_topology", "nproc_mismatch", "existing_run_dir",
+                                  "nccl_without_gpu", "resume_without_checkpoints"])
 def test_bad_input_is_one_line_error(tmp_path, case):
-    """Each user mistake ends with exit status 2 and exactly one line on stderr naming the problem.
+    """Each user mistake ends with exit status 2 and exactly one line on stderr naming the problem; a few of
+    each kind (graph, config group, launch, run directory, device, resume) through the real command.
 
     Catches tracebacks leaking to the user, errors that do not say what to fix, and runs that start anyway.
     """
     run_dir = tmp_path / "run"
     two_components = _edge_file(tmp_path, "0 1\n2 3\n")
-    # columns sum to 1, rows to 1.2 / 1.05 / 0.75 (the worst, reported): left- but not doubly stochastic
-    matrix = tmp_path / "weights.txt"
-    matrix.write_text("0.5 0.5 0.2\n0.25 0.5 0.3\n0.25 0.0 0.5\n")
-    names_node_5 = _edge_file(tmp_path / "m", "0 1\n1 5\n")
     args, expect = {
         "disconnected": (["runtime=simulate", "topology=edge_list", f"topology.edge_list={two_components}"],
                          "disconnected"),
         "unknown_topology": (["topology=hexagon"], "unknown topology 'hexagon'; choose one of: complete"),
-        "unknown_task": (["task=imagenet"], "unknown task 'imagenet'; choose one of: miniimagenet_5w1s, "
-                                            "miniimagenet_5w5s, omniglot_20w1s, omniglot_5w1s, omniglot_5w5s, "
-                                            "sinusoid"),
-        "zero_lr": (["optim.lr=0"], "optim.lr must be a positive number"),
-        "negative_alpha": (["maml.inner_lr=-0.01"], "maml.inner_lr must be a positive number"),
-        "missing_node": (["runtime=simulate", "topology=edge_list", f"topology.edge_list={names_node_5}",
-                          "topology.num_agents=3"], "edges.txt:2: node 5 does not exist"),
         "nproc_mismatch": ([], "has 6 agents but 1 process(es) were started; launch with torchrun --nproc-per-node=6"),
         "existing_run_dir": ([], "already holds a run"),
         # This machine (and CI) has no GPU: asking for nccl must fail before any process group is formed.
         "nccl_without_gpu": (["topology=ring", "topology.num_agents=1", "runtime.backend=nccl"],
                              "runtime.backend=nccl needs GPUs"),
-        "weights_not_doubly_stochastic": (["runtime=simulate", "topology=ring", "topology.num_agents=3",
-                                           "topology.weights=file",
-                                           f"topology.weight_matrix={matrix}"],
-                                          "weights.txt: combination matrix row 2 sums to 0.75, not 1 (not doubly "
-                                          "stochastic)"),
         "resume_without_checkpoints": (["topology=ring", "topology.num_agents=1", "train.resume=yes"],
                                        "holds no checkpoints to resume from"),
-        "schedule_with_centralized": (["strategy=centralized", "topology.schedule=one_peer_exponential"],
-                                      "strategy=centralized uses no graph"),
-        "negative_seed": (["seed=-1"], "seed must be a non-negative integer, got -1"),
     }[case]
     if case in ("existing_run_dir", "resume_without_checkpoints"):
         run_dir.mkdir()
@@ -163,7 +143,9 @@ def test_bad_input_is_one_line_error(tmp_path, case):
 @pytest.mark.parametrize("case", ["run_dir_empty", "run_dir_is_file", "run_dir_below_file", "timeout_tiny",
                                   "unknown_key", "bad_value", "edge_list_directory", "edge_list_not_utf8",
                                   "weights_ragged", "huge_node_id", "too_many_agents_for_memory",
-                                  "processes_checked_first"])
+                                  "processes_checked_first", "unknown_task", "zero_lr", "negative_alpha",
+                                  "missing_node", "weights_not_doubly_stochastic", "schedule_with_centralized",
+                                  "negative_seed"])
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     """The entry point's checks (``train.prepare``: hydra's compose API on the command line's overrides, then
     the run's context), case by case: each refusal is one line naming what to change, and nothing is created.
@@ -172,8 +154,9 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     (a traceback); a timeout too short for process-group start-up (a traceback inside it); hydra's multi-line
     errors for unknown keys and bad values; a directory, non-UTF-8 bytes or ragged rows in the user's files; a
     mistyped huge node id listing a million components; 50,000 agents ending in a MemoryError; and 8000 agents
-    in one process computing dense spectra for minutes before the process count was checked. (The exit status
-    and the printing of these lines are the CLI's, checked by the subprocess test above.)"""
+    in one process computing dense spectra for minutes before the process count was checked; and the config's
+    own validation (values out of range, options that do not combine). (The exit status and the printing of
+    these lines are the CLI's, checked by the subprocess test above.)"""
     from dif_maml_dist.runtime import ProcessEnv
     from dif_maml_dist.train import prepare
 
@@ -185,8 +168,26 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     ragged = tmp_path / "ragged.txt"
     ragged.write_text("0.5 0.5 0\n0.5 0.5\n0 0 1\n")
     huge = _edge_file(tmp_path, "0 1\n1 2\n2 999999\n")
+    names_node_5 = _edge_file(tmp_path / "m", "0 1\n1 5\n")
+    # columns sum to 1, rows to 1.2 / 1.05 / 0.75 (the worst, reported): left- but not doubly stochastic
+    matrix = tmp_path / "weights.txt"
+    matrix.write_text("0.5 0.5 0.2\n0.25 0.5 0.3\n0.25 0.0 0.5\n")
     run_dir = tmp_path / "run"
     args, expect = {
+        "unknown_task": (["task=imagenet"], "unknown task 'imagenet'; choose one of: miniimagenet_5w1s, "
+                                            "miniimagenet_5w5s, omniglot_20w1s, omniglot_5w1s, omniglot_5w5s, "
+                                            "sinusoid"),
+        "zero_lr": (["optim.lr=0"], "optim.lr must be a positive number"),
+        "negative_alpha": (["maml.inner_lr=-0.01"], "maml.inner_lr must be a positive number"),
+        "missing_node": (["runtime=simulate", "topology=edge_list", f"topology.edge_list={names_node_5}",
+                          "topology.num_agents=3"], "edges.txt:2: node 5 does not exist"),
+        "weights_not_doubly_stochastic": (["runtime=simulate", "topology=ring", "topology.num_agents=3",
+                                           "topology.weights=file", f"topology.weight_matrix={matrix}"],
+                                          "weights.txt: combination matrix row 2 sums to 0.75, not 1 (not doubly "
+                                          "stochastic)"),
+        "schedule_with_centralized": (["strategy=centralized", "topology.schedule=one_peer_exponential"],
+                                      "strategy=centralized uses no graph"),
+        "negative_seed": (["seed=-1"], "seed must be a non-negative integer, got -1"),
         "run_dir_empty": (["hydra.run.dir="], "hydra.run.dir is empty"),
         "run_dir_is_file": ([f"hydra.run.dir={a_file}"], "is a file: choose a directory path"),
         "run_dir_below_file": ([f"hydra.run.dir={a_file / 'run'}"], f"is below {a_file}, which is a file"),

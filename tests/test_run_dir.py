@@ -208,3 +208,17 @@ def test_full_disk_is_named_in_one_line(tmp_path):
     line = one_error_line(proc, code=3)
     assert f"no space left on the disk holding {run_dir}" in line and "iter00000010.pt" in line, line
     assert not (run_dir / rundir.LOCK_NAME).exists()
+
+
+def test_a_peers_failure_names_a_full_disk(tmp_path, monkeypatch):
+    """Under torchrun the agent that hits the full disk says so itself; its neighbours only see it stop. Their
+    message must point at the disk when it is full (catches "no message from agent 0" as the only clue) and add
+    nothing when it is not."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, (10 << 30) - 4096, 4096))
+    assert f"the disk holding {tmp_path} is full (4096 bytes free)" in rundir.disk_hint(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 0, 10 << 30))
+    assert rundir.disk_hint(tmp_path) == ""
