@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -136,6 +136,25 @@ class InMemoryTransport(Transport):
         self.hub.barrier.wait()
 
 
+def wait_all(works: Sequence[Any], op_peers: Sequence[int]) -> None:
+    """Wait on every work object ``batch_isend_irecv`` returned for operations with peers ``op_peers``.
+
+    gloo returns one work per operation, so a failure names that operation's peer; nccl returns one for the whole
+    batch, so a failure can only name every peer of the round. (Zipping works with peers would wait on nccl's
+    one work only and blame the first peer.)"""
+    if len(works) == len(op_peers):
+        blamed = [[p] for p in op_peers]
+    else:
+        blamed = [sorted(set(op_peers))] * len(works)
+    for work, peers in zip(works, blamed):
+        try:
+            work.wait()
+        except RuntimeError as err:
+            who = f"agent {peers[0]}" if len(peers) == 1 else f"one of agents {', '.join(map(str, peers))}"
+            raise PeerError(f"no message from {who} ({_first_line(err)})",
+                            peer=peers[0] if len(peers) == 1 else None) from None
+
+
 class TorchDistTransport(Transport):
     """torch.distributed point-to-point over the default process group (gloo on CPU, nccl on GPU).
 
@@ -175,11 +194,7 @@ class TorchDistTransport(Transport):
         # confused across rounds (nccl ignores tags anyway).
         # Each wait ends by the process group's timeout (runtime.timeout_s) at the latest: a dead peer's socket
         # closes at once, a hung one times out; either way the error names the peer instead of hanging.
-        for p, req in zip(peer_of, dist.batch_isend_irecv(ops)):
-            try:
-                req.wait()
-            except RuntimeError as err:
-                raise PeerError(f"no message from agent {p} ({_first_line(err)})", peer=p) from None
+        wait_all(dist.batch_isend_irecv(ops), peer_of)
         self.bytes_sent += sum(nbytes(t) for t in send.values())
         return {p: r.to(messages[p].device) for p, r in recv.items()}
 
