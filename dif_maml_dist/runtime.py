@@ -81,7 +81,7 @@ def distributed(cfg: RuntimeConfig, env: ProcessEnv, device: torch.device, backe
     if not env.under_torchrun:
         yield InMemoryTransport.network(1, cfg.timeout_s)[0]
         return
-    backend = backend if backend not in (None, "none") else select_backend(cfg, device)
+    backend = backend or select_backend(cfg, device)
     if device.type == "cuda":
         # nccl binds a communicator to the current device at its first use: set it before anything else.
         torch.cuda.set_device(device)
