@@ -1,6 +1,7 @@
 """Conv4 meta-gradient and evaluation: per-task loop vs torch.func vmap, at the paper's few-shot settings.
 
 Run: .venv/bin/python benchmarks/bench_conv4.py [--threads N] [--repeats R] [--settings NAME ...]
+     [--device cpu|cuda] [--meta-batch N ...] [--no-eval]
 
 For each few-shot config (the shapes and step counts of conf/task/<name>.yaml; random pixels, since the cost does not
 depend on them; second order; timed in float32, agreement checked in float64):
@@ -61,29 +62,38 @@ class Setting:
 SETTINGS = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem.split("_")[0] in FAMILIES)
 
 
-def median_time(fn, repeats: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: time what the device did
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
     fn()  # warm-up
+    _sync(device)
     runs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         runs.append(time.perf_counter() - t0)
     return statistics.median(runs)
 
 
-def tasks(s: Setting, n: int, g: torch.Generator) -> TaskBatch:
+def tasks(s: Setting, n: int, g: torch.Generator, device: torch.device = torch.device("cpu")) -> TaskBatch:
     def images(per: int) -> torch.Tensor:
         return torch.rand(n, s.way * per, s.channels, s.size, s.size, generator=g)
 
     def labels(per: int) -> torch.Tensor:
         return torch.arange(s.way).repeat_interleave(per).repeat(n, 1)
 
-    return TaskBatch(images(s.shot), labels(s.shot), images(s.query), labels(s.query))
+    return TaskBatch(images(s.shot), labels(s.shot), images(s.query), labels(s.query)).to(device)
 
 
-def bench(name: str, s: Setting, repeats: int) -> None:
+def bench(name: str, s: Setting, repeats: int, device: torch.device = torch.device("cpu"),
+          meta_batches: tuple[int, ...] = (), evaluation: bool = True) -> None:
     model = Conv4(s.channels, s.way, s.filters, s.size)
     reset_parameters(model, seeding.generator(0, 1))
+    model = model.to(device)
     fm = functional(model)
     layout = fm.layout
     flat = layout.flatten(dict(model.named_parameters())).detach()
@@ -95,8 +105,8 @@ def bench(name: str, s: Setting, repeats: int) -> None:
           f"{s.way}-way {s.shot}-shot, {s.query} queries/class, {s.inner_steps} inner step(s), alpha {s.inner_lr}")
     print(f"  meta-gradient {'tasks':>5} | {'loop s':>8} {'vmap s':>8} | loop/vmap | faster")
     params64 = layout.split(flat.double())
-    for n in sorted({1, s.meta_batch}):
-        batch = tasks(s, n, g)
+    for n in sorted({1, s.meta_batch, *meta_batches}):
+        batch = tasks(s, n, g, device)
         rest = (batch, s.inner_lr, s.inner_steps, False)
         # Agreement is checked in float64: with random pixels the images of a task are nearly alike, batch
         # norm divides by a tiny variance, and float32 rounding is amplified past any useful tolerance (the
@@ -109,15 +119,17 @@ def bench(name: str, s: Setting, repeats: int) -> None:
         rel = float((loop - vmap).norm() / loop.norm())
         if rel > 1e-10:
             raise SystemExit(f"{name}: loop and vmap disagree: relative difference {rel:.3g}")
-        t_loop = median_time(lambda: meta_gradient_loop(loss, params, *rest, query_loss=query), repeats)
-        t_vmap = median_time(lambda: meta_gradient_vmap(batched, params, *rest), repeats)
+        t_loop = median_time(lambda: meta_gradient_loop(loss, params, *rest, query_loss=query), repeats, device)
+        t_vmap = median_time(lambda: meta_gradient_vmap(batched, params, *rest), repeats, device)
         print(f"  {'':13} {n:5d} | {t_loop:8.3f} {t_vmap:8.3f} | {t_loop / t_vmap:8.2f}x | "
               f"{'vmap' if t_vmap < t_loop else 'loop'} (float64, 1 task: relative difference {rel:.1e})")
-    batch = tasks(s, s.eval_chunk, g)
+    if not evaluation:
+        return
+    batch = tasks(s, s.eval_chunk, g, device)
     one_by_one = median_time(lambda: adaptation_curves_loop(fm.forward, F.cross_entropy, params, batch, s.inner_lr,
-                                                            10), repeats)
+                                                            10), repeats, device)
     at_once = median_time(lambda: adaptation_curves(fm.batched_forward, F.cross_entropy, params, batch, s.inner_lr,
-                                                    10, chunk=s.eval_chunk), repeats)
+                                                    10, chunk=s.eval_chunk), repeats, device)
     print(f"  evaluation, {s.eval_chunk} tasks x 10 steps: one at a time {one_by_one:.3f} s, vmap over "
           f"{s.eval_chunk} {at_once:.3f} s ({one_by_one / at_once:.2f}x)")
 
@@ -127,11 +139,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--settings", nargs="+", default=SETTINGS, choices=SETTINGS)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timed with the device synchronised)")
+    ap.add_argument("--meta-batch", type=int, nargs="*", default=[],
+                    help="meta-batch sizes to time besides 1 and the config's")
+    ap.add_argument("--no-eval", action="store_true", help="meta-gradients only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{args.threads} thread(s), median of {args.repeats} timed runs after one warm-up")
+    device = torch.device(args.device)
+    print(f"{args.threads} thread(s), {device}, median of {args.repeats} timed runs after one warm-up")
     for name in args.settings:
-        bench(name, Setting.from_config(name), args.repeats)
+        bench(name, Setting.from_config(name), args.repeats, device, tuple(args.meta_batch), not args.no_eval)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Simulator throughput for large networks: iterations/s at K = 6, 100, 1000 agents (sinusoid, meta-batch 5).
 
-Run: .venv/bin/python benchmarks/bench_simulator.py [--quick] [--threads N]
+Run: .venv/bin/python benchmarks/bench_simulator.py [--quick] [--threads N] [--device cpu|cuda] [--agents K ...]
 
 Each K is a ring (sparse: the combine is a sparse matrix product) with Dif-MAML and Adam; the vectorised
 engine (one vmap over agents) is compared side by side with the per-agent engine (the runtime's own code,
@@ -20,17 +20,25 @@ from dif_maml_dist.simulate import Simulation
 from dif_maml_dist.topology import build_topology
 
 
-def iterations_per_second(k: int, vectorize: bool, meta_batch: int, budget_s: float) -> tuple[float, int]:
+def iterations_per_second(k: int, vectorize: bool, meta_batch: int, budget_s: float,
+                          device: torch.device = torch.device("cpu")) -> tuple[float, int]:
     cfg = Config()
     cfg.task.meta_batch = meta_batch
     cfg.topology = TopologyConfig(name="ring", num_agents=k)
     validate(cfg)
-    sim = Simulation(cfg, build_topology(cfg.topology).weights, vectorize=vectorize)
+    sim = Simulation(cfg, build_topology(cfg.topology).weights, device=device, vectorize=vectorize)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     sim.step()  # warm-up (first vmap trace, allocator)
+    sync()
     n, start = 0, time.perf_counter()
     while n < 3 or time.perf_counter() - start < budget_s:
         sim.step()
         n += 1
+    sync()
     return n / (time.perf_counter() - start), n
 
 
@@ -40,17 +48,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="torch intra-op threads (default: every core, as the simulator uses by default)")
     ap.add_argument("--meta-batch", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (runtime=simulate runtime.device=...)")
+    ap.add_argument("--agents", type=int, nargs="+", default=[6, 100, 1000])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     budget = 2.0 if args.quick else 8.0
     print(f"Simulator throughput: sinusoid MLP (1761 parameters), ring topology, Dif-MAML + Adam, meta-batch "
-          f"{args.meta_batch}, second order, float32, {args.threads} thread(s), torch {torch.__version__}")
+          f"{args.meta_batch}, second order, float32, {args.threads} thread(s), {device}, torch {torch.__version__}")
     print(f"{'agents':>7} | {'vectorized it/s':>15} {'tasks/s':>9} | {'per-agent it/s':>14} | {'speed-up':>8}")
     print("-" * 66)
-    for k in (6, 100, 1000):
-        vec, _ = iterations_per_second(k, True, args.meta_batch, budget)
+    for k in args.agents:
+        vec, _ = iterations_per_second(k, True, args.meta_batch, budget, device)
         if k <= 100:
-            per, _ = iterations_per_second(k, False, args.meta_batch, budget)
+            per, _ = iterations_per_second(k, False, args.meta_batch, budget, device)
             per_s, ratio = f"{per:14.2f}", f"{vec / per:7.1f}x"
         else:
             per_s, ratio = f"{'(skipped)':>14}", f"{'':>8}"

@@ -113,7 +113,9 @@ class Agent:
         return initial_params(self.cfg, agent, self.dtype, self.device, self.learner.family)
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":  # kernels are asynchronous: time them honestly
+        # Kernels are asynchronous: compute_s / exchange_s are device times only if the host waits for them here,
+        # which costs two synchronisations per iteration; by default the GPU runs ahead (runtime.time_phases).
+        if self.device.type == "cuda" and self.cfg.runtime.time_phases:
             torch.cuda.synchronize(self.device)
 
     def adapt(self) -> Tensor:
@@ -123,7 +125,7 @@ class Agent:
         """
         m, st = self.cfg.maml, self.state
         t0 = time.perf_counter()
-        batch = self.tasks.sample(st.rng, self.cfg.task.meta_batch).to(self.device, self.dtype)
+        batch = self.tasks.sample(st.rng, self.cfg.task.meta_batch).to_device(self.device, self.dtype)
         learner = self.learner
         grads, loss = meta_gradient(self.meta_grad_path, learner.loss, learner.batched_loss,
                                     self.layout.split(st.params), batch, m.inner_lr, m.inner_steps, m.first_order,

@@ -181,8 +181,29 @@ class RuntimeConfig:
     #: torch intra-op threads per process on CPU; None: 1 per torchrun agent (agents usually outnumber cores), and
     #: every core this process may use for the simulator (one process runs all agents)
     threads: Optional[int] = None
-    #: how long a collective or neighbour exchange may wait before the job fails (at least ``MIN_TIMEOUT_S``)
+    #: how long a training round (a neighbour exchange, or centralized's all-reduce) may wait before the agent
+    #: stops and names who is behind (at least ``MIN_TIMEOUT_S``); on nccl the watchdog backstop is twice this
     timeout_s: float = 300.0
+    #: how long process-group start-up may take: every agent's rendezvous, connections and the first barrier (all
+    #: agents must have started within it; at least ``MIN_TIMEOUT_S``)
+    init_timeout_s: float = 900.0
+    #: how long a wait off the training path may take: evaluation gathers, resuming, the end-of-run barrier.
+    #: None: timeout_s plus 4 x the time this agent's own share of the same work took (evaluations are split
+    #: evenly, so a healthy agent finishes within that); at least timeout_s when given
+    eval_timeout_s: Optional[float] = None
+    #: PyTorch's deterministic algorithms (torch.use_deterministic_algorithms, cuDNN without autotuning, a fixed
+    #: cuBLAS workspace): runs repeat bit for bit on a GPU too, a little slower. CPU runs are deterministic anyway
+    deterministic: bool = False
+    #: synchronise the GPU at the boundaries of compute and exchange so that compute_s / exchange_s are the
+    #: device's times; false: no host synchronisation per iteration (the figures are then host time). No effect
+    #: on the CPU, where both are the same
+    time_phases: bool = False
+    #: test tasks gathered and adapted at once in evaluation (bounds memory); None: by device, the task family's
+    #: CPU figure (sinusoid 1000, Omniglot 8, MiniImagenet 2), 8 times that on a GPU
+    eval_chunk: Optional[int] = None
+    #: simulator, vectorised engine: agents per vmap call; None: by device, 256 on the CPU (measured: cache-bound
+    #: above), every agent at once on a GPU
+    agent_chunk: Optional[int] = None
 
 
 @dataclass
@@ -330,10 +351,21 @@ def validate(cfg: Config) -> Config:
     _choice(r.backend, BACKENDS, "runtime.backend")
     if r.threads is not None:
         _positive(r.threads, "runtime.threads")
-    _positive(r.timeout_s, "runtime.timeout_s")
-    if r.timeout_s < MIN_TIMEOUT_S:
-        raise ValueError(f"runtime.timeout_s={r.timeout_s:g} is too short: starting the process group alone takes "
-                         f"seconds; use at least {MIN_TIMEOUT_S:g}")
+    for key, why in (("timeout_s", "a neighbour merely descheduled on a loaded machine would count as hung"),
+                     ("init_timeout_s", "starting the process group alone takes seconds")):
+        value = getattr(r, key)
+        _positive(value, f"runtime.{key}")
+        if value < MIN_TIMEOUT_S:
+            raise ValueError(f"runtime.{key}={value:g} is too short: {why}; use at least {MIN_TIMEOUT_S:g}")
+    if r.eval_timeout_s is not None:
+        _positive(r.eval_timeout_s, "runtime.eval_timeout_s")
+        if r.eval_timeout_s < r.timeout_s:
+            raise ValueError(f"runtime.eval_timeout_s={r.eval_timeout_s:g} is shorter than runtime.timeout_s="
+                             f"{r.timeout_s:g}: an evaluation waits for other agents' work, not for one message; "
+                             f"give at least {r.timeout_s:g} (or null: sized to the evaluation)")
+    for key in ("eval_chunk", "agent_chunk"):
+        if getattr(r, key) is not None:
+            _positive(getattr(r, key), f"runtime.{key}")
     if tr.resume and r.mode != "torchrun":
         raise ValueError("train.resume=true continues a torchrun job from its checkpoints; the simulator writes none")
     if r.backend == "nccl" and r.device == "cpu":

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .runtime import ProcessEnv, cpu_threads, select_backend, select_device
+from .runtime import ProcessEnv, intra_op_threads, select_backend, select_device
 from .schedules import GraphSchedule, build_schedule
 from .tasks import TaskFamily
 from .topology import Topology, build_topology, num_agents_of, strategy_weights
@@ -44,7 +44,7 @@ class RunContext:
     run_dir: Path
     device: torch.device
     backend: str  #: gloo or nccl under torchrun; "none" for a lone process or the simulator
-    threads: int  #: intra-op threads of this process on the CPU
+    threads: int  #: intra-op threads of this process (CPU and GPU ranks alike)
     topology: Topology
     weights: np.ndarray  #: the strategy's effective combination matrix (A, 11^T/K or I)
     schedule: GraphSchedule  #: the graph and weights of every combination round (static: ``weights``)
@@ -78,5 +78,5 @@ class RunContext:
         schedule = build_schedule(cfg.topology, cfg.seed, topology.graph, weights)
         family = task_family(cfg)
         check_task_data(cfg, topology.num_agents, family)
-        return cls(cfg, env, Path(run_dir), device, backend, cpu_threads(cfg.runtime), topology, weights, schedule,
+        return cls(cfg, env, Path(run_dir), device, backend, intra_op_threads(cfg.runtime), topology, weights, schedule,
                    family, cfg.train.resume or env.restart_count > 0)

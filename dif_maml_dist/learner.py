@@ -17,6 +17,18 @@ from .models import FunctionalModel, functional
 from .tasks import TaskFamily, TaskSet, task_family
 
 
+#: A GPU holds this many times the CPU's test tasks in flight (the task families' ``eval_chunk`` is a CPU figure).
+GPU_EVAL_CHUNK_FACTOR = 8
+
+
+def eval_chunk_for(configured: Optional[int], family_chunk: int, device: torch.device) -> int:
+    """Test tasks in flight in evaluation: ``runtime.eval_chunk`` if given, else the family's CPU figure, scaled
+    up on a GPU."""
+    if configured is not None:
+        return configured
+    return family_chunk * (GPU_EVAL_CHUNK_FACTOR if device.type == "cuda" else 1)
+
+
 @dataclass
 class Learner:
     """A task family bound to a device and dtype: what an agent (or the simulator) trains and evaluates."""
@@ -30,6 +42,7 @@ class Learner:
     eval_tasks: int  #: the first eval_tasks of ``tests`` are evaluated during training
     device: torch.device
     dtype: torch.dtype
+    eval_chunk: int  #: test tasks gathered and adapted at once (``runtime.eval_chunk``, by device by default)
 
     @property
     def layout(self) -> FlatLayout:
@@ -47,14 +60,15 @@ class Learner:
         if isinstance(tests, TaskBatch):
             tests = tests.to(device, dtype)  # small enough to live on the device for the whole run
         crit = family.criterion
+        chunk = eval_chunk_for(cfg.runtime.eval_chunk, family.eval_chunk, device)
         return cls(family, model, make_loss(model.forward, crit), make_loss(model.first_order_forward, crit),
-                   make_loss(model.batched_forward, crit), tests, t.eval_tasks, device, dtype)
+                   make_loss(model.batched_forward, crit), tests, t.eval_tasks, device, dtype, chunk)
 
     @property
     def eval_path(self) -> str:
         """How test tasks are adapted: vmap over a chunk of tasks, or one task at a time (the same choice as the
         meta-gradient's ``auto``, at the chunk size)."""
-        return choose_path("auto", self.model.kind, self.family.eval_chunk)
+        return choose_path("auto", self.model.kind, self.eval_chunk)
 
     def num_tests(self, final: bool) -> int:
         return len(self.tests) if final else self.eval_tasks
@@ -68,7 +82,7 @@ class Learner:
             parts = [self.curves(p, inner_lr, max_steps, start, stop) for p in params]
             return (torch.stack([p[0] for p in parts]),
                     None if self.family.metric is None else torch.stack([p[1] for p in parts]))
-        chunk, parts = self.family.eval_chunk, []
+        chunk, parts = self.eval_chunk, []
         if over_agents:  # the vmap holds agents x tasks adapted models at once: keep that product bounded
             chunk = max(1, chunk // params.shape[0])
         if start >= stop:  # more ranks than test tasks: this one has none
@@ -77,7 +91,7 @@ class Learner:
         views = self.layout.split(params)
         fam = self.family
         for i in range(start, stop, chunk):  # gathered a chunk at a time: see tasks.episodes.EpisodeSet
-            batch = self.tests.slice(i, min(i + chunk, stop)).to(self.device, self.dtype)
+            batch = self.tests.slice(i, min(i + chunk, stop)).to_device(self.device, self.dtype)
             if self.eval_path == "loop":
                 parts.append(adaptation_curves_loop(self.model.first_order_forward, fam.criterion, views, batch,
                                                     inner_lr, max_steps, fam.metric))

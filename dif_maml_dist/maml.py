@@ -47,6 +47,14 @@ class TaskBatch:
         return TaskBatch(*(t.to(device=device, dtype=dtype if t.is_floating_point() else None)
                            for t in self.tensors()))
 
+    def to_device(self, device: torch.device, dtype=None) -> "TaskBatch":
+        """A batch sampled on the host, moved to ``device`` the way a training step should: to a GPU through
+        pinned memory without blocking the host (the copy is ordered before the kernels that read it)."""
+        if device.type != "cuda":
+            return self.to(device, dtype)
+        return TaskBatch(*(t.pin_memory().to(device=device, dtype=dtype if t.is_floating_point() else None,
+                                             non_blocking=True) for t in self.tensors()))
+
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.support_x, self.support_y, self.query_x, self.query_y
 

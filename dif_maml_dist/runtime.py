@@ -9,13 +9,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from .config import RuntimeConfig
-from .transport import InMemoryTransport, TorchDistTransport, Transport
+from .liveness import StoreProgressBoard
+from .transport import InMemoryTransport, TorchDistTransport, Transport, set_group_timeout
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,21 @@ class ProcessEnv:
 
 
 def select_device(cfg: RuntimeConfig, env: ProcessEnv) -> torch.device:
-    """``cuda:LOCAL_RANK`` when GPUs are asked for (or ``auto`` finds them), else the CPU."""
+    """``cuda:LOCAL_RANK`` when GPUs are asked for (or ``auto`` finds them), else the CPU. Over gloo, agents may
+    share GPUs (``cuda:LOCAL_RANK mod GPUs``: messages go through host memory anyway); nccl needs one GPU per
+    agent, since one communicator cannot hold two ranks on one device."""
     want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and cfg.backend != "gloo" and torch.cuda.is_available())
     if not want_cuda:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ValueError("runtime.device=cuda but no CUDA device is visible; use runtime.device=cpu")
-    if env.local_rank >= torch.cuda.device_count():
-        raise ValueError(f"local rank {env.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                         f"start at most {torch.cuda.device_count()} processes per node or use runtime.device=cpu")
+    gpus = torch.cuda.device_count()
+    if cfg.backend == "gloo" or cfg.mode == "simulate":
+        return torch.device("cuda", env.local_rank % gpus)
+    if env.local_rank >= gpus:
+        raise ValueError(f"local rank {env.local_rank} has no GPU of its own ({gpus} visible) and nccl needs one per "
+                         f"agent: start at most {gpus} processes per node, or share the GPUs over gloo "
+                         f"(runtime.backend=gloo runtime.device=cuda), or use runtime.device=cpu")
     return torch.device("cuda", env.local_rank)
 
 
@@ -60,24 +67,79 @@ def select_backend(cfg: RuntimeConfig, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def cpu_threads(cfg: RuntimeConfig) -> int:
-    """Intra-op threads for this process on the CPU: ``runtime.threads``, or by default 1 per torchrun agent and
-    every core this process may use for the simulator."""
+def intra_op_threads(cfg: RuntimeConfig) -> int:
+    """Intra-op threads of this process (on every device: a GPU rank's host work is launches and task sampling):
+    ``runtime.threads``, or by default 1 per torchrun agent and every core this process may use for the
+    simulator."""
     if cfg.threads is not None:
         return cfg.threads
     return len(os.sched_getaffinity(0)) if cfg.mode == "simulate" else 1
 
 
+def configure_process(cfg: RuntimeConfig, threads: int) -> None:
+    """Per-process numerics, set before any tensor work: thread count and (``runtime.deterministic``) PyTorch's
+    deterministic algorithms."""
+    torch.set_num_threads(threads)
+    if cfg.deterministic:
+        # cuBLAS reads its workspace setting when its first handle is created: set before any CUDA work.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+#: Entries nccl's flight recorder keeps per process (its ring buffer of recent collectives and P2P operations).
+FLIGHT_RECORDER_ENTRIES = 2000
+
+
+def group_timeout_s(cfg: RuntimeConfig, backend: str) -> float:
+    """The process group's own timeout during training. gloo: ``timeout_s`` (its waits raise). nccl: a backstop
+    for its watchdog at twice that, so that the host-side wait (``liveness.RoundWaiter``) fires first and names
+    who is behind, and the watchdog only catches what the host never waits for."""
+    return cfg.timeout_s if backend != "nccl" else 2 * cfg.timeout_s
+
+
+def nccl_environment(cfg: RuntimeConfig, dump_dir: Optional[Path]) -> dict[str, str]:
+    """nccl's error handling, read when the process group is created: on a timeout the watchdog aborts the
+    communicators and stops the process (instead of leaving kernels waiting forever) and dumps the flight
+    recorder's record of recent operations into ``dump_dir`` (``agent<rank>`` files). Set only where the user
+    has not set them."""
+    # Each setting under both names: torch renamed the flight recorder's variables (TORCH_NCCL_* -> TORCH_FR_*).
+    env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+           "TORCH_FR_BUFFER_SIZE": str(FLIGHT_RECORDER_ENTRIES),
+           "TORCH_NCCL_TRACE_BUFFER_SIZE": str(FLIGHT_RECORDER_ENTRIES)}
+    if dump_dir is not None:
+        env["TORCH_FR_DUMP_TEMP_FILE"] = env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = str(dump_dir / "agent")
+    return env
+
+
+def dump_flight_recorder(dump_dir: Optional[Path], rank: int) -> Optional[Path]:
+    """Write nccl's flight recorder (recent operations, with their state) to ``dump_dir/agent<rank>.pickle`` when
+    the host-side wait gave up before the watchdog did; None where this build has no nccl recorder."""
+    dump = getattr(torch._C._distributed_c10d, "_dump_nccl_trace", None)
+    if dump is None or dump_dir is None:
+        return None
+    try:
+        data = dump()
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        path = dump_dir / f"agent{rank}.pickle"
+        path.write_bytes(data)
+        return path
+    except Exception as err:  # a diagnosis must not hide the failure being diagnosed
+        log.warning("could not dump nccl's flight recorder: %s", err)
+        return None
+
+
 @contextmanager
 def distributed(cfg: RuntimeConfig, env: ProcessEnv, device: torch.device, backend: str | None = None,
-                threads: int | None = None) -> Iterator[Transport]:
+                threads: int | None = None, dump_dir: Optional[Path] = None) -> Iterator[Transport]:
     """The process group for one agent, torn down on the way out whatever happens.
 
-    ``backend`` and ``threads``: as the run's context decided them (by default, from ``cfg``). Without torchrun
-    (a single process) this yields a one-agent in-memory transport instead.
+    ``backend`` and ``threads``: as the run's context decided them (by default, from ``cfg``); ``dump_dir``: where
+    nccl's flight recorder goes on a timeout. Without torchrun (a single process) this yields a one-agent
+    in-memory transport instead.
     """
-    if device.type == "cpu":
-        torch.set_num_threads(threads if threads is not None else cpu_threads(cfg))
+    configure_process(cfg, threads if threads is not None else intra_op_threads(cfg))
     if not env.under_torchrun:
         yield InMemoryTransport.network(1, cfg.timeout_s)[0]
         return
@@ -85,25 +147,50 @@ def distributed(cfg: RuntimeConfig, env: ProcessEnv, device: torch.device, backe
     if device.type == "cuda":
         # nccl binds a communicator to the current device at its first use: set it before anything else.
         torch.cuda.set_device(device)
-    timeout = timedelta(seconds=cfg.timeout_s)
+    if backend == "nccl":
+        for key, value in nccl_environment(cfg, dump_dir).items():
+            os.environ.setdefault(key, value)
+        if dump_dir is not None:  # the watchdog writes its dump there but makes no folder
+            dump_dir.mkdir(parents=True, exist_ok=True)
+    # Start-up gets its own, longer timeout: agents of a multi-node job start minutes apart.
+    init_timeout = timedelta(seconds=cfg.init_timeout_s)
     # torchrun's store outlives a restart (--max-restarts), and with torch 2.14 the restarted workers read the
     # failed attempt's gloo addresses from it ("connectFullMesh failed ... Connection refused"): keys are
     # prefixed with the attempt number here, so each attempt meets only its own peers.
-    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=init_timeout))
     store = dist.PrefixStore(f"dif_maml_dist/attempt{env.restart_count}", store)
-    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=init_timeout,
                             device_id=device if backend == "nccl" else None)
+    board = StoreProgressBoard(dist.PrefixStore("progress", store), rank, world_size,
+                               interval_s=min(1.0, cfg.timeout_s / 5))
+    aborted = False
     try:
         # One collective before the first point-to-point call: nccl sets up its communicators lazily, and
-        # a P2P call as the very first operation can hang; on gloo it simply lines everybody up.
+        # a P2P call as the very first operation can hang; on gloo it simply lines everybody up. Every agent's
+        # progress key exists once it has passed.
         dist.barrier()
-        yield TorchDistTransport()
+        group_timeout = group_timeout_s(cfg, backend)
+        set_group_timeout(group_timeout)
+        transport = TorchDistTransport(cfg.timeout_s, board, cfg.eval_timeout_s, group_timeout)
+        yield transport
         # Leave together (normal exit only: after an error a barrier would just wait for the timeout): a rank
         # that tears down gloo while its peers still finish their last messages can abort at exit
         # ("terminate called without an active exception"; see docs/notes.md).
-        dist.barrier()
+        transport.barrier()
+    except BaseException:
+        if backend == "nccl":
+            # A round that never completed is still queued on the GPU: destroying the group would wait for it
+            # forever. Record what was in flight, then abort the communicators instead.
+            dump_flight_recorder(dump_dir, rank)
+            abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+            if abort is not None:
+                abort()
+                aborted = True
+        raise
     finally:
-        dist.destroy_process_group()
+        board.close()
+        if not aborted and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class _RankFormatter(logging.Formatter):

@@ -177,7 +177,8 @@ def execute(ctx: RunContext) -> Optional[dict]:
     from .runtime import distributed, setup_logging
 
     cfg, run_dir, rank = ctx.cfg, ctx.run_dir, ctx.env.rank
-    with distributed(cfg.runtime, ctx.env, ctx.device, ctx.backend, ctx.threads) as transport:
+    with distributed(cfg.runtime, ctx.env, ctx.device, ctx.backend, ctx.threads,
+                     dump_dir=run_dir / "flight_recorder") as transport:
         # Created only after the first barrier: rank 0 holds the run directory's lock by now.
         setup_logging(rank, run_dir / "logs")
         if ctx.is_root:
@@ -211,16 +212,13 @@ def execute(ctx: RunContext) -> Optional[dict]:
 
 def simulate(ctx: RunContext) -> dict:
     """All agents in this one process (runtime=simulate); same outputs as a torchrun job."""
-    import torch
-
     from . import outputs
     from .loop import run_loop
-    from .runtime import setup_logging
+    from .runtime import configure_process, setup_logging
     from .simulate import Simulation
 
     cfg, run_dir = ctx.cfg, ctx.run_dir
-    if ctx.device.type == "cpu":
-        torch.set_num_threads(ctx.threads)
+    configure_process(cfg.runtime, ctx.threads)
     setup_logging(0, run_dir / "logs", who="simulator")
     outputs.log_start(ctx)
     sim = Simulation(cfg, ctx.schedule, ctx.device, vectorize=cfg.runtime.vectorize, family=ctx.family)

@@ -8,29 +8,22 @@ and ``barrier`` are for diagnostics and bookkeeping at evaluation steps and are 
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
-from typing import Any, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-class PeerError(RuntimeError):
-    """A peer did not deliver its message: it died, hung, or did not answer within the timeout."""
-
-    def __init__(self, message: str, peer: int | None = None):
-        super().__init__(message)
-        self.peer = peer  #: the agent that did not answer (None for a collective, where nobody can tell)
+from .liveness import PeerError, ProgressBoard, RoundWaiter, first_line
 
 
 def nbytes(t: Tensor) -> int:
     """Bytes a tensor occupies on the wire."""
     return t.numel() * t.element_size()
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 def ring_all_reduce_bytes(world_size: int, message_bytes: int) -> int:
@@ -136,38 +129,42 @@ class InMemoryTransport(Transport):
         self.hub.barrier.wait()
 
 
-def wait_all(works: Sequence[Any], op_peers: Sequence[int]) -> None:
-    """Wait on every work object ``batch_isend_irecv`` returned for operations with peers ``op_peers``.
+#: A collective off the training path (evaluation gathers, the end-of-run barrier) waits for the other agents'
+#: share of the same work: by default ``timeout_s`` plus this many times what this agent's own share took.
+EVAL_WAIT_FACTOR = 4.0
 
-    gloo returns one work per operation, so a failure names that operation's peer; nccl returns one for the whole
-    batch, so a failure can only name every peer of the round. (Zipping works with peers would wait on nccl's
-    one work only and blame the first peer.)"""
-    if len(works) == len(op_peers):
-        blamed = [[p] for p in op_peers]
-    else:
-        blamed = [sorted(set(op_peers))] * len(works)
-    for work, peers in zip(works, blamed):
-        try:
-            work.wait()
-        except RuntimeError as err:
-            who = f"agent {peers[0]}" if len(peers) == 1 else f"one of agents {', '.join(map(str, peers))}"
-            raise PeerError(f"no message from {who} ({_first_line(err)})",
-                            peer=peers[0] if len(peers) == 1 else None) from None
+
+def set_group_timeout(seconds: float) -> None:
+    # torch >= 2.6 has the public name; older releases the private one.
+    setter = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+    setter(timedelta(seconds=seconds))
 
 
 class TorchDistTransport(Transport):
     """torch.distributed point-to-point over the default process group (gloo on CPU, nccl on GPU).
 
-    The process group must already be initialised (see ``runtime.distributed``).
+    The process group must already be initialised (see ``runtime.distributed``). Training rounds are waited on
+    by a :class:`~dif_maml_dist.liveness.RoundWaiter` (within ``timeout_s``, naming who is behind from ``board``);
+    collectives off the training path get ``eval_timeout_s``, or by default ``timeout_s`` plus
+    ``EVAL_WAIT_FACTOR`` times the work this agent did since its previous collective (the others do the same).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float, board: Optional[ProgressBoard] = None,
+                 eval_timeout_s: Optional[float] = None, group_timeout_s: Optional[float] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``group_timeout_s``: the process group's own timeout between collectives off the training path (nccl's
+        watchdog; by default ``timeout_s``), restored after each of them."""
         super().__init__()
         assert dist.is_initialized(), "init the process group first (runtime.distributed)"
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.backend = dist.get_backend()
         # gloo moves CPU tensors only: stage GPU tensors through host memory.
         self._stage_on_cpu = self.backend == "gloo"
+        self.timeout_s, self.eval_timeout_s, self.clock = timeout_s, eval_timeout_s, clock
+        self.group_timeout_s = group_timeout_s or timeout_s
+        # gloo's wait blocks until the message is there; nccl's only orders streams (see RoundWaiter).
+        self.waiter = RoundWaiter(self.rank, timeout_s, board, blocking=self.backend != "nccl")
+        self._since = clock()  #: when this agent last came out of a collective or exchange
 
     def _wire(self, tensor: Tensor) -> Tensor:
         t = tensor.detach()
@@ -178,6 +175,7 @@ class TorchDistTransport(Transport):
     def exchange(self, messages: Mapping[int, Tensor]) -> dict[int, Tensor]:
         if not messages:
             return {}
+        self.waiter.enter()
         staged: dict[int, Tensor] = {}  # by id: the full-state exchange sends one tensor to every peer
         for m in messages.values():
             if id(m) not in staged:
@@ -192,25 +190,47 @@ class TorchDistTransport(Transport):
         # peer blocks on another send: plain blocking send/recv in a fixed order deadlocks on odd cycles.
         # Each pair exchanges exactly one message per direction per round, so untagged messages cannot be
         # confused across rounds (nccl ignores tags anyway).
-        # Each wait ends by the process group's timeout (runtime.timeout_s) at the latest: a dead peer's socket
-        # closes at once, a hung one times out; either way the error names the peer instead of hanging.
-        wait_all(dist.batch_isend_irecv(ops), peer_of)
+        # The waiter waits on every work returned (one per op on gloo, one per batch on nccl) within timeout_s:
+        # a dead peer's socket closes at once, a hung one times out; either way the error names who is behind.
+        self.waiter.post(dist.batch_isend_irecv(ops), peer_of, keep=(send, recv))
         self.bytes_sent += sum(nbytes(t) for t in send.values())
+        self._since = self.clock()
         return {p: r.to(messages[p].device) for p, r in recv.items()}
 
     def all_reduce_mean(self, tensor: Tensor) -> Tensor:
         self._count_all_reduce(tensor)
+        self.waiter.enter()
         buf = self._wire(tensor).clone()
         try:
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=True)
         except RuntimeError as err:
-            raise PeerError(f"the all-reduce over all agents failed ({_first_line(err)})") from None
+            raise PeerError(f"the all-reduce over all agents failed ({first_line(err)})") from None
+        self.waiter.post([work], [p for p in range(self.world_size) if p != self.rank], keep=buf)
+        self._since = self.clock()
         return (buf / self.world_size).to(tensor.device)
+
+    @contextmanager
+    def _off_training_path(self, what: str) -> Iterator[None]:
+        """A collective at an evaluation or the end: rounds in flight settled first, then a wait sized to the
+        evaluation's work instead of the exchange timeout; a failure is a PeerError naming no one."""
+        self.waiter.drain()
+        wait = self.eval_timeout_s or self.timeout_s + EVAL_WAIT_FACTOR * (self.clock() - self._since)
+        set_group_timeout(wait)
+        try:
+            yield
+        except RuntimeError as err:
+            raise PeerError(f"{what} did not complete within {wait:.0f} s: an agent died or hung while evaluating "
+                            f"({first_line(err)}) [runtime.eval_timeout_s]") from None
+        finally:
+            set_group_timeout(self.group_timeout_s)
+            self._since = self.clock()
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        with self._off_training_path("gathering every agent's results"):
+            dist.all_gather_object(out, obj)
         return out
 
     def barrier(self) -> None:
-        dist.barrier()
+        with self._off_training_path("waiting for every agent"):
+            dist.barrier()

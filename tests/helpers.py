@@ -80,3 +80,19 @@ def combine_dense(a, phi):
     import torch
 
     return torch.as_tensor(a, dtype=phi.dtype, device=phi.device).T @ phi
+
+
+def spawn_within(fn, args: tuple, nprocs: int, seconds: float, hang: str) -> None:
+    """``torch.multiprocessing`` processes running ``fn(rank, *args)``, waited for at most ``seconds`` (a hang guard
+    for tests whose processes are meant to fail: they are killed and ``AssertionError(hang)`` raised past it)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.time() + seconds
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            raise AssertionError(hang)

@@ -43,8 +43,8 @@ def variant_config(name: str):
 class CountingTransport(TorchDistTransport):
     """Counts the bytes of every tensor handed to the exchange, apart from the transport's own counter."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, timeout_s: float):
+        super().__init__(timeout_s)
         self.handed = 0
 
     def exchange(self, messages):
@@ -73,7 +73,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         out["exchange_bytes"] = transport.bytes_sent
         for strategy in STRATEGIES:
             cfg = small_config(strategy, iterations=ITERS)
-            fresh = TorchDistTransport()  # its own byte counter, same process group
+            fresh = TorchDistTransport(cfg0.runtime.timeout_s)  # its own byte counter, same process group
             agent = Agent(cfg, rank, 6).connect(schedule_for(cfg, PAPER6), fresh)
             result = run_agent(agent, fresh)
             out[strategy] = {"params": agent.state.params, "bytes": result.agents[0]["bytes_sent"],
@@ -81,7 +81,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                              {k: result.network[k] for k in ("disagreement", "centroid")}}
         for name in VARIANTS:
             cfg = variant_config(name)
-            counting = CountingTransport()
+            counting = CountingTransport(cfg0.runtime.timeout_s)
             agent = Agent(cfg, rank, 6).connect(schedule_for(cfg, PAPER6), counting)
             result = run_agent(agent, counting)
             out[name] = {"params": agent.state.params, "bytes": result.agents[0]["bytes_sent"],
@@ -162,36 +162,3 @@ def test_compressed_and_scheduled_gloo_runs_equal_the_per_agent_simulator(tmp_pa
     sign_bytes = 8 + -(-got.shape[1] // 8)
     assert [o["sign/static"]["bytes"] for o in outs] == [combine_plan(PAPER6.weights, r).degree * sign_bytes * VARIANT_ITERS
                                                          for r in range(6)]
-
-
-class _Work:
-    """A stand-in for a torch.distributed work object: ``wait`` succeeds or raises as the backend's would."""
-
-    def __init__(self, fails: bool = False):
-        self.fails, self.waited = fails, False
-
-    def wait(self):
-        self.waited = True
-        if self.fails:
-            raise RuntimeError("Timed out waiting 300000ms for recv operation to complete\nmore detail")
-
-
-def test_every_work_object_is_waited_on_and_the_failure_is_blamed_rightly():
-    """gloo returns one work per operation, nccl one for the whole batch. Catches zipping works with peers: under
-    nccl that waited on the batch's one work only and blamed the lowest-numbered neighbour for any failure."""
-    import pytest
-
-    from dif_maml_dist.transport import PeerError, wait_all
-
-    peers = [2, 2, 4, 4]  # (isend, irecv) per neighbour, as exchange posts them
-    per_op = [_Work(), _Work(), _Work(), _Work(fails=True)]  # gloo: agent 4's message never came
-    with pytest.raises(PeerError, match=r"^no message from agent 4 \(Timed out waiting") as failed:
-        wait_all(per_op, peers)
-    assert failed.value.peer == 4 and all(w.waited for w in per_op)
-    batch = [_Work(fails=True)]  # nccl: one work, nobody in particular to blame
-    with pytest.raises(PeerError, match=r"^no message from one of agents 2, 4 \(") as failed:
-        wait_all(batch, peers)
-    assert failed.value.peer is None and batch[0].waited
-    fine = [_Work()]
-    wait_all(fine, peers)
-    assert fine[0].waited

@@ -9,7 +9,6 @@ import sys
 import time
 
 import torch
-import torch.multiprocessing as mp
 
 from dif_maml_dist.agent import Agent, run_agent
 from dif_maml_dist.config import TopologyConfig
@@ -17,9 +16,10 @@ from dif_maml_dist.runtime import ProcessEnv, distributed
 from dif_maml_dist.topology import build_topology
 from dif_maml_dist.transport import PeerError
 
-from .helpers import REPO, free_port, schedule_for, small_config
+from .helpers import REPO, free_port, schedule_for, small_config, spawn_within
 
 TIMEOUT_S = 6.0
+INIT_TIMEOUT_S = 120.0
 HUNG_AGENT, HUNG_AT = 2, 6  # agent 2 stops answering in its 6th exchange
 
 
@@ -28,6 +28,7 @@ def _hung_peer_worker(rank: int, port: int, out_dir: str) -> None:
                       LOCAL_RANK=str(rank))
     cfg = small_config(iterations=20)
     cfg.runtime.timeout_s = TIMEOUT_S
+    cfg.runtime.init_timeout_s = INIT_TIMEOUT_S  # start-up's own timeout, far longer: exchanges must not use it
     ring = build_topology(TopologyConfig(name="ring", num_agents=4))
     result: dict = {}
     try:
@@ -60,22 +61,21 @@ def _hung_peer_worker(rank: int, port: int, out_dir: str) -> None:
 def test_hung_peer_is_named_within_the_timeout(tmp_path):
     """Four gloo processes on a ring; agent 2 stops answering in iteration 6 without dying. Its neighbours 1 and 3
     stop with a PeerError naming agent 2 and iteration 6 within runtime.timeout_s (plus start-up slack) — never an
-    endless hang. Catches an exchange that waits forever, and errors that do not say which peer or iteration."""
-    start = time.time()
-    ctx = mp.start_processes(_hung_peer_worker, args=(free_port(), str(tmp_path)), nprocs=4, join=False,
-                             start_method="spawn")
-    deadline = start + 300  # a hang guard only: spawning four torch processes on a loaded 2-core machine is slow
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise AssertionError("the agents did not stop: a hung peer made the run hang")
+    endless hang — and say, from the progress channel in the rendezvous store, that agent 2 stopped at round 5.
+    Agent 0, whose neighbours wait themselves, names agent 2 as the one behind them. Catches an exchange that
+    waits forever or for the start-up timeout (runtime.init_timeout_s, set far longer here), and errors that do
+    not say which peer or iteration."""
+    # The guard is a hang guard only: spawning four torch processes on a loaded 2-core machine is slow.
+    spawn_within(_hung_peer_worker, (free_port(), str(tmp_path)), 4, 300,
+                 "the agents did not stop: a hung peer made the run hang")
     results = {r: torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)}
     for neighbour in (1, 3):
         res = results[neighbour]
         assert res.get("peer") == HUNG_AGENT, res
         assert f"agent {neighbour}, iteration {HUNG_AT}: no message from agent {HUNG_AGENT}" in res["error"]
         assert f"runtime.timeout_s={TIMEOUT_S:g}" in res["error"]
+        assert f"stopped advancing: agent {HUNG_AGENT} at round {HUNG_AT - 1}; this agent is at round {HUNG_AT}" \
+            in res["error"], res["error"]
     # Agent 0 waits for 1 and 3 (which stop after the timeout) and fails in the same iteration or the next.
     assert "error" in results[0] and results[0]["peer"] in (1, 3)
     # The neighbours gave up after the timeout, counted from the moment agent 2 went silent (not before: it is
@@ -84,6 +84,55 @@ def test_hung_peer_is_named_within_the_timeout(tmp_path):
     for neighbour in (1, 3):
         assert TIMEOUT_S - 1 <= results[neighbour]["at"] - silent <= TIMEOUT_S + 5, results[neighbour]["at"] - silent
     assert results[0]["at"] - silent <= 2 * TIMEOUT_S + 5
+
+
+EVAL_TIMEOUT_S = 5.0
+
+
+def _slow_evaluation_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    cfg = small_config()
+    cfg.runtime.timeout_s = EVAL_TIMEOUT_S
+    result: dict = {}
+    try:
+        with distributed(cfg.runtime, ProcessEnv.from_environ(), torch.device("cpu")) as transport:
+            transport.exchange({1 - rank: torch.zeros(3)})  # a training round, as before an evaluation
+            # An evaluation whose shares take 3 s and 9 s: the fast agent waits 6 s > timeout_s in the gather, but
+            # within timeout_s + 4 x its own 3 s of work.
+            time.sleep(3 if rank == 0 else 9)
+            t0 = time.time()
+            result["gathered"] = transport.all_gather_object(rank)
+            result["waited"] = time.time() - t0
+            # Then agent 1 hangs before the next gather, while agent 0 has done no work since the last one: agent 0
+            # gives up after about timeout_s.
+            if rank == 1:
+                time.sleep(EVAL_TIMEOUT_S + 25)
+                raise SystemExit(0)
+            t0 = time.time()
+            try:
+                transport.all_gather_object(rank)
+            except PeerError as err:
+                result.update(error=str(err), gave_up_after=time.time() - t0)
+                raise
+    except PeerError:
+        pass
+    finally:
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_evaluation_waits_are_sized_to_the_evaluation_not_to_the_exchange_timeout(tmp_path):
+    """Two gloo processes with runtime.timeout_s = 5. An evaluation gather that waits 6 s for a slower agent's
+    share succeeds (its allowance is timeout_s plus 4 x the waiting agent's own share of the work), while a gather
+    for an agent that hangs, with no work of one's own before it, fails with a PeerError after about timeout_s.
+    Catches evaluation collectives bounded by the exchange timeout (a long final evaluation killing the run)
+    and ones that are not bounded at all."""
+    spawn_within(_slow_evaluation_worker, (free_port(), str(tmp_path)), 2, 240, "an evaluation gather hung")
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert results[0]["gathered"] == results[1]["gathered"] == [0, 1]
+    assert results[0]["waited"] > EVAL_TIMEOUT_S  # it did wait longer than the exchange timeout
+    assert "gathering every agent's results did not complete within 5 s" in results[0]["error"], results[0]
+    assert EVAL_TIMEOUT_S - 1 <= results[0]["gave_up_after"] <= EVAL_TIMEOUT_S + 5, results[0]["gave_up_after"]
 
 
 def test_killed_agent_is_restarted_and_finishes_bit_identical(tmp_path):

@@ -199,7 +199,7 @@ def test_lazy_test_set_and_chunked_evaluation_match_eager_ones(tmp_path):
     params = learner.layout.flatten(dict(learner.family.build_model().double().named_parameters())).detach()
     figures = []
     for chunk in (3, 10):
-        learner.family.eval_chunk = chunk
+        learner.eval_chunk = chunk
         figures.append(learner.evaluate(params, 0.4, 2, final=True))
     for key in ("loss", "accuracy", "accuracy_ci95"):
         np.testing.assert_allclose(figures[0][key], figures[1][key], rtol=1e-12, atol=1e-15)

@@ -20,14 +20,14 @@ PAPER6 = build_topology(TopologyConfig(name="paper6"))
 
 @pytest.mark.parametrize("strategy", ["dif_maml", "centralized", "noncooperative"])
 @pytest.mark.parametrize("meta_batch, optim", [(2, "adam"), (5, "sgd")])
-def test_vectorized_engine_equals_per_agent_engine(strategy, meta_batch, optim, monkeypatch):
+def test_vectorized_engine_equals_per_agent_engine(strategy, meta_batch, optim):
     """vmap-over-agents + one stacked optimizer + A^T Phi equals K separate agents combining neighbour by
     neighbour (float64). Two independent implementations of the same algorithm: catches a wrong transpose,
     agents' task streams or optimizer states mixed up in the stack, or a wrong vmap over agents. meta_batch=5
     also takes the agents' vmap meta-gradient path. Agents are vmapped in chunks of 4 (6 = 4 + 2) to cover the
     chunking."""
-    monkeypatch.setattr(simulate, "_AGENT_CHUNK", 4)
     cfg = small_config(strategy, iterations=15, optim=optim)
+    cfg.runtime.agent_chunk = 4
     cfg.task.meta_batch = meta_batch
     weights = strategy_weights(strategy, PAPER6)
     vec, per = Simulation(cfg, weights, vectorize=True), Simulation(cfg, weights, vectorize=False)
