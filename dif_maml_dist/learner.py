@@ -21,6 +21,11 @@ from .tasks import TaskFamily, TaskSet, task_family
 GPU_EVAL_CHUNK_FACTOR = 8
 
 
+def _cat(parts: list[Curves], dim: int, with_metric: bool) -> Curves:
+    losses = torch.cat([p[0] for p in parts], dim=dim)
+    return losses, torch.cat([p[1] for p in parts], dim=dim) if with_metric else None
+
+
 def eval_chunk_for(configured: Optional[int], family_chunk: int, device: torch.device) -> int:
     """Test tasks in flight in evaluation: ``runtime.eval_chunk`` if given, else the family's CPU figure, scaled
     up on a GPU."""
@@ -88,19 +93,20 @@ class Learner:
         if start >= stop:  # more ranks than test tasks: this one has none
             empty = params.new_zeros((*params.shape[:-1], 0, max_steps + 1))
             return empty, (empty if self.family.metric is not None else None)
-        views = self.layout.split(params)
-        fam = self.family
         for i in range(start, stop, chunk):  # gathered a chunk at a time: see tasks.episodes.EpisodeSet
-            batch = self.tests.slice(i, min(i + chunk, stop)).to_device(self.device, self.dtype)
-            if self.eval_path == "loop":
-                parts.append(adaptation_curves_loop(self.model.first_order_forward, fam.criterion, views, batch,
-                                                    inner_lr, max_steps, fam.metric))
-            else:
-                parts.append(adaptation_curves(self.model.batched_forward, fam.criterion, views, batch, inner_lr,
-                                               max_steps, fam.metric, chunk=chunk, over_agents=over_agents))
-        dim = 1 if over_agents else 0
-        losses = torch.cat([p[0] for p in parts], dim=dim)
-        return losses, torch.cat([p[1] for p in parts], dim=dim) if fam.metric is not None else None
+            parts.append(self.curves_on(self.tests.slice(i, min(i + chunk, stop)), params, inner_lr, max_steps,
+                                        over_agents, chunk))
+        return _cat(parts, 1 if over_agents else 0, self.family.metric is not None)
+
+    def curves_on(self, batch: TaskBatch, params: Tensor, inner_lr: float, max_steps: int, over_agents: bool = False,
+                  chunk: Optional[int] = None) -> Curves:
+        """:meth:`curves` on any tasks of this family (e.g. a user's own episodes), held in memory."""
+        batch, views, fam = batch.to_device(self.device, self.dtype), self.layout.split(params), self.family
+        if self.eval_path == "loop":
+            return adaptation_curves_loop(self.model.first_order_forward, fam.criterion, views, batch, inner_lr,
+                                          max_steps, fam.metric)
+        return adaptation_curves(self.model.batched_forward, fam.criterion, views, batch, inner_lr, max_steps,
+                                 fam.metric, chunk=chunk or self.eval_chunk, over_agents=over_agents)
 
     def test_curves(self, params: Tensor, inner_lr: float, max_steps: int, final: bool = False,
                     over_agents: bool = False) -> Curves:

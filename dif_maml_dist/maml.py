@@ -17,7 +17,7 @@ Both differentiate through the inner SGD steps (second order: the Hessian term `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -242,18 +242,25 @@ def adaptation_curves_loop(forward: Forward, criterion: Criterion, params: Seque
     losses, scores = [], []
     for t in range(len(batch)):
         xs, ys, xq, yq = (x[t] for x in batch.tensors())
-        w = [p.detach() for p in params]
         points = []
-        for step in range(max_steps + 1):
+        for w in sgd_adaptation(forward, criterion, params, xs, ys, inner_lr, max_steps):
             with torch.no_grad():
                 points.append(_curve_point(forward, criterion, metric, w, xq, yq))
-            if step == max_steps:
-                break
-            w = [p.requires_grad_(True) for p in w]
-            grads = torch.autograd.grad(criterion(forward(w, xs), ys), w)
-            with torch.no_grad():
-                w = _sgd(w, grads, inner_lr)
         losses.append(torch.stack([p[0] for p in points]))
         scores.append(torch.stack([p[1] for p in points]))
     return torch.stack(losses), torch.stack(scores) if metric else None
+
+
+def sgd_adaptation(forward: Forward, criterion: Criterion, params: Sequence[Tensor], x: Tensor, y: Tensor,
+                   inner_lr: float, steps: int) -> Iterator[list[Tensor]]:
+    """The parameters after 0, 1, ..., ``steps`` plain SGD steps on one task's support data ``(x, y)``: test-time
+    adaptation, with autograd, keeping no graph beyond one step's gradient (the yielded tensors are detached)."""
+    w = [p.detach() for p in params]
+    yield w
+    for _ in range(steps):
+        w = [p.requires_grad_(True) for p in w]
+        grads = torch.autograd.grad(criterion(forward(w, x), y), w)
+        with torch.no_grad():
+            w = _sgd(w, grads, inner_lr)
+        yield w
 

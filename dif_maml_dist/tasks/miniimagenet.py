@@ -168,6 +168,19 @@ class MiniImagenetFamily:
         except ValueError as err:
             raise ValueError(f"agent {agent} (task.sharing={t.sharing}, MiniImagenet train split): {err}") from None
 
+    def image(self, path: Path) -> torch.Tensor:
+        """A user's image as this family's episodes hold theirs: RGB, resized, scaled to [0, 1] and standardised
+        with the training split's channel statistics, ``[3, H, W]``."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as img:
+                pixels = _resize(np.asarray(img.convert("RGB")), self.cfg.task.image_size)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f"cannot read image {path}: {err}") from None
+        x = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255.0)
+        return (x - torch.tensor(self.train.mean).view(3, 1, 1)) / torch.tensor(self.train.std).view(3, 1, 1)
+
     def eval_set(self, seed: int, num_tasks: int) -> EpisodeSet:
         try:
             test = self._episodes(self.test, list(range(len(self.test.classes))), rotations=False)

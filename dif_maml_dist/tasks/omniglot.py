@@ -179,6 +179,11 @@ class OmniglotFamily:
         except ValueError as err:
             raise ValueError(f"agent {agent} (task.sharing={t.sharing}): {err}") from None
 
+    def image(self, path: Path) -> torch.Tensor:
+        """A user's image as this family's episodes hold theirs: decoded like the dataset (grayscale, resized, ink
+        bright on dark), scaled to [0, 1], ``[1, H, W]``."""
+        return torch.from_numpy(_decode(Path(path), self.cfg.task.image_size)).float().div(255.0).unsqueeze(0)
+
     def eval_set(self, seed: int, num_tasks: int) -> EpisodeSet:
         t = self.cfg.task
         test = FewShotEpisodes(self.data.images, self.split["test"], t.n_way, t.k_shot, t.q_query, rotations=False)
