@@ -207,6 +207,16 @@ class RuntimeConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Where the records go besides ``metrics/*.jsonl`` (always written)."""
+
+    #: also write every agent's records (and rank 0's network records) as TensorBoard event files under
+    #: RUN_DIR/tensorboard/agent<k>/ and RUN_DIR/tensorboard/network/ (needs the tensorboard package: the
+    #: ``tensorboard`` extra, pip install -e '.[tensorboard]')
+    tensorboard: bool = False
+
+
+@dataclass
 class Config:
     """The whole run. Composed by hydra from conf/ (see conf/config.yaml)."""
 
@@ -221,6 +231,7 @@ class Config:
     maml: MamlConfig = field(default_factory=MamlConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:

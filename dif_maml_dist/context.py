@@ -35,6 +35,15 @@ def check_launch(cfg: Config, env: ProcessEnv, num_agents: int) -> None:
                           f"(or choose a topology with as many agents as processes, or runtime=simulate)")
 
 
+def check_tensorboard(cfg: Config) -> None:
+    """``metrics.tensorboard=true`` needs the tensorboard package (looked up, not imported)."""
+    import importlib.util
+
+    if cfg.metrics.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("metrics.tensorboard=true needs the tensorboard package: pip install -e '.[tensorboard]' "
+                         "(or drop metrics.tensorboard)")
+
+
 @dataclass
 class RunContext:
     """One run's decisions: who this process is, where it writes, on what it computes, over which graph."""
@@ -69,6 +78,7 @@ class RunContext:
         from .tasks import check_task_data, task_family
 
         check_launch(cfg, env, num_agents_of(cfg.topology))
+        check_tensorboard(cfg)
         device = select_device(cfg.runtime, env)
         backend = select_backend(cfg.runtime, device) if cfg.runtime.mode == "torchrun" else "none"
         if not env.under_torchrun:

@@ -33,6 +33,48 @@ class NullSink:
         pass
 
 
+class TensorBoardSink:
+    """Each record's numbers as TensorBoard scalars at step ``iteration``, in ``log_dir`` (one folder per agent, so
+    that TensorBoard overlays the agents as runs with the same tags)."""
+
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = int(record["iteration"])
+        for key, value in record.items():
+            if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abandon(self) -> None:
+        self.writer.close()  # what was written stays, as for a crash
+
+
+class TeeSink:
+    """One stream written to several sinks (e.g. JSONL and TensorBoard)."""
+
+    def __init__(self, sinks: list[Any]):
+        self.sinks = sinks
+
+    def write(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+    def abandon(self) -> None:
+        for sink in self.sinks:
+            sink.abandon()
+
+
 class JsonlSink:
     """One JSON object per line, flushed per record so a crashed run keeps everything logged so far.
 

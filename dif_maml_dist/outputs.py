@@ -19,7 +19,7 @@ from torch import Tensor
 from .config import Config
 from .context import RunContext
 from .loop import RunResult
-from .metrics import JsonlSink, save_tensors_atomic, write_json_atomic
+from .metrics import JsonlSink, MetricsSink, TeeSink, TensorBoardSink, save_tensors_atomic, write_json_atomic
 from .schedules import GraphSchedule
 from .topology import mixing_rate
 
@@ -89,13 +89,18 @@ def write_summary(ctx: RunContext, result: RunResult, named_params, extra: dict)
 
 
 @contextmanager
-def metric_sinks(run_dir: Path, agent_ids: Iterable[int], root: bool,
-                 resume_at: int | None = None) -> Iterator[tuple[list[JsonlSink], JsonlSink | None]]:
-    """Per-agent JSONL sinks (and the root's network sink). ``resume_at``: continue the streams of a resumed run
-    from that iteration — the earlier records are replaced only once the resumed run has passed them, and left
-    exactly as they were if it fails."""
-    sinks = [JsonlSink(run_dir / "metrics" / f"agent{k}.jsonl", resume_at) for k in agent_ids]
-    network = JsonlSink(run_dir / "metrics" / "network.jsonl", resume_at) if root else None
+def metric_sinks(run_dir: Path, agent_ids: Iterable[int], root: bool, resume_at: int | None = None,
+                 tensorboard: bool = False) -> Iterator[tuple[list[MetricsSink], MetricsSink | None]]:
+    """Per-agent JSONL sinks (and the root's network sink), each also to TensorBoard with ``tensorboard``.
+    ``resume_at``: continue the streams of a resumed run from that iteration — the earlier records are replaced
+    only once the resumed run has passed them, and left exactly as they were if it fails."""
+
+    def sink(name: str) -> MetricsSink:
+        jsonl = JsonlSink(run_dir / "metrics" / f"{name}.jsonl", resume_at)
+        return TeeSink([jsonl, TensorBoardSink(run_dir / "tensorboard" / name)]) if tensorboard else jsonl
+
+    sinks = [sink(f"agent{k}") for k in agent_ids]
+    network = sink("network") if root else None
     opened = [s for s in (*sinks, network) if s is not None]
     try:
         yield sinks, network

@@ -198,7 +198,8 @@ def execute(ctx: RunContext) -> Optional[dict]:
         if cfg.train.checkpoint_every > 0:
             saver = checkpoint.AgentCheckpoints(run_dir, rank, cohort.state_dict, prints, cfg.train.checkpoint_every,
                                                 cfg.train.keep_checkpoints, start)
-        with outputs.metric_sinks(run_dir, [rank], ctx.is_root, (start or 0) if ctx.resuming else None) as (
+        with outputs.metric_sinks(run_dir, [rank], ctx.is_root, (start or 0) if ctx.resuming else None,
+                                  cfg.metrics.tensorboard) as (
                 sinks, network_sink):
             result = run_loop(cohort, sinks, network_sink, progress=ctx.is_root, checkpointer=saver)
         if cfg.train.save_models:
@@ -222,7 +223,8 @@ def simulate(ctx: RunContext) -> dict:
     setup_logging(0, run_dir / "logs", who="simulator")
     outputs.log_start(ctx)
     sim = Simulation(cfg, ctx.schedule, ctx.device, vectorize=cfg.runtime.vectorize, family=ctx.family)
-    with outputs.metric_sinks(run_dir, sim.agent_ids, True) as (sinks, network_sink):
+    with outputs.metric_sinks(run_dir, sim.agent_ids, True, tensorboard=cfg.metrics.tensorboard) as (sinks,
+                                                                                                 network_sink):
         result = run_loop(sim, sinks, network_sink, progress=True)
     if cfg.train.save_models:
         outputs.save_models(run_dir, {k: sim.named_params(p) for k, p in enumerate(sim.states())})

@@ -136,3 +136,52 @@ def test_new_stream_never_appends_and_resume_without_a_stream_starts_one(tmp_pat
     sink.write({"iteration": 0, "disagreement": 0.0})
     assert _records(fresh) == [{"iteration": 0, "disagreement": 0.0}]
     sink.close()
+
+
+def test_tensorboard_event_files_hold_every_agents_and_the_networks_records(tmp_path):
+    """``metrics.tensorboard=true``: each agent's folder under RUN/tensorboard/ holds its training and test scalars
+    at the iterations of its JSONL records, with the same values, and network/ the centroid's and the
+    disagreement. Catches records sent to the wrong agent's writer, steps taken from the wrong field, and
+    event files left unflushed at the end of the run."""
+    import subprocess
+    import sys
+
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                      reason="the tensorboard package is not installed (pip install -e '.[dev]')")
+    from .helpers import REPO
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "dif_maml_dist.train", "runtime=simulate", "runtime.threads=1",
+                           "train.iterations=20", "train.eval_every=10", "train.log_every=5", "task.eval_tasks=20",
+                           "maml.final_adapt_steps=1", "metrics.tensorboard=true", f"hydra.run.dir={run}"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, tags in (("agent3", ("meta_train_loss", "test_loss_post", "bytes_sent")),
+                       ("network", ("centroid_test_loss_post", "disagreement"))):
+        events = accumulator.EventAccumulator(str(run / "tensorboard" / name))
+        events.Reload()
+        records = [json.loads(line) for line in (run / "metrics" / f"{name}.jsonl").read_text().splitlines()]
+        for tag in tags:
+            assert tag in events.Tags()["scalars"], (name, tag)
+            expected = [(r["iteration"], r[tag]) for r in records if tag in r]
+            got = [(e.step, e.value) for e in events.Scalars(tag)]
+            assert [s for s, _ in got] == [s for s, _ in expected]
+            assert all(abs(g - e) <= 1e-6 * max(1.0, abs(e)) for (_, g), (_, e) in zip(got, expected))
+
+
+def test_tensorboard_without_its_package_is_refused_in_one_line(monkeypatch):
+    """Without the tensorboard package the flag stops the run before anything starts, naming the extra."""
+    import importlib.util
+
+    from dif_maml_dist.config import Config
+    from dif_maml_dist.context import check_tensorboard
+
+    cfg = Config()
+    cfg.metrics.tensorboard = True
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ValueError, match=r"^metrics.tensorboard=true needs the tensorboard package: pip install -e "
+                                         r"'\.\[tensorboard\]'"):
+        check_tensorboard(cfg)
+    cfg.metrics.tensorboard = False
+    check_tensorboard(cfg)
