@@ -35,11 +35,11 @@ from .config import Config
 from .learner import Learner
 from .maml import sgd_adaptation
 from .metrics import figures, write_json_atomic
+from .outputs import RUN_OWN_DIRS
 
 EXIT_USAGE = 2
 #: What a run writes itself: an evaluation never writes there.
 RUN_OWN = ("summary.json", ".lock")
-RUN_OWN_DIRS = ("models", "metrics", "checkpoints", "logs", ".hydra", "flight_recorder", "tensorboard")
 
 
 class EvaluateError(ValueError):

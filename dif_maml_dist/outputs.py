@@ -24,6 +24,8 @@ from .schedules import GraphSchedule
 from .topology import mixing_rate
 
 log = logging.getLogger("dif_maml_dist")
+#: The folders a run writes into: tools that read a run (evaluate, report) never write there.
+RUN_OWN_DIRS = ("models", "metrics", "checkpoints", "logs", ".hydra", "flight_recorder", "tensorboard")
 
 
 def log_start(ctx: RunContext) -> None:

@@ -1,0 +1,296 @@
+"""Runs as pictures: ``python -m dif_maml_dist.report RUN_DIR [RUN_DIR ...] --out DIR``.
+
+Writes PNG figures and ``DIR/report.md`` linking them, for one run or several overlaid (each labelled by what
+differs in their configs, e.g. ``strategy=centralized`` against ``strategy=dif_maml``):
+
+- ``test_loss.png`` (and ``test_accuracy.png`` for classification): every agent's test figure after adaptation
+  (thin) and the centroid's (thick) against the iteration;
+- ``disagreement.png``: (1/K) Σ‖w_k − w_c‖² against the iteration;
+- ``adaptation.png``: the final loss (accuracy) against the number of adaptation steps, centroid and mean agent;
+- ``communication.png``: bytes sent, and compute against exchange seconds, per agent;
+- ``topology.png`` (one per distinct graph): the graph with its combination weights.
+
+Needs matplotlib (the ``plots`` extra); without it, one line naming the extra and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .outputs import RUN_OWN_DIRS
+
+EXIT_USAGE = 2
+#: Config fields that differ between runs but say nothing about the experiment (where it ran, where it wrote).
+_NOT_LABELS = ("data.root", "data.download", "runtime.threads", "runtime.timeout_s", "runtime.init_timeout_s",
+               "runtime.eval_timeout_s", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
+               "train.save_models", "metrics.tensorboard")
+#: Above this many agents the graph is drawn without weights, and above the second not at all.
+_LABEL_EDGES_UP_TO, _DRAW_UP_TO = 30, 400
+
+
+class ReportError(ValueError):
+    """A run directory that cannot be reported on: one line, exit status 2."""
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+    return out
+
+
+class RunData:
+    """What a report reads from one run directory."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir)
+        summary = self.dir / "summary.json"
+        if not summary.is_file():
+            raise ReportError(f"{self.dir} has no summary.json: it is not a finished run directory")
+        try:
+            self.summary = json.loads(summary.read_text())
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{summary} is not valid JSON ({err})") from None
+        self.config = self.summary["config"]
+        self.num_agents = int(self.summary["num_agents"])
+        self.agents = {k: _records(self.dir / "metrics" / f"agent{k}.jsonl") for k in range(self.num_agents)}
+        self.network = _records(self.dir / "metrics" / "network.jsonl")
+        self.classification = "centroid_test_accuracy" in self.summary
+        self.label = self.dir.name
+
+    def series(self, records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+        points = [(r["iteration"], r[key]) for r in records if key in r]
+        return [p[0] for p in points], [p[1] for p in points]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def label_runs(runs: Sequence[RunData]) -> None:
+    """Each run's label: the config fields whose values differ among the runs (its folder name if none do)."""
+    flat = [_flatten(r.config) for r in runs]
+    keys = sorted({k for f in flat for k in f})
+    differ = [k for k in keys if k not in _NOT_LABELS and len({str(f.get(k)) for f in flat}) > 1]
+    for run, f in zip(runs, flat):
+        if differ:  # a group's choice reads as on the command line: strategy=centralized, not strategy.name=...
+            run.label = ", ".join(f"{k.removesuffix('.name')}={f.get(k)}" for k in differ)
+    if len({r.label for r in runs}) < len(runs):  # the same config twice: tell them apart by folder
+        for run in runs:
+            run.label = f"{run.label} ({run.dir.name})" if differ else run.dir.name
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ReportError("report needs matplotlib: pip install -e '.[plots]'") from None
+    return plt
+
+
+def _over_iterations(plt, runs: Sequence[RunData], agent_key: str, centroid_key: str, ylabel: str, path: Path,
+                     log: bool = False) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, run in enumerate(runs):
+        colour = f"C{i}"
+        for k, records in run.agents.items():
+            x, y = run.series(records, agent_key)
+            ax.plot(x, y, color=colour, alpha=0.35, linewidth=0.8, label=None)
+        x, y = run.series(run.network, centroid_key)
+        ax.plot(x, y, color=colour, linewidth=2.2, label=f"{run.label}: centroid (thin: each agent)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    low, high = ax.get_ylim()
+    if log and low > 0 and high / low > 10:  # a loss falling over decades
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _disagreement(plt, runs: Sequence[RunData], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, run in enumerate(runs):
+        x, y = run.series(run.network, "disagreement")
+        ax.plot(x, [max(v, 1e-30) for v in y], color=f"C{i}", linewidth=1.8, label=run.label)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("disagreement (1/K) Σ‖w_k − w_c‖²")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _adaptation(plt, runs: Sequence[RunData], path: Path) -> None:
+    accuracy = all(r.classification for r in runs)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, run in enumerate(runs):
+        s = run.summary
+        centroid = s["centroid_accuracy_curve"] if accuracy else s["centroid_adaptation_curve"]
+        per_agent = [a["accuracy_curve"] if accuracy else a["adaptation_curve"] for a in s["agents"]]
+        mean = [sum(c[j] for c in per_agent) / len(per_agent) for j in range(len(per_agent[0]))]
+        ax.plot(range(len(centroid)), centroid, color=f"C{i}", marker="o", linewidth=2, label=f"{run.label}: centroid")
+        ax.plot(range(len(mean)), mean, color=f"C{i}", linestyle="--", label=f"{run.label}: mean agent")
+    ax.set_xlabel("adaptation steps on the support data")
+    ax.set_ylabel("final test accuracy" if accuracy else "final test loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _communication(plt, runs: Sequence[RunData], path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        agents = run.summary["agents"]
+        ks = [a["agent"] + (i - (len(runs) - 1) / 2) * width for a in agents]
+        left.bar(ks, [a["bytes_sent"] / 1e6 for a in agents], width=width, color=f"C{i}", label=run.label)
+        right.bar(ks, [a["compute_seconds"] for a in agents], width=width, color=f"C{i}",
+                  label=f"{run.label}: compute")
+        right.bar(ks, [a["exchange_seconds"] for a in agents], width=width, bottom=[a["compute_seconds"] for a in agents],
+                  color=f"C{i}", alpha=0.45, hatch="//", label=f"{run.label}: exchange")
+    left.set_xlabel("agent")
+    left.set_ylabel("MB sent")
+    right.set_xlabel("agent")
+    right.set_ylabel("seconds (solid: compute, hatched: exchange)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _topology(plt, run: RunData, path: Path) -> bool:
+    import networkx as nx
+
+    from .config import TopologyConfig
+    from .topology import build_topology, strategy_weights
+
+    if run.num_agents > _DRAW_UP_TO:
+        return False
+    try:
+        topo = build_topology(TopologyConfig(**run.config["topology"]))
+        weights = strategy_weights(run.config["strategy"]["name"], topo)
+    except (ValueError, OSError):  # e.g. an edge-list file that is no longer there: draw the recorded edges
+        topo, weights = None, None
+    graph = nx.Graph()
+    graph.add_nodes_from(range(run.num_agents))
+    if weights is not None:  # the strategy's graph: centralized averages over everyone, noncooperative over no one
+        graph.add_edges_from((u, v) for u in range(run.num_agents) for v in range(u + 1, run.num_agents)
+                             if weights[u, v] > 0)
+    else:
+        graph.add_edges_from(map(tuple, run.summary["edges"]))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    pos = nx.spring_layout(graph, seed=0)
+    nx.draw_networkx(graph, pos, ax=ax, node_color="#9ecae1", node_size=500 if run.num_agents <= 30 else 60,
+                     with_labels=run.num_agents <= 60, font_size=9)
+    if weights is not None and run.num_agents <= _LABEL_EDGES_UP_TO:
+        nx.draw_networkx_edge_labels(graph, pos, ax=ax, font_size=7,
+                                     edge_labels={(u, v): f"{weights[u, v]:.3f}" for u, v in graph.edges})
+    lam = run.summary.get("lambda2")
+    ax.set_title(f"{run.summary['topology']} ({run.num_agents} agents), {run.summary['strategy']} weights"
+                 + (f", λ₂ = {lam:.4f}" if isinstance(lam, (int, float)) else ""), fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _final_table(runs: Sequence[RunData]) -> list[str]:
+    accuracy = all(r.classification for r in runs)
+    head = "| run | iterations | centroid test loss | mean agent test loss |" + (
+        " centroid accuracy | mean agent accuracy |" if accuracy else "") + " disagreement | MB sent per agent | wall s |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for run in runs:
+        s = run.summary
+        mb = sum(a["bytes_sent"] for a in s["agents"]) / len(s["agents"]) / 1e6
+        row = f"| {run.label} | {s['iterations']} | {s['centroid_test_loss']:.4f} | {s['mean_final_test_loss']:.4f} |"
+        if accuracy:
+            row += (f" {100 * s['centroid_test_accuracy']:.1f} ± {100 * s['centroid_test_accuracy_ci95']:.1f}% |"
+                    f" {100 * s['mean_final_test_accuracy']:.1f}% |")
+        row += f" {s['disagreement']:.3g} | {mb:.2f} | {s['wall_seconds']:.0f} |"
+        lines.append(row)
+    return lines
+
+
+def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
+    """Every figure and ``report.md`` for ``run_dirs`` into ``out``; returns the report's path."""
+    runs = [RunData(d) for d in run_dirs]
+    plt = _pyplot()
+    label_runs(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = [("Test loss after adaptation", "test_loss.png")]
+    _over_iterations(plt, runs, "test_loss_post", "centroid_test_loss_post", "test loss after adaptation",
+                     out / "test_loss.png", log=not any(r.classification for r in runs))
+    if all(r.classification for r in runs):
+        _over_iterations(plt, runs, "test_acc_post", "centroid_test_acc_post", "test accuracy after adaptation",
+                         out / "test_accuracy.png")
+        figures.append(("Test accuracy after adaptation", "test_accuracy.png"))
+    _disagreement(plt, runs, out / "disagreement.png")
+    _adaptation(plt, runs, out / "adaptation.png")
+    _communication(plt, runs, out / "communication.png")
+    figures += [("Disagreement", "disagreement.png"), ("Adaptation at the end", "adaptation.png"),
+                ("Communication and time per agent", "communication.png")]
+    graphs: dict[str, RunData] = {}
+    for run in runs:
+        graphs.setdefault(json.dumps([run.summary["edges"], run.summary["strategy"]]), run)
+    for i, run in enumerate(graphs.values()):
+        name = "topology.png" if len(graphs) == 1 else f"topology_{i}.png"
+        if _topology(plt, run, out / name):
+            figures.append((f"Topology: {run.label}" if len(graphs) > 1 else "Topology", name))
+    lines = ["# Run report", "", *(f"- `{r.dir}`: {r.label}" for r in runs), "", *_final_table(runs), ""]
+    for title, name in figures:
+        lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="dif-maml-report", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dirs", type=Path, nargs="+", help="finished run directories (overlaid in one report)")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the figures and report.md")
+    args = ap.parse_args(argv)
+    try:
+        out = args.out.resolve()
+        for d in map(Path.resolve, args.run_dirs):
+            if out == d or (out.is_relative_to(d) and out.relative_to(d).parts[0] in RUN_OWN_DIRS):
+                raise ReportError(f"--out {args.out} would write among run {d}'s own files; choose another folder "
+                                  f"(e.g. {d / 'report'})")
+        report = write_report(args.run_dirs, args.out)
+    except ReportError as err:
+        print(f"dif_maml_dist.report: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"report in {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
