@@ -19,7 +19,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
 
 from .outputs import RUN_OWN_DIRS
 
@@ -107,20 +108,16 @@ def _pyplot():
     return plt
 
 
-def _over_iterations(plt, runs: Sequence[RunData], agent_key: str, centroid_key: str, ylabel: str, path: Path,
-                     log: bool = False) -> None:
+@contextmanager
+def _axes(plt, path: Path, xlabel: str, ylabel: str, log: str = "no") -> Iterator[Any]:
+    """One figure's axes, labelled, gridded and saved to ``path`` on the way out. ``log``: ``yes``, ``no``, or
+    ``auto`` (log scale where the values span more than a decade)."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, run in enumerate(runs):
-        colour = f"C{i}"
-        for k, records in run.agents.items():
-            x, y = run.series(records, agent_key)
-            ax.plot(x, y, color=colour, alpha=0.35, linewidth=0.8, label=None)
-        x, y = run.series(run.network, centroid_key)
-        ax.plot(x, y, color=colour, linewidth=2.2, label=f"{run.label}: centroid (thin: each agent)")
-    ax.set_xlabel("iteration")
+    yield ax
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     low, high = ax.get_ylim()
-    if log and low > 0 and high / low > 10:  # a loss falling over decades
+    if log == "yes" or (log == "auto" and low > 0 and high / low > 10):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -129,38 +126,35 @@ def _over_iterations(plt, runs: Sequence[RunData], agent_key: str, centroid_key:
     plt.close(fig)
 
 
+def _over_iterations(plt, runs: Sequence[RunData], agent_key: str, centroid_key: str, ylabel: str, path: Path,
+                     log: str = "no") -> None:
+    with _axes(plt, path, "iteration", ylabel, log) as ax:
+        for i, run in enumerate(runs):
+            for records in run.agents.values():
+                ax.plot(*run.series(records, agent_key), color=f"C{i}", alpha=0.35, linewidth=0.8)
+            ax.plot(*run.series(run.network, centroid_key), color=f"C{i}", linewidth=2.2,
+                    label=f"{run.label}: centroid (thin: each agent)")
+
+
 def _disagreement(plt, runs: Sequence[RunData], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, run in enumerate(runs):
-        x, y = run.series(run.network, "disagreement")
-        ax.plot(x, [max(v, 1e-30) for v in y], color=f"C{i}", linewidth=1.8, label=run.label)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("disagreement (1/K) Σ‖w_k − w_c‖²")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _axes(plt, path, "iteration", "disagreement (1/K) Σ‖w_k − w_c‖²", "yes") as ax:
+        for i, run in enumerate(runs):
+            x, y = run.series(run.network, "disagreement")
+            ax.plot(x, [max(v, 1e-30) for v in y], color=f"C{i}", linewidth=1.8, label=run.label)
 
 
 def _adaptation(plt, runs: Sequence[RunData], path: Path) -> None:
     accuracy = all(r.classification for r in runs)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, run in enumerate(runs):
-        s = run.summary
-        centroid = s["centroid_accuracy_curve"] if accuracy else s["centroid_adaptation_curve"]
-        per_agent = [a["accuracy_curve"] if accuracy else a["adaptation_curve"] for a in s["agents"]]
-        mean = [sum(c[j] for c in per_agent) / len(per_agent) for j in range(len(per_agent[0]))]
-        ax.plot(range(len(centroid)), centroid, color=f"C{i}", marker="o", linewidth=2, label=f"{run.label}: centroid")
-        ax.plot(range(len(mean)), mean, color=f"C{i}", linestyle="--", label=f"{run.label}: mean agent")
-    ax.set_xlabel("adaptation steps on the support data")
-    ax.set_ylabel("final test accuracy" if accuracy else "final test loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _axes(plt, path, "adaptation steps on the support data",
+               "final test accuracy" if accuracy else "final test loss") as ax:
+        for i, run in enumerate(runs):
+            s = run.summary
+            centroid = s["centroid_accuracy_curve"] if accuracy else s["centroid_adaptation_curve"]
+            per_agent = [a["accuracy_curve"] if accuracy else a["adaptation_curve"] for a in s["agents"]]
+            mean = [sum(c[j] for c in per_agent) / len(per_agent) for j in range(len(per_agent[0]))]
+            ax.plot(range(len(centroid)), centroid, color=f"C{i}", marker="o", linewidth=2,
+                    label=f"{run.label}: centroid")
+            ax.plot(range(len(mean)), mean, color=f"C{i}", linestyle="--", label=f"{run.label}: mean agent")
 
 
 def _communication(plt, runs: Sequence[RunData], path: Path) -> None:
@@ -248,7 +242,7 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     figures = [("Test loss after adaptation", "test_loss.png")]
     _over_iterations(plt, runs, "test_loss_post", "centroid_test_loss_post", "test loss after adaptation",
-                     out / "test_loss.png", log=not any(r.classification for r in runs))
+                     out / "test_loss.png", log="auto")
     if all(r.classification for r in runs):
         _over_iterations(plt, runs, "test_acc_post", "centroid_test_acc_post", "test accuracy after adaptation",
                          out / "test_accuracy.png")
