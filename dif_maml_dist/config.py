@@ -13,6 +13,7 @@ from typing import Optional
 
 TASKS = ("sinusoid", "omniglot", "miniimagenet")
 SHARING = ("same", "disjoint_classes", "alphabets")
+SPLITS = ("random", "background_evaluation")
 TOPOLOGIES = ("paper6", "ring", "complete", "star", "grid", "torus", "erdos_renyi", "edge_list")
 WEIGHT_RULES = ("metropolis", "max_degree", "file")
 STRATEGIES = ("dif_maml", "centralized", "noncooperative")
@@ -54,6 +55,11 @@ class TaskConfig:
     #: training classes per agent: same (all), disjoint_classes (a partition), alphabets (whole alphabets, Omniglot)
     sharing: str = "same"
     split_seed: int = 0  #: Omniglot: seed of the train / validation / test character split (MiniImagenet has its own)
+    #: Omniglot's protocol, one of SPLITS: random (1623 characters split 1100 / 100 / 423 at random with
+    #: split_seed: Finn et al.'s MAML protocol) or background_evaluation (Lake et al.'s: train on the 30 background
+    #: alphabets, less val_alphabets of them held out for validation; test on the 20 evaluation alphabets only)
+    split: str = "random"
+    val_alphabets: int = 5  #: split=background_evaluation: background alphabets held out as validation (seeded)
 
 
 @dataclass
@@ -268,6 +274,12 @@ def validate(cfg: Config) -> Config:
     if t.name == "miniimagenet" and not cfg.data.root:
         raise ValueError("task=miniimagenet_* needs the dataset: add data.root=DIR (the folder holding "
                          "mini-imagenet-cache-{train,test}.pkl, or images/ with train.csv and test.csv)")
+    _choice(t.split, SPLITS, "task.split")
+    if t.split != "random" and t.name != "omniglot":
+        raise ValueError(f"task.split={t.split} is Omniglot's background/evaluation protocol; {t.name} has its own "
+                         f"splits: drop task.split")
+    if t.val_alphabets < 0:
+        raise ValueError(f"task.val_alphabets must be 0 or more, got {t.val_alphabets}")
     if t.sharing == "alphabets" and t.name != "omniglot":
         raise ValueError(f"task.sharing=alphabets needs Omniglot's alphabets; for {t.name} use same or "
                          f"disjoint_classes")

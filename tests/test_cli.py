@@ -175,8 +175,8 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     run_dir = tmp_path / "run"
     args, expect = {
         "unknown_task": (["task=imagenet"], "unknown task 'imagenet'; choose one of: miniimagenet_5w1s, "
-                                            "miniimagenet_5w5s, omniglot_20w1s, omniglot_5w1s, omniglot_5w5s, "
-                                            "sinusoid"),
+                                            "miniimagenet_5w5s, omniglot_20w1s, omniglot_20w5s, omniglot_5w1s, "
+                                            "omniglot_5w5s, sinusoid"),
         "zero_lr": (["optim.lr=0"], "optim.lr must be a positive number"),
         "negative_alpha": (["maml.inner_lr=-0.01"], "maml.inner_lr must be a positive number"),
         "missing_node": (["runtime=simulate", "topology=edge_list", f"topology.edge_list={names_node_5}",

@@ -227,3 +227,71 @@ def test_real_omniglot(tmp_path):
     test = split_classes(data.num_classes, seed=0)["test"]
     batch = FewShotEpisodes(data.images, test, 20, 1, 1).sample(torch.Generator().manual_seed(0), 2)
     assert batch.support_x.shape == (2, 20, 1, 28, 28)
+
+
+#: Background: 4 alphabets; evaluation: 2. Each character a distinct square, so ids map to files one to one.
+PROTOCOL_LAYOUT = {"images_background": {"Alpha": 3, "Beta": 3, "Delta": 3, "Epsilon": 3},
+                   "images_evaluation": {"Gamma": 3, "Zeta": 3}}
+
+
+def _family(root, **task):
+    from dif_maml_dist.config import Config, validate
+    from dif_maml_dist.tasks.omniglot import OmniglotFamily
+
+    cfg = Config()
+    cfg.data.root = str(root)
+    cfg.task.name, cfg.task.n_way, cfg.task.q_query = "omniglot", 2, 2
+    for key, value in task.items():
+        setattr(cfg.task, key, value)
+    return OmniglotFamily(validate(cfg))
+
+
+def test_background_evaluation_split_trains_on_background_and_tests_on_evaluation_alphabets(tmp_path):
+    """task.split=background_evaluation on a fixture in the real folder layout: every character any agent samples
+    for training is from a background alphabet that is not held out, every test character from an evaluation
+    alphabet, and the validation characters are whole background alphabets disjoint from both; with every class
+    sharing rule. Catches the random split leaking in, rotations of test characters used in training, and
+    validation alphabets also trained on."""
+    make_fixture(tmp_path, PROTOCOL_LAYOUT)
+    for sharing in ("same", "disjoint_classes", "alphabets"):
+        fam = _family(tmp_path, split="background_evaluation", val_alphabets=1, sharing=sharing)
+        alphabet = fam.data.alphabets
+        split = fam.split
+        assert {alphabet[c] for c in split["test"]} == {"evaluation/Gamma", "evaluation/Zeta"}
+        assert len({alphabet[c] for c in split["val"]}) == 1 and all(alphabet[c].startswith("background/")
+                                                                     for c in split["val"])
+        assert set(split["train"]) | set(split["val"]) == {c for c, a in enumerate(alphabet)
+                                                          if a.startswith("background/")}
+        assert not set(split["train"]) & set(split["val"])
+        sampled = set()
+        for agent in range(2):
+            sampler = fam.sampler(agent, 2)
+            picks = sampler.draw(torch.Generator().manual_seed(agent), 50)
+            sampled |= set(picks[..., 0].flatten().tolist())
+        assert sampled <= set(split["train"]) and sampled, sharing
+        tested = set(fam.eval_set(0, 40).picks[..., 0].flatten().tolist())
+        assert tested <= set(split["test"]) and len(tested) > 2
+    # The held-out alphabets are drawn with task.split_seed: another seed, other alphabets (for some seed).
+    held = {tuple(_family(tmp_path, split="background_evaluation", val_alphabets=2, split_seed=s).split["val"])
+            for s in range(6)}
+    assert len(held) > 1
+
+
+def test_background_evaluation_split_refuses_bad_settings_in_one_line(tmp_path):
+    """A dataset without one of the halves, and val_alphabets leaving no background alphabet to train on,
+    stop with one line saying what to do."""
+    make_fixture(tmp_path / "full", PROTOCOL_LAYOUT)
+    with pytest.raises(ValueError, match=r"^task.val_alphabets=4 leaves no background alphabet to train on "
+                                         r"\(there are 4\): use fewer$"):
+        _family(tmp_path / "full", split="background_evaluation", val_alphabets=4)
+    make_fixture(tmp_path / "half", {"images_background": {"Alpha": 3, "Beta": 3}})
+    (tmp_path / "half" / "omniglot-py" / "images_evaluation").mkdir()
+    with pytest.raises(ValueError, match=r"^task.split=background_evaluation needs both halves of Omniglot, but "
+                                         r"images_evaluation holds no characters"):
+        _family(tmp_path / "half", split="background_evaluation")
+    from dif_maml_dist.config import Config, validate
+
+    cfg = Config()
+    cfg.task.split = "background_evaluation"
+    with pytest.raises(ValueError, match=r"^task.split=background_evaluation is Omniglot's"):
+        validate(cfg)  # the sinusoid has no such split

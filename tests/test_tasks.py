@@ -70,6 +70,7 @@ PAPER_FEW_SHOT = {
     "omniglot_5w1s": (5, 1, 16, 0.4, 1, 1, 64, 28),
     "omniglot_5w5s": (5, 5, 8, 0.4, 1, 1, 64, 28),
     "omniglot_20w1s": (20, 1, 16, 0.4, 1, 1, 64, 28),
+    "omniglot_20w5s": (20, 5, 8, 0.4, 1, 1, 64, 28),  # not in the paper: its 5-shot meta-batch, 20 ways
     "miniimagenet_5w1s": (5, 1, 4, 0.01, 5, 10, 32, 84),
     "miniimagenet_5w5s": (5, 5, 2, 0.01, 5, 10, 32, 84),
 }

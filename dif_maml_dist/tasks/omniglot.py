@@ -140,6 +140,26 @@ def split_classes(num_classes: int, seed: int) -> dict[str, list[int]]:
             "test": sorted(order[train + val:])}
 
 
+def background_evaluation_split(data: OmniglotImages, val_alphabets: int, seed: int) -> dict[str, list[int]]:
+    """Lake et al.'s protocol: train on the background alphabets, less ``val_alphabets`` of them (drawn with
+    ``seed``) held out for validation; test on the evaluation alphabets."""
+    background = sorted({a for a in data.alphabets if a.startswith("background/")})
+    if not background or len(background) == len(set(data.alphabets)):
+        half = EVALUATION if background else BACKGROUND
+        raise ValueError(f"task.split=background_evaluation needs both halves of Omniglot, but {half} holds no "
+                         f"characters: extract the whole dataset, or use task.split=random")
+    if val_alphabets >= len(background):
+        raise ValueError(f"task.val_alphabets={val_alphabets} leaves no background alphabet to train on (there are "
+                         f"{len(background)}): use fewer")
+    order = np.random.default_rng(seed).permutation(len(background)).tolist()
+    held_out = {background[i] for i in order[:val_alphabets]}
+    split: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for c, alphabet in enumerate(data.alphabets):
+        part = "test" if not alphabet.startswith("background/") else "val" if alphabet in held_out else "train"
+        split[part].append(c)
+    return split
+
+
 def agent_classes(data: OmniglotImages, train: list[int], sharing: str, agent: int, num_agents: int) -> list[int]:
     """The training characters agent ``agent`` samples from: all of them (``same``), their share of a fixed
     partition (``disjoint_classes``), or the characters of whole alphabets dealt out in turn (``alphabets``)."""
@@ -165,7 +185,8 @@ class OmniglotFamily:
         self.cfg = cfg
         t = cfg.task
         self.data = load_omniglot(Path(cfg.data.root), t.image_size, download=cfg.data.download)
-        self.split = split_classes(self.data.num_classes, t.split_seed)
+        self.split = (background_evaluation_split(self.data, t.val_alphabets, t.split_seed)
+                      if t.split == "background_evaluation" else split_classes(self.data.num_classes, t.split_seed))
 
     def build_model(self) -> Conv4:
         t = self.cfg.task
