@@ -215,18 +215,19 @@ class AgentCohort:
         everyone = self.transport.all_gather_object(items)
         return [item for part in everyone for item in part] if self.is_root else None
 
-    def shared_curves(self, params: Tensor, max_steps: int, final: bool = False) -> Optional[Curves]:
+    def shared_curves(self, params: Tensor, max_steps: int, final: bool = False,
+                      validation: bool = False) -> Curves:
         # Each rank adapts its own slice of the test tasks and the slices are gathered in task order, so the
         # figures do not depend on how many ranks shared the work. The slices are equal, so no rank waits in the
         # gather for longer than the evaluation of one slice takes.
         learner, rank, world = self.agent.learner, self.transport.rank, self.transport.world_size
-        n = learner.num_tests(final)
+        n = learner.num_tests(final, validation)
         start, stop = n * rank // world, n * (rank + 1) // world
         losses, scores = learner.curves(params.to(learner.device, learner.dtype), self.cfg.maml.inner_lr, max_steps,
-                                        start, stop)
+                                        start, stop, validation=validation)
+        # Every rank gets every slice (the gather is an all-gather): all of them see the same figures, so they can
+        # make the same decisions from them (the best model by validation accuracy).
         parts = self.transport.all_gather_object((losses.cpu(), None if scores is None else scores.cpu()))
-        if not self.is_root:
-            return None
         return (torch.cat([p[0] for p in parts]), None if scores is None else torch.cat([p[1] for p in parts]))
 
     def union(self, ids: list[int]) -> list[int]:

@@ -168,6 +168,10 @@ class TrainConfig:
     init: str = "shared"  #: shared: every agent starts from one model; per_agent: each from its own random draw
     dtype: str = "float32"  #: parameter/data precision; float64 for numerical reference runs
     save_models: bool = True  #: write final per-agent and centroid models to DIR/models/
+    #: Omniglot: at every evaluation also score the centroid on task.eval_tasks tasks of the validation characters
+    #: (network.jsonl: centroid_val_*), keep the best centroid (models/best_centroid.pt, by validation accuracy)
+    #: and report its test figures in summary.json (best_centroid) next to the final model's
+    validate: bool = False
     #: torchrun jobs: write every agent's loop state to DIR/checkpoints/ every N iterations (0: never)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2  #: newest checkpoints kept per agent (at least 2: agents may be one apart at a crash)
@@ -367,6 +371,9 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"train.keep_checkpoints must be at least 2 (agents may be one checkpoint apart when a "
                          f"job dies), got {tr.keep_checkpoints}")
     _choice(tr.dtype, DTYPES, "train.dtype")
+    if tr.validate and t.name != "omniglot":
+        raise ValueError(f"train.validate=true selects the best model on Omniglot's validation characters; {t.name} "
+                         f"has no validation split here: drop train.validate")
 
     r = cfg.runtime
     _choice(r.mode, RUNTIME_MODES, "runtime.mode")

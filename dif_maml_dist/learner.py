@@ -48,6 +48,7 @@ class Learner:
     device: torch.device
     dtype: torch.dtype
     eval_chunk: int  #: test tasks gathered and adapted at once (``runtime.eval_chunk``, by device by default)
+    validation: Optional[TaskSet] = None  #: with train.validate: task.eval_tasks tasks of the validation characters
 
     @property
     def layout(self) -> FlatLayout:
@@ -66,8 +67,9 @@ class Learner:
             tests = tests.to(device, dtype)  # small enough to live on the device for the whole run
         crit = family.criterion
         chunk = eval_chunk_for(cfg.runtime.eval_chunk, family.eval_chunk, device)
+        validation = family.val_set(cfg.seed, t.eval_tasks) if cfg.train.validate else None
         return cls(family, model, make_loss(model.forward, crit), make_loss(model.first_order_forward, crit),
-                   make_loss(model.batched_forward, crit), tests, t.eval_tasks, device, dtype, chunk)
+                   make_loss(model.batched_forward, crit), tests, t.eval_tasks, device, dtype, chunk, validation)
 
     @property
     def eval_path(self) -> str:
@@ -75,16 +77,22 @@ class Learner:
         meta-gradient's ``auto``, at the chunk size)."""
         return choose_path("auto", self.model.kind, self.eval_chunk)
 
-    def num_tests(self, final: bool) -> int:
+    def num_tests(self, final: bool, validation: bool = False) -> int:
+        """How many tasks an evaluation adapts: the periodic test prefix, the final test set, or the validation
+        tasks."""
+        if validation:
+            assert self.validation is not None, "train.validate is off"
+            return len(self.validation)
         return len(self.tests) if final else self.eval_tasks
 
     def curves(self, params: Tensor, inner_lr: float, max_steps: int, start: int, stop: int,
-               over_agents: bool = False) -> Curves:
-        """Per-task test loss (and metric) after 0..max_steps adaptation steps on test tasks ``start:stop``:
-        ``[tasks, max_steps+1]``, or ``[agents, tasks, max_steps+1]`` for stacked ``[agents, P]`` params
-        (``over_agents``)."""
+               over_agents: bool = False, validation: bool = False) -> Curves:
+        """Per-task test loss (and metric) after 0..max_steps adaptation steps on test tasks ``start:stop`` (or
+        validation tasks): ``[tasks, max_steps+1]``, or ``[agents, tasks, max_steps+1]`` for stacked ``[agents, P]``
+        params (``over_agents``)."""
+        tasks = self.validation if validation else self.tests
         if over_agents and self.eval_path == "loop":
-            parts = [self.curves(p, inner_lr, max_steps, start, stop) for p in params]
+            parts = [self.curves(p, inner_lr, max_steps, start, stop, validation=validation) for p in params]
             return (torch.stack([p[0] for p in parts]),
                     None if self.family.metric is None else torch.stack([p[1] for p in parts]))
         chunk, parts = self.eval_chunk, []
@@ -94,7 +102,7 @@ class Learner:
             empty = params.new_zeros((*params.shape[:-1], 0, max_steps + 1))
             return empty, (empty if self.family.metric is not None else None)
         for i in range(start, stop, chunk):  # gathered a chunk at a time: see tasks.episodes.EpisodeSet
-            parts.append(self.curves_on(self.tests.slice(i, min(i + chunk, stop)), params, inner_lr, max_steps,
+            parts.append(self.curves_on(tasks.slice(i, min(i + chunk, stop)), params, inner_lr, max_steps,
                                         over_agents, chunk))
         return _cat(parts, 1 if over_agents else 0, self.family.metric is not None)
 

@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from torch import Tensor
 
@@ -45,9 +45,10 @@ class Cohort(Protocol):
     def gather(self, items: list[dict[str, Any]]) -> Optional[list[dict[str, Any]]]:
         """*Collective*: the local agents' ``items`` from every process, by agent id, on the root."""
 
-    def shared_curves(self, params: Tensor, max_steps: int, final: bool = False) -> Optional[Curves]:
-        """*Collective*: the same curves for parameters every process holds (the centroid), on the root; the
-        work may be shared among processes (each adapting a slice of the test tasks)."""
+    def shared_curves(self, params: Tensor, max_steps: int, final: bool = False, validation: bool = False) -> Curves:
+        """*Collective*: the same curves for parameters every process holds (the centroid), on every process; the
+        work may be shared among processes (each adapting a slice of the test tasks). ``validation``: on the
+        validation tasks instead (train.validate)."""
 
     def union(self, ids: list[int]) -> list[int]:
         """*Collective*: the union of every process's ``ids``, on every process."""
@@ -83,17 +84,29 @@ class Evaluation:
     agents: list[Curves]
     centroid: Tensor
     disagreement: float
-    centroid_curves: Optional[Curves]  #: None off the root
+    centroid_curves: Curves  #: on every process
 
     def head(self, tasks: int, steps: int) -> "Evaluation":
         """The same evaluation restricted to the first ``tasks`` test tasks and 0..``steps`` steps."""
-        cut = None if self.centroid_curves is None else head(self.centroid_curves, tasks, steps)
-        return Evaluation([head(c, tasks, steps) for c in self.agents], self.centroid, self.disagreement, cut)
+        return Evaluation([head(c, tasks, steps) for c in self.agents], self.centroid, self.disagreement,
+                          head(self.centroid_curves, tasks, steps))
+
+
+@dataclass
+class BestCentroid:
+    """The centroid with the highest validation accuracy so far (train.validate), the same on every process."""
+
+    iteration: int
+    val_accuracy: float
+    centroid: Tensor
+
+    def record(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "val_accuracy": self.val_accuracy}
 
 
 def _evaluate(cohort: Cohort, max_steps: int, final: bool = False) -> Evaluation:
     """*Collective*. Every process computes the same centroid from the same gathered states, so each can adapt
-    its share of the test tasks; only the root gets the centroid's curves."""
+    its share of the test tasks; every process gets the centroid's curves."""
     agents = cohort.agent_curves(max_steps, final)
     centroid, disagreement = centroid_and_disagreement(cohort.all_states())
     return Evaluation(agents, centroid, disagreement, cohort.shared_curves(centroid, max_steps, final))
@@ -121,17 +134,21 @@ def _final(stats: dict[str, list[float]], steps: int, last: int, prefix: str, cu
 
 
 def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network_sink: MetricsSink | None = None,
-             progress: bool = False, checkpointer: Checkpointer | None = None) -> RunResult:
+             progress: bool = False, checkpointer: Checkpointer | None = None,
+             best: Optional[BestCentroid] = None,
+             on_best: Optional[Callable[[BestCentroid], None]] = None) -> RunResult:
     """Train from ``cohort.iteration`` (0, or where a checkpoint left off) to ``cfg.train.iterations``; evaluate at
     the start, every ``eval_every`` and at the end; log every ``log_every``; checkpoint every
     ``checkpointer.every``. ``sinks[i]`` receives local agent ``i``'s records, ``network_sink`` the root's network
-    records."""
+    records. With ``train.validate``: ``best`` is the best centroid so far (of the run being resumed, the same on
+    every process), and ``on_best`` (the root's) is called with each new best."""
     cfg = cohort.cfg
     tr, m = cfg.train, cfg.maml
     local = range(len(cohort.agent_ids))
     sinks = list(sinks) if sinks is not None else [NullSink() for _ in local]
     network_sink = network_sink or NullSink()
     history: list[dict[str, Any]] = []
+    state: dict[str, Optional[BestCentroid]] = {"best": best}
     start = time.perf_counter()
     last = {"it": cohort.iteration, "t": start}
 
@@ -143,10 +160,19 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
         stats = [figures(c) for c in ev.agents]
         for rec, st in zip(records, stats):
             rec.update(_pre_post(st, "test_"))
-        if ev.centroid_curves is None:
+        validation = {}
+        if tr.validate:  # every process sees the same figures, so all agree on the best centroid
+            validation = _pre_post(figures(cohort.shared_curves(ev.centroid, m.eval_inner_steps, validation=True)),
+                                   "centroid_val_")
+            if state["best"] is None or validation["centroid_val_acc_post"] > state["best"].val_accuracy:
+                state["best"] = BestCentroid(cohort.iteration, validation["centroid_val_acc_post"],
+                                             ev.centroid.detach().clone())
+                if cohort.is_root and on_best is not None:
+                    on_best(state["best"])
+        if not cohort.is_root:
             return
         centroid_stats = figures(ev.centroid_curves)
-        nrec = {"iteration": cohort.iteration, **_pre_post(centroid_stats, "centroid_test_"),
+        nrec = {"iteration": cohort.iteration, **_pre_post(centroid_stats, "centroid_test_"), **validation,
                 "disagreement": ev.disagreement, "wall_s": time.perf_counter() - start}
         network_sink.write(nrec)
         history.append(nrec)
@@ -230,12 +256,18 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
                      **_final(figures(curves), m.eval_inner_steps, m.final_adapt_steps, "final_", ""),
                      "bytes_sent": c["bytes_sent"], "compute_seconds": c["compute_s"],
                      "exchange_seconds": c["exchange_s"]})
+    best_figures = None
+    if state["best"] is not None:  # the selected model's test figures, on the final test set like the final model's
+        b = state["best"]
+        curves = cohort.shared_curves(b.centroid, max(m.final_adapt_steps, m.eval_inner_steps), final=True)
+        best_figures = {**b.record(), **_final(figures(curves), m.eval_inner_steps, m.final_adapt_steps, "", "")}
     everyone = cohort.gather(mine)
     network = None
-    if final.centroid_curves is not None:
+    if cohort.is_root:
         assert everyone is not None
         network = {"agents": everyone, "centroid": final.centroid, "disagreement": final.disagreement,
                    **_final(figures(final.centroid_curves), m.eval_inner_steps, m.final_adapt_steps, "centroid_",
                             "centroid_"),
-                   "final_eval_seconds": final_seconds}
+                   "final_eval_seconds": final_seconds,
+                   **({"best_centroid": best_figures} if best_figures is not None else {})}
     return RunResult(mine, network, time.perf_counter() - start, history)

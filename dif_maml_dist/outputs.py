@@ -8,17 +8,18 @@ Layout of the run directory (shared by all ranks): ``metrics/agent{k}.jsonl`` (p
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 from torch import Tensor
 
 from .config import Config
 from .context import RunContext
-from .loop import RunResult
+from .loop import BestCentroid, RunResult
 from .metrics import JsonlSink, MetricsSink, TeeSink, TensorBoardSink, save_tensors_atomic, write_json_atomic
 from .schedules import GraphSchedule
 from .topology import mixing_rate
@@ -80,6 +81,7 @@ def write_summary(ctx: RunContext, result: RunResult, named_params, extra: dict)
             "centroid_accuracy_curve": net["centroid_accuracy_curve"],
             "mean_final_test_accuracy": sum(a["final_test_accuracy"] for a in agents) / len(agents)}
            if "centroid_test_accuracy" in net else {}),
+        **({"best_centroid": net["best_centroid"]} if "best_centroid" in net else {}),
         "agents": agents,
         "config": asdict(cfg),
     }
@@ -119,3 +121,23 @@ def save_models(run_dir: Path, models: dict[int, dict[str, Tensor]]) -> None:
     (run_dir / "models").mkdir(exist_ok=True)
     for k, named in models.items():
         save_tensors_atomic(run_dir / "models" / f"agent{k}.pt", named)
+
+
+def save_best_centroid(run_dir: Path, best: BestCentroid, named: dict[str, Tensor]) -> None:
+    """``models/best_centroid.pt`` (its parameters by name) and ``models/best_centroid.json`` (its iteration and
+    validation accuracy), each written atomically; the record last, so it never names a model not yet there."""
+    (run_dir / "models").mkdir(exist_ok=True)
+    save_tensors_atomic(run_dir / "models" / "best_centroid.pt", named)
+    write_json_atomic(run_dir / "models" / "best_centroid.json", best.record())
+
+
+def load_best_centroid(run_dir: Path, layout) -> Optional[BestCentroid]:
+    """The best centroid a resumed run had found (None if it had none)."""
+    record, model = run_dir / "models" / "best_centroid.json", run_dir / "models" / "best_centroid.pt"
+    if not (record.is_file() and model.is_file()):
+        return None
+    import torch
+
+    info = json.loads(record.read_text())
+    named = torch.load(model, map_location="cpu", weights_only=True)
+    return BestCentroid(int(info["iteration"]), float(info["val_accuracy"]), layout.flatten(named).detach())

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 # Stream names: keep them stable, since results depend on them.
-TASKS, INIT, EVAL = 1, 2, 3
+TASKS, INIT, EVAL, VALIDATION = 1, 2, 3, 4
 
 
 def derive_seed(seed: int, *keys: int) -> int:

@@ -190,8 +190,10 @@ class Simulation:
         return {"compute_s": self.compute_seconds, "exchange_s": self.exchange_seconds,
                 "bytes_sent": self.bytes_sent[i]}
 
-    def shared_curves(self, params: Tensor, max_steps: int, final: bool = False) -> Curves:
-        return self.learner.test_curves(params.to(self.device, self.dtype), self.cfg.maml.inner_lr, max_steps, final)
+    def shared_curves(self, params: Tensor, max_steps: int, final: bool = False, validation: bool = False) -> Curves:
+        learner = self.learner
+        return learner.curves(params.to(self.device, self.dtype), self.cfg.maml.inner_lr, max_steps, 0,
+                              learner.num_tests(final, validation), validation=validation)
 
     def agent_curves(self, max_steps: int, final: bool = False) -> list[Curves]:
         if not self.vectorize:  # the runtime's own code, agent after agent

@@ -198,10 +198,20 @@ def execute(ctx: RunContext) -> Optional[dict]:
         if cfg.train.checkpoint_every > 0:
             saver = checkpoint.AgentCheckpoints(run_dir, rank, cohort.state_dict, prints, cfg.train.checkpoint_every,
                                                 cfg.train.keep_checkpoints, start)
+        best = None
+        if cfg.train.validate and ctx.resuming:  # the best the run had found, as rank 0 has it: the same on all
+            found = outputs.load_best_centroid(run_dir, agent.layout) if ctx.is_root else None
+            best = transport.all_gather_object(found)[0]
+            if best is not None:
+                best.centroid = best.centroid.to(ctx.device, agent.dtype)
+
+        def on_best(b):
+            outputs.save_best_centroid(run_dir, b, agent.named_params(b.centroid))
         with outputs.metric_sinks(run_dir, [rank], ctx.is_root, (start or 0) if ctx.resuming else None,
                                   cfg.metrics.tensorboard) as (
                 sinks, network_sink):
-            result = run_loop(cohort, sinks, network_sink, progress=ctx.is_root, checkpointer=saver)
+            result = run_loop(cohort, sinks, network_sink, progress=ctx.is_root, checkpointer=saver, best=best,
+                              on_best=on_best if cfg.train.save_models else None)
         if cfg.train.save_models:
             outputs.save_models(run_dir, {rank: agent.named_params()})
         if not ctx.is_root:
@@ -223,9 +233,13 @@ def simulate(ctx: RunContext) -> dict:
     setup_logging(0, run_dir / "logs", who="simulator")
     outputs.log_start(ctx)
     sim = Simulation(cfg, ctx.schedule, ctx.device, vectorize=cfg.runtime.vectorize, family=ctx.family)
+    def on_best(b):
+        outputs.save_best_centroid(run_dir, b, sim.named_params(b.centroid))
+
     with outputs.metric_sinks(run_dir, sim.agent_ids, True, tensorboard=cfg.metrics.tensorboard) as (sinks,
                                                                                                  network_sink):
-        result = run_loop(sim, sinks, network_sink, progress=True)
+        result = run_loop(sim, sinks, network_sink, progress=True,
+                          on_best=on_best if cfg.train.save_models and cfg.train.validate else None)
     if cfg.train.save_models:
         outputs.save_models(run_dir, {k: sim.named_params(p) for k, p in enumerate(sim.states())})
     return outputs.write_summary(ctx, result, sim.named_params, {

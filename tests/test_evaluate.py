@@ -231,3 +231,45 @@ def test_report_overlays_two_runs_in_every_figure_labelled_by_what_differs(run_d
     assert report_main([str(run_dir), "--out", str(run_dir / "metrics")]) == 2  # never among a run's own files
     assert report_main([str(tmp_path), "--out", str(tmp_path / "r2")]) == 2  # not a run directory
     assert not (tmp_path / "r2").exists()
+
+
+def test_validation_keeps_the_centroid_of_the_iteration_with_the_best_validation_accuracy(tmp_path):
+    """train.validate=true on an Omniglot fixture under the background/evaluation protocol: the network records
+    carry the centroid's validation accuracy at every evaluation; models/best_centroid.pt is the centroid of the
+    first iteration with the highest of them (its validation accuracy, recomputed from the saved file, is that
+    maximum), and summary.json's best_centroid test figures are that file's figures on the final test set.
+    Catches a best kept by the wrong metric or the last improvement missed, a saved file that is not the
+    selected model, and test figures of the final model reported as the best's."""
+    from .test_omniglot import PROTOCOL_LAYOUT, make_fixture
+
+    make_fixture(tmp_path / "data", PROTOCOL_LAYOUT)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "dif_maml_dist.train", "runtime=simulate", "runtime.threads=1",
+                           "task=omniglot_5w1s", f"data.root={tmp_path / 'data'}", "task.split=background_evaluation",
+                           "task.val_alphabets=1", "task.n_way=2", "task.q_query=3", "model.filters=4",
+                           "topology=ring", "topology.num_agents=2", "task.meta_batch=2", "train.iterations=16",
+                           "train.eval_every=2", "task.eval_tasks=10", "task.final_eval_tasks=12",
+                           "maml.final_adapt_steps=2", "optim.lr=0.01", "train.validate=true",
+                           f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics" / "network.jsonl").read_text().splitlines()]
+    accuracies = [(r["iteration"], r["centroid_val_acc_post"]) for r in records]
+    assert len(accuracies) == 9 and len({a for _, a in accuracies}) > 1  # evaluations at 0, 2, ..., 16 that differ
+    best_acc = max(a for _, a in accuracies)
+    best_iteration = next(i for i, a in accuracies if a == best_acc)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_centroid"]["iteration"] == best_iteration
+    assert summary["best_centroid"]["val_accuracy"] == pytest.approx(best_acc)
+    assert json.loads((run_dir / "models" / "best_centroid.json").read_text())["iteration"] == best_iteration
+
+    run = load_run(run_dir)
+    assert "best_centroid" in run.model_names
+    learner = run.learner()
+    saved = run.model("best_centroid")
+    val = learner.curves(learner.layout.join(saved.params), run.cfg.maml.inner_lr, 1, 0, len(learner.validation),
+                         validation=True)
+    assert float(val[1][:, 1].mean()) == pytest.approx(best_acc, abs=1e-6)
+    test = run.evaluate(["best_centroid"], steps=2)["models"]["best_centroid"]
+    assert summary["best_centroid"]["test_accuracy"] == pytest.approx(test["accuracy"][1], abs=1e-6)
+    assert summary["best_centroid"]["accuracy_curve"] == pytest.approx(test["accuracy"], abs=1e-6)

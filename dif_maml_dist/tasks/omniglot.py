@@ -209,3 +209,12 @@ class OmniglotFamily:
         t = self.cfg.task
         test = FewShotEpisodes(self.data.images, self.split["test"], t.n_way, t.k_shot, t.q_query, rotations=False)
         return test.episode_set(seeding.generator(seed, seeding.EVAL), num_tasks)
+
+    def val_set(self, seed: int, num_tasks: int) -> EpisodeSet:
+        """Validation tasks from the validation characters (model selection; never trained or tested on)."""
+        t = self.cfg.task
+        try:
+            val = FewShotEpisodes(self.data.images, self.split["val"], t.n_way, t.k_shot, t.q_query, rotations=False)
+        except ValueError as err:
+            raise ValueError(f"train.validate=true: the validation characters cannot make episodes: {err}") from None
+        return val.episode_set(seeding.generator(seed, seeding.VALIDATION), num_tasks)
