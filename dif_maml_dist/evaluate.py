@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .config import Config
-from .learner import Learner
+from .learner import Learner, concat_curves
 from .maml import sgd_adaptation
 from .metrics import figures, write_json_atomic
 from .outputs import RUN_OWN_DIRS
@@ -183,8 +183,7 @@ class Run:
                 curves = learner.test_curves(flat, self.cfg.maml.inner_lr, steps, final=True)
             else:
                 parts = [learner.curves_on(batch, flat, self.cfg.maml.inner_lr, steps) for batch in mine.values()]
-                curves = (torch.cat([p[0] for p in parts]),
-                          None if parts[0][1] is None else torch.cat([p[1] for p in parts]))
+                curves = concat_curves(parts, 0, learner.family.metric is not None)
             out["models"][name] = figures(curves)
         return out
 

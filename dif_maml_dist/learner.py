@@ -21,7 +21,8 @@ from .tasks import TaskFamily, TaskSet, task_family
 GPU_EVAL_CHUNK_FACTOR = 8
 
 
-def _cat(parts: list[Curves], dim: int, with_metric: bool) -> Curves:
+def concat_curves(parts: list[Curves], dim: int, with_metric: bool) -> Curves:
+    """Curves of consecutive task slices as one (tasks along ``dim``)."""
     losses = torch.cat([p[0] for p in parts], dim=dim)
     return losses, torch.cat([p[1] for p in parts], dim=dim) if with_metric else None
 
@@ -104,7 +105,7 @@ class Learner:
         for i in range(start, stop, chunk):  # gathered a chunk at a time: see tasks.episodes.EpisodeSet
             parts.append(self.curves_on(tasks.slice(i, min(i + chunk, stop)), params, inner_lr, max_steps,
                                         over_agents, chunk))
-        return _cat(parts, 1 if over_agents else 0, self.family.metric is not None)
+        return concat_curves(parts, 1 if over_agents else 0, self.family.metric is not None)
 
     def curves_on(self, batch: TaskBatch, params: Tensor, inner_lr: float, max_steps: int, over_agents: bool = False,
                   chunk: Optional[int] = None) -> Curves:

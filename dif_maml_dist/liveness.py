@@ -217,10 +217,8 @@ class RoundWaiter:
     def _fail(self, peers: Sequence[int], cause: str, round: Optional[int] = None) -> None:
         round = self.round if round is None else round
         detail = ""
-        if self.board is not None:
-            blamed, why = stall_report(self.rank, round, peers, self.board.positions())
-            if set(blamed) <= set(peers):
-                peers = blamed
+        if self.board is not None:  # the report narrows the blame to a subset of ``peers``
+            peers, why = stall_report(self.rank, round, peers, self.board.positions())
             detail = f"; {why}"
         who, peer = _blame(peers)
         raise PeerError(f"no message from {who} ({cause}){detail}", peer=peer) from None
