@@ -179,6 +179,8 @@ class Agent:
 class AgentCohort:
     """One agent in its own process: the :class:`~dif_maml_dist.loop.Cohort` that torchrun runs."""
 
+    networked = True  #: see loop.Cohort
+
     def __init__(self, agent: Agent, transport: Transport):
         self.agent, self.transport = agent, transport
         self.cfg = agent.cfg

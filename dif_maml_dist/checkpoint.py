@@ -220,6 +220,19 @@ def check_target(start: int, iterations: int, where: Path | str) -> None:
                          f"{start}: resume with train.iterations of at least {start}, or start a new run directory")
 
 
+def restore_own(cohort, run_dir: Path, rank: int, prints: dict[str, str]) -> int | None:
+    """A restarted agent of a network that went on without it (runtime.on_peer_failure=continue): its own newest
+    good checkpoint into ``cohort`` (optimizer, task stream, counters), without asking anyone; its iteration, or
+    None if it has none (a damaged file is skipped for the one before, with a warning)."""
+    for iteration in reversed(available(run_dir, rank)):
+        try:
+            cohort.load_state_dict(load(run_dir, rank, iteration, prints))
+            return iteration
+        except ValueError as err:
+            log.warning("%s", err)
+    return None
+
+
 def resume(cohort, transport, run_dir: Path, rank: int, prints: dict[str, str], iterations: int,
            restart_count: int = 0) -> int | None:
     """*Collective*: restore ``cohort`` (its ``load_state_dict``) from the newest iteration that every agent has a

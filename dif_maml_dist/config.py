@@ -25,6 +25,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 #: The shortest runtime.timeout_s accepted: below it, process-group start-up alone would time out.
 MIN_TIMEOUT_S = 5.0
 RUNTIME_MODES = ("torchrun", "simulate")
+ON_PEER_FAILURE = ("stop", "continue")
 INITS = ("shared", "per_agent")
 COMPRESSIONS = ("none", "topk", "randk", "qsgd", "sign")
 SCHEDULES = ("static", "one_peer_exponential", "random_matching", "resample")
@@ -214,6 +215,15 @@ class RuntimeConfig:
     #: simulator, vectorised engine: agents per vmap call; None: by device, 256 on the CPU (measured: cache-bound
     #: above), every agent at once on a GPU
     agent_chunk: Optional[int] = None
+    #: what the agents do when one of them dies or does not answer within timeout_s. stop: the run fails (every
+    #: agent stops; torchrun --max-restarts restarts all from the newest common checkpoint). continue: its
+    #: neighbours drop it and the others go on; weights are recomputed locally, the network's figures come from
+    #: per-agent snapshots (README, "Agents that leave")
+    on_peer_failure: str = "stop"
+    #: planned departures ``[[agent, iteration], ...]`` (on_peer_failure=continue): the agent leaves at that
+    #: iteration (1-based) without a word, its last state is the one after the iteration before. In the simulator
+    #: this studies churn; under torchrun the agent's process ends there as if it had been killed
+    departures: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -400,7 +410,40 @@ def validate(cfg: Config) -> Config:
         raise ValueError("train.resume=true continues a torchrun job from its checkpoints; the simulator writes none")
     if r.backend == "nccl" and r.device == "cpu":
         raise ValueError("runtime.backend=nccl needs GPUs: use runtime.device=cuda (or auto), or runtime.backend=gloo")
+    _validate_departures(cfg)
     return cfg
+
+
+def _validate_departures(cfg: Config) -> None:
+    r = cfg.runtime
+    _choice(r.on_peer_failure, ON_PEER_FAILURE, "runtime.on_peer_failure")
+    if r.departures and r.on_peer_failure != "continue":
+        raise ValueError("runtime.departures needs the others to go on without the departed: add "
+                         "runtime.on_peer_failure=continue")
+    for entry in r.departures:
+        if len(entry) != 2 or not 0 <= entry[0] or not 1 <= entry[1] <= cfg.train.iterations:
+            raise ValueError(f"runtime.departures entry {list(entry)} is not [agent, iteration] with agent >= 0 and "
+                             f"1 <= iteration <= train.iterations ({cfg.train.iterations})")
+    if len({e[0] for e in r.departures}) != len(r.departures):
+        raise ValueError("runtime.departures names an agent twice; an agent leaves once")
+    if r.on_peer_failure != "continue":
+        return
+    refusals = (
+        (cfg.strategy.name == "centralized", "strategy=centralized averages over every agent (an all-reduce that "
+                                             "needs them all): use strategy=dif_maml"),
+        (cfg.compression.name != "none", "compressed gossip keeps per-edge reference copies that a departure "
+                                         "would leave inconsistent: use compression=none"),
+        (cfg.topology.weights != "metropolis", "the weights of the surviving graph are computed by each agent from "
+                                               "its neighbours' degrees (Metropolis): use topology.weights=metropolis"),
+        (cfg.train.validate, "the best centroid needs every agent's model at every evaluation: drop train.validate"),
+        (cfg.train.resume, "an agent restarted into a running network is not supported yet; resume the whole run "
+                           "with runtime.on_peer_failure=stop"),
+        (r.backend == "nccl", "its exchanges use per-edge gloo groups: use runtime.backend=gloo (GPU tensors are "
+                              "staged through host memory)"),
+    )
+    for refused, why in refusals:
+        if refused:
+            raise ValueError(f"runtime.on_peer_failure=continue: {why}")
 
 
 def from_omegaconf(node) -> Config:

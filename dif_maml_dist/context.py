@@ -33,6 +33,10 @@ def check_launch(cfg: Config, env: ProcessEnv, num_agents: int) -> None:
         raise LaunchError(f"topology {cfg.topology.name!r} has {num_agents} agents but {env.world_size} process(es) "
                           f"were started; launch with torchrun --nproc-per-node={num_agents} "
                           f"(or choose a topology with as many agents as processes, or runtime=simulate)")
+    for agent, _ in cfg.runtime.departures:
+        if agent >= num_agents:
+            raise LaunchError(f"runtime.departures names agent {agent}, but the topology has {num_agents} agents "
+                              f"(0..{num_agents - 1})")
 
 
 def check_tensorboard(cfg: Config) -> None:

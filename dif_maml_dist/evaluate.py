@@ -46,7 +46,8 @@ class EvaluateError(ValueError):
     """A bad run directory, model name or option: one line, exit status 2."""
 
 
-def _config(run_dir: Path) -> Config:
+def run_config(run_dir: Path) -> Config:
+    """The config a run directory was made with (its summary's, else hydra's record)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -110,7 +111,7 @@ class Run:
         self.dir = Path(run_dir)
         if not self.dir.is_dir():
             raise EvaluateError(f"run directory {self.dir} does not exist")
-        self.cfg = _config(self.dir)
+        self.cfg = run_config(self.dir)
         if data_root is not None:
             self.cfg = replace(self.cfg, data=replace(self.cfg.data, root=data_root))
         self.device = torch.device(device)

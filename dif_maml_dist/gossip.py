@@ -211,6 +211,12 @@ def make_combiner(cfg: Config, schedule: GraphSchedule, agent: int, transport: T
                   initial: Callable[[int], Tensor]):
     """Agent ``agent``'s combine step for ``cfg.strategy`` (``initial(l)``: agent l's initial model)."""
     s = cfg.strategy
+    if s.name == "dif_maml" and cfg.runtime.on_peer_failure == "continue":
+        from .churn import TolerantCombiner
+        from .membership import Membership
+
+        members = Membership(agent, schedule.num_agents, getattr(transport, "incarnation", 0))
+        return TolerantCombiner(agent, schedule, transport, members, s.combine_every)
     if s.name == "dif_maml":
         return NeighborCombiner(agent, schedule, make_gossip(cfg, agent, initial), transport, s.combine_every)
     if s.name == "centralized":

@@ -25,6 +25,9 @@ class Cohort(Protocol):
     cfg: Config
     agent_ids: Sequence[int]  #: global ids of the local agents
     is_root: bool  #: this process computes and writes the network-wide figures
+    #: the network's figures (centroid, disagreement) are computed during the run, by collectives; False
+    #: (runtime.on_peer_failure=continue): each evaluation only scores the local agents and calls ``snapshot``
+    networked: bool
 
     @property
     def iteration(self) -> int: ...
@@ -56,6 +59,9 @@ class Cohort(Protocol):
     def nonfinite(self) -> list[int]:
         """Ids of the local agents whose parameters hold a NaN or an infinity."""
 
+    def snapshot(self) -> None:
+        """Keep the local agents' parameters of this evaluation for the network's figures (``networked=False``)."""
+
 
 class Checkpointer(Protocol):
     """Writes the local agents' loop states every ``every`` iterations (see ``checkpoint.py``)."""
@@ -82,14 +88,14 @@ class Evaluation:
     """One evaluation of the network: the local agents' curves, and (root only) the centroid's."""
 
     agents: list[Curves]
-    centroid: Tensor
-    disagreement: float
-    centroid_curves: Curves  #: on every process
+    centroid: Optional[Tensor]  #: None when the cohort is not networked
+    disagreement: Optional[float]
+    centroid_curves: Optional[Curves]  #: on every process
 
     def head(self, tasks: int, steps: int) -> "Evaluation":
         """The same evaluation restricted to the first ``tasks`` test tasks and 0..``steps`` steps."""
         return Evaluation([head(c, tasks, steps) for c in self.agents], self.centroid, self.disagreement,
-                          head(self.centroid_curves, tasks, steps))
+                          None if self.centroid_curves is None else head(self.centroid_curves, tasks, steps))
 
 
 @dataclass
@@ -108,6 +114,8 @@ def _evaluate(cohort: Cohort, max_steps: int, final: bool = False) -> Evaluation
     """*Collective*. Every process computes the same centroid from the same gathered states, so each can adapt
     its share of the test tasks; every process gets the centroid's curves."""
     agents = cohort.agent_curves(max_steps, final)
+    if not cohort.networked:
+        return Evaluation(agents, None, None, None)
     centroid, disagreement = centroid_and_disagreement(cohort.all_states())
     return Evaluation(agents, centroid, disagreement, cohort.shared_curves(centroid, max_steps, final))
 
@@ -120,7 +128,8 @@ def _pre_post(stats: dict[str, list[float]], prefix: str) -> dict[str, float]:
     return out
 
 
-def _final(stats: dict[str, list[float]], steps: int, last: int, prefix: str, curve_prefix: str) -> dict[str, Any]:
+def final_figures(stats: dict[str, list[float]], steps: int, last: int, prefix: str,
+                  curve_prefix: str) -> dict[str, Any]:
     """Final figures after ``steps`` adaptation steps (``{prefix}test_loss`` ...), and the curves over 0..last
     steps (``{curve_prefix}adaptation_curve`` ...)."""
     out = {f"{prefix}test_loss": stats["loss"][steps], f"{prefix}test_loss_pre": stats["loss"][0],
@@ -160,6 +169,12 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
         stats = [figures(c) for c in ev.agents]
         for rec, st in zip(records, stats):
             rec.update(_pre_post(st, "test_"))
+        if not cohort.networked:
+            cohort.snapshot()
+            if progress:
+                log.info("iter %d/%d | agent%d test %.4f -> %.4f", cohort.iteration, tr.iterations,
+                         cohort.agent_ids[0], stats[0]["loss"][0], stats[0]["loss"][-1])
+            return
         validation = {}
         if tr.validate:  # every process sees the same figures, so all agree on the best centroid
             validation = _pre_post(figures(cohort.shared_curves(ev.centroid, m.eval_inner_steps, validation=True)),
@@ -253,20 +268,20 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
     for i, curves in zip(local, final.agents):
         c = cohort.counters(i)
         mine.append({"agent": cohort.agent_ids[i],
-                     **_final(figures(curves), m.eval_inner_steps, m.final_adapt_steps, "final_", ""),
+                     **final_figures(figures(curves), m.eval_inner_steps, m.final_adapt_steps, "final_", ""),
                      "bytes_sent": c["bytes_sent"], "compute_seconds": c["compute_s"],
                      "exchange_seconds": c["exchange_s"]})
     best_figures = None
     if state["best"] is not None:  # the selected model's test figures, on the final test set like the final model's
         b = state["best"]
         curves = cohort.shared_curves(b.centroid, max(m.final_adapt_steps, m.eval_inner_steps), final=True)
-        best_figures = {**b.record(), **_final(figures(curves), m.eval_inner_steps, m.final_adapt_steps, "", "")}
+        best_figures = {**b.record(), **final_figures(figures(curves), m.eval_inner_steps, m.final_adapt_steps, "", "")}
     everyone = cohort.gather(mine)
     network = None
     if cohort.is_root:
         assert everyone is not None
         network = {"agents": everyone, "centroid": final.centroid, "disagreement": final.disagreement,
-                   **_final(figures(final.centroid_curves), m.eval_inner_steps, m.final_adapt_steps, "centroid_",
+                   **final_figures(figures(final.centroid_curves), m.eval_inner_steps, m.final_adapt_steps, "centroid_",
                             "centroid_"),
                    "final_eval_seconds": final_seconds,
                    **({"best_centroid": best_figures} if best_figures is not None else {})}

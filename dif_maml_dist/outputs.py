@@ -26,7 +26,8 @@ from .topology import mixing_rate
 
 log = logging.getLogger("dif_maml_dist")
 #: The folders a run writes into: tools that read a run (evaluate, report) never write there.
-RUN_OWN_DIRS = ("models", "metrics", "checkpoints", "logs", ".hydra", "flight_recorder", "tensorboard")
+RUN_OWN_DIRS = ("models", "metrics", "checkpoints", "logs", ".hydra", "flight_recorder", "tensorboard", "snapshots",
+                "agents")
 
 
 def log_start(ctx: RunContext) -> None:

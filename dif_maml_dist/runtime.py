@@ -9,12 +9,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .config import RuntimeConfig
+from .edges import EdgeTransport
 from .liveness import StoreProgressBoard
 from .transport import InMemoryTransport, TorchDistTransport, Transport, set_group_timeout
 
@@ -59,6 +60,8 @@ def select_device(cfg: RuntimeConfig, env: ProcessEnv) -> torch.device:
 
 
 def select_backend(cfg: RuntimeConfig, device: torch.device) -> str:
+    if cfg.on_peer_failure == "continue":  # per-edge gloo groups (edges.py); GPU tensors go through host memory
+        return "gloo"
     if cfg.backend != "auto":
         if cfg.backend == "nccl" and device.type != "cuda":
             raise ValueError("runtime.backend=nccl needs GPUs, but this agent runs on the CPU (no CUDA device "
@@ -191,6 +194,29 @@ def distributed(cfg: RuntimeConfig, env: ProcessEnv, device: torch.device, backe
         board.close()
         if not aborted and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextmanager
+def edge_network(cfg: RuntimeConfig, env: ProcessEnv, peers: Sequence[int],
+                 threads: int | None = None) -> Iterator[EdgeTransport]:
+    """``runtime.on_peer_failure=continue``: this agent's gloo groups with each neighbour in ``peers``, and no
+    process group over all agents (``edges.py``), so nothing at start-up or teardown waits for anyone but the
+    neighbours. Under torchrun only."""
+    configure_process(cfg, threads if threads is not None else intra_op_threads(cfg))
+    assert env.under_torchrun, "continue mode runs under torchrun (the simulator has its own departures)"
+    init_timeout = timedelta(seconds=cfg.init_timeout_s)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=init_timeout))
+    # One namespace for the whole run, restarts included: a restarted agent must find the running network's keys
+    # (its own count of starts, the edges it re-forms), unlike a torchrun restart of everyone (``distributed``).
+    store = dist.PrefixStore("dif_maml_dist/continue", store)
+    board = StoreProgressBoard(dist.PrefixStore("progress", store), rank, world_size,
+                               interval_s=min(1.0, cfg.timeout_s / 5))
+    try:
+        # Forming an edge waits for the neighbour (within init_timeout_s): every agent has started once its
+        # edges are up, which is all the start-up barrier anyone needs here.
+        yield EdgeTransport(store, rank, world_size, peers, cfg.timeout_s, cfg.init_timeout_s, board)
+    finally:
+        board.close()
 
 
 class _RankFormatter(logging.Formatter):

@@ -32,8 +32,10 @@ from .learner import Learner
 from .maml import TaskBatch, batched_meta_gradient
 from .metrics import Curves
 from .gossip import combine_round, gossip_round, make_gossip
+from .membership import round_weights
 from .schedules import GraphSchedule, static_schedule
 from .tasks import TaskFamily
+from .topology import CombinePlan, combine_plan
 from .transport import ring_all_reduce_bytes
 
 #: Below this density a sparse matrix product is used for the combine (large, sparse graphs).
@@ -43,6 +45,16 @@ _SPARSE_BELOW = 0.25
 _CPU_AGENT_CHUNK = 256
 #: Agents per evaluation call: their vmap shares the family's ``eval_chunk`` budget of adapted models in flight.
 _EVAL_AGENT_CHUNK = 8
+
+
+class _RoundPlans:
+    """One round's weight matrix in the shape ``gossip_round`` reads a schedule: each agent's column."""
+
+    def __init__(self, weights: np.ndarray):
+        self.weights = weights
+
+    def plan(self, r: int, agent: int) -> CombinePlan:
+        return combine_plan(self.weights, agent)
 
 
 def sample_agents(samplers: Sequence[Any], gens: Sequence[torch.Generator], num_tasks: int) -> TaskBatch:
@@ -69,6 +81,7 @@ class Simulation:
     """K agents in lock-step; also the :class:`~dif_maml_dist.loop.Cohort` the simulator mode runs."""
 
     is_root = True
+    networked = True
 
     def __init__(self, cfg: Config, schedule: GraphSchedule | np.ndarray, device: torch.device | str = "cpu",
                  vectorize: bool = True, family: Optional[TaskFamily] = None):
@@ -109,6 +122,12 @@ class Simulation:
         # same per-agent gossip objects as torchrun's, as does everything in the per-agent engine.
         compressed = cfg.strategy.name == "dif_maml" and cfg.compression.name != "none"
         self.gossips = [make_gossip(cfg, a, initial) for a in range(k)] if compressed or not vectorize else None
+        #: runtime.departures: agent -> the iteration it leaves at; its state stays the one it left with
+        self.leave_at = {a: i for a, i in cfg.runtime.departures}
+        self._frozen: dict[int, Tensor] = {}
+        self._known: frozenset[int] = frozenset()  #: departed agents their neighbours have noticed (a round later)
+        # continue mode's messages carry a header (round, degree, membership vector), as under torchrun
+        self._header_bytes = 8 * (2 + k) if cfg.runtime.on_peer_failure == "continue" else 0
 
     # -- state -------------------------------------------------------------------------------------------
     @property
@@ -134,12 +153,35 @@ class Simulation:
         return self._mixers[key]
 
     def _full_state_bytes(self, r: int) -> list[int]:
-        return [self.schedule.plan(r, a).degree * self._message_bytes for a in range(self.num_agents)]
+        return [self.schedule.plan(r, a).degree * (self._message_bytes + self._header_bytes)
+                for a in range(self.num_agents)]
+
+    def departed(self, iteration: Optional[int] = None) -> frozenset[int]:
+        """The agents gone by ``iteration`` (default: the current one)."""
+        it = self._iteration if iteration is None else iteration
+        return frozenset(a for a, i in self.leave_at.items() if i <= it)
+
+    def _churn_round(self, r: int, gone: frozenset[int]) -> tuple[_RoundPlans, list[int]]:
+        """Round ``r`` among the agents not ``gone``, with the weights their declarations give
+        (``membership.round_weights``): those who left since the last round are still declared by their
+        neighbours, who notice them missing only now. Also the bytes each agent sends."""
+        graph = self.schedule.graph(r)
+        a = round_weights(graph, self._known, gone - self._known)
+        sent = [0 if v in gone else sum(1 for u in graph.neighbors(v) if u not in self._known)
+                * (self._message_bytes + self._header_bytes) for v in range(self.num_agents)]
+        self._known = gone
+        return _RoundPlans(a), sent
 
     def step(self) -> Sequence[Tensor]:
         t0 = time.perf_counter()
         r = combine_round(self._iteration + 1, self.cfg.strategy.combine_every)
         sent: Optional[list[int]] = None
+        gone = self.departed(self._iteration + 1)
+        for a in gone - self._frozen.keys():  # leaving now, with the state of the iteration before
+            self._frozen[a] = self._state(a).detach().clone()
+        churn = None
+        if r is not None and self.leave_at and self.cfg.strategy.name == "dif_maml":
+            churn, sent = self._churn_round(r, gone)
         if self.vectorize:
             stacked = sample_agents(self.tasks, self.rngs, self.cfg.task.meta_batch).to_device(self.device,
                                                                                                 self.dtype)
@@ -156,7 +198,9 @@ class Simulation:
             t1 = time.perf_counter()
             if r is not None:
                 with torch.no_grad():
-                    if self.gossips is not None:
+                    if churn is not None:
+                        self.params.copy_(_mixing_operator(churn.weights, self.dtype, self.device) @ self.params)
+                    elif self.gossips is not None:
                         combined, sent = gossip_round(self.gossips, list(self.params.detach()), self.schedule, r)
                         self.params.copy_(torch.stack(combined))
                     else:
@@ -168,7 +212,8 @@ class Simulation:
             t1 = time.perf_counter()
             if r is not None:
                 phis = [a.state.params.clone() for a in self.agents]  # everyone combines the same phi_i
-                combined, sent = gossip_round(self.gossips, phis, self.schedule, r)
+                combined, sent_now = gossip_round(self.gossips, phis, churn or self.schedule, r)
+                sent = sent if churn is not None else sent_now
                 for agent, w in zip(self.agents, combined):
                     agent.set_combined(w)
             else:  # a local step: phi stays
@@ -178,6 +223,9 @@ class Simulation:
             if self.cfg.strategy.name == "centralized":  # an all-reduce under torchrun, charged as one
                 sent = [ring_all_reduce_bytes(self.num_agents, self._message_bytes)] * self.num_agents
             self.bytes_sent = [b + s for b, s in zip(self.bytes_sent, sent)]
+        with torch.no_grad():
+            for a in gone:  # a departed agent's model stays as it left (its records keep scoring that model)
+                self._state(a).copy_(self._frozen[a])
         self.compute_seconds += t1 - t0
         self.exchange_seconds += time.perf_counter() - t1
         self._iteration += 1
@@ -211,7 +259,10 @@ class Simulation:
         return [distinct[int(i)] for i in owner]
 
     def all_states(self) -> Tensor:
-        return self.states().detach().cpu()
+        """The agents still in the network (all of them without departures): the centroid is theirs."""
+        states = self.states().detach().cpu()
+        gone = self.departed()
+        return states[[a for a in range(self.num_agents) if a not in gone]] if gone else states
 
     def gather(self, items: list[dict[str, Any]]) -> Optional[list[dict[str, Any]]]:
         return items

@@ -168,6 +168,8 @@ def execute(ctx: RunContext) -> Optional[dict]:
     """Run this process's agent (or, with runtime=simulate, all agents); the root returns the run summary."""
     if ctx.cfg.runtime.mode == "simulate":
         return simulate(ctx)
+    if ctx.cfg.runtime.on_peer_failure == "continue":
+        return execute_continuing(ctx)
     import torch
 
     from . import checkpoint, outputs
@@ -221,6 +223,54 @@ def execute(ctx: RunContext) -> Optional[dict]:
             "backend": ctx.backend, "resumed_from_iteration": start, "restarts": ctx.env.restart_count})
 
 
+def execute_continuing(ctx: RunContext) -> Optional[dict]:
+    """runtime.on_peer_failure=continue: this process's agent over its own edges, dropping neighbours that leave;
+    the summary comes from whichever agent finishes last (``summarize.py``)."""
+    import torch
+
+    from . import checkpoint, outputs, summarize
+    from .agent import Agent
+    from .churn import LiveAgentCohort
+    from .learner import Learner
+    from .loop import run_loop
+    from .runtime import edge_network, setup_logging
+
+    cfg, run_dir, rank = ctx.cfg, ctx.run_dir, ctx.env.rank
+    peers = sorted(ctx.schedule.support().neighbors(rank)) if cfg.strategy.name == "dif_maml" else []
+    leave_at = {a: i for a, i in cfg.runtime.departures}.get(rank)
+    with edge_network(cfg.runtime, ctx.env, peers, ctx.threads) as transport:
+        setup_logging(rank, run_dir / "logs")
+        if ctx.is_root:
+            outputs.log_start(ctx)
+        learner = Learner.build(cfg, ctx.device, getattr(torch, cfg.train.dtype), ctx.family)
+        agent = Agent(cfg, rank, ctx.topology.num_agents, ctx.device, learner).connect(ctx.schedule, transport)
+        cohort = LiveAgentCohort(agent, transport, run_dir, leave_at)
+        log.info("continue mode: edges to %s, %d parameters, meta-gradient path %s", peers, agent.layout.numel,
+                 agent.meta_grad_path)
+        restored = start = None
+        if transport.joining:  # a restart: back into the running network, nobody else rolls back
+            restored = checkpoint.restore_own(cohort, run_dir, rank, ctx.fingerprint())
+            start = agent.combiner.come_back(agent.state.params) if peers else restored or 0
+            agent.state.iteration = start
+            log.warning("restart %d: own checkpoint of iteration %s restored, back in the network at iteration %d",
+                        transport.incarnation, restored, start)
+        saver = None
+        if cfg.train.checkpoint_every > 0:
+            saver = checkpoint.AgentCheckpoints(run_dir, rank, cohort.state_dict, ctx.fingerprint(),
+                                                cfg.train.checkpoint_every, cfg.train.keep_checkpoints, restored)
+        with outputs.metric_sinks(run_dir, [rank], False, start, cfg.metrics.tensorboard) as (sinks, _):
+            result = run_loop(cohort, sinks, None, progress=ctx.is_root, checkpointer=saver)
+        if cfg.train.save_models:
+            outputs.save_models(run_dir, {rank: agent.named_params()})
+        membership = getattr(agent.combiner, "membership", None)
+        view = membership.view(ctx.topology.graph) if membership is not None else {"departures": [], "departed": [],
+                                                                                     "component": [rank]}
+        for d in view["departures"]:
+            log.info("agent %d left: learned in round %d (iteration %d), %s", d["agent"], d["round"], d["iteration"],
+                     d["how"])
+        return summarize.finish_agent(ctx, result.agents[0], view, result.wall_seconds)
+
+
 def simulate(ctx: RunContext) -> dict:
     """All agents in this one process (runtime=simulate); same outputs as a torchrun job."""
     from . import outputs
@@ -244,7 +294,22 @@ def simulate(ctx: RunContext) -> dict:
         outputs.save_models(run_dir, {k: sim.named_params(p) for k, p in enumerate(sim.states())})
     return outputs.write_summary(ctx, result, sim.named_params, {
         "parameters": sim.layout.numel, "meta_grad_path": "vmap (over agents)" if sim.vectorize else "per agent",
-        "device": str(ctx.device), "backend": "none"})
+        "device": str(ctx.device), "backend": "none", **simulated_departures(ctx, sim, result)})
+
+
+def simulated_departures(ctx: RunContext, sim, result) -> dict:
+    """runtime.departures in the simulator: the summary's figures are the survivors' (as a torchrun run's in
+    continue mode), with who left when and the components of the surviving graph."""
+    from .membership import components
+
+    if ctx.cfg.runtime.on_peer_failure != "continue":
+        return {}
+    gone = sim.departed()
+    result.network["agents"] = [a for a in result.network["agents"] if a["agent"] not in gone]
+    parts = components(ctx.topology.graph, gone)
+    return {"on_peer_failure": "continue", "survivors": [a["agent"] for a in result.network["agents"]],
+            "departed": [{"agent": a, "iteration": sim.leave_at[a]} for a in sorted(gone)],
+            "components": parts, "split": len(parts) > 1}
 
 
 def _interrupted(ctx: RunContext) -> None:

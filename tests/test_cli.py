@@ -145,7 +145,8 @@ def test_bad_input_is_one_line_error(tmp_path, case):
                                   "weights_ragged", "huge_node_id", "too_many_agents_for_memory",
                                   "processes_checked_first", "unknown_task", "zero_lr", "negative_alpha",
                                   "missing_node", "weights_not_doubly_stochastic", "schedule_with_centralized",
-                                  "negative_seed"])
+                                  "negative_seed", "continue_with_centralized", "departure_without_continue",
+                                  "departure_of_unknown_agent"])
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     """The entry point's checks (``train.prepare``: hydra's compose API on the command line's overrides, then
     the run's context), case by case: each refusal is one line naming what to change, and nothing is created.
@@ -188,6 +189,13 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
         "schedule_with_centralized": (["strategy=centralized", "topology.schedule=one_peer_exponential"],
                                       "strategy=centralized uses no graph"),
         "negative_seed": (["seed=-1"], "seed must be a non-negative integer, got -1"),
+        "continue_with_centralized": (["runtime.on_peer_failure=continue", "strategy=centralized"],
+                                      "runtime.on_peer_failure=continue: strategy=centralized averages over every "
+                                      "agent"),
+        "departure_without_continue": (["runtime=simulate", "runtime.departures=[[1,5]]"],
+                                       "add runtime.on_peer_failure=continue"),
+        "departure_of_unknown_agent": (["runtime=simulate", "runtime.on_peer_failure=continue",
+                                        "runtime.departures=[[6,5]]"], "names agent 6, but the topology has 6"),
         "run_dir_empty": (["hydra.run.dir="], "hydra.run.dir is empty"),
         "run_dir_is_file": ([f"hydra.run.dir={a_file}"], "is a file: choose a directory path"),
         "run_dir_below_file": ([f"hydra.run.dir={a_file / 'run'}"], f"is below {a_file}, which is a file"),

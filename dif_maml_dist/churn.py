@@ -1,0 +1,169 @@
+"""Training through departures (``runtime.on_peer_failure=continue``): the combine step that drops neighbours
+which do not answer, and the cohort whose evaluations need no other agent.
+
+- :class:`TolerantCombiner` replaces ``gossip.NeighborCombiner``: each round it exchanges with the neighbours it
+  believes alive, every message with a small header (round, declared degree, membership vector); the neighbours
+  that did not answer are marked departed, the weights come from the declarations (``membership.churn_plan``), and
+  the full-state combine of ``combine.py`` merges what arrived.
+- :class:`LiveAgentCohort` is the torchrun cohort without collectives: each agent evaluates its own model and, at
+  every evaluation, writes a snapshot of its parameters (``RUN/snapshots/agent<k>/iter<N>.pt``); the network's
+  figures (centroid, disagreement) are computed from those snapshots and the survivors' final models by
+  ``summarize.py``, after the fact, so no agent ever waits for another outside its own exchanges.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .agent import AgentCohort
+from .combine import combine
+from .gossip import combine_round
+from .liveness import PeerError
+from .membership import Membership, churn_plan
+from .metrics import save_tensors_atomic
+from .schedules import GraphSchedule
+
+log = logging.getLogger(__name__)
+
+#: header layout: [round, declared degree, membership vector...]
+_ROUND, _DEGREE, _STATES = 0, 1, 2
+
+
+class TolerantCombiner:
+    """Dif-MAML's full-state combine over the neighbours still alive (module doc), taking back neighbours that
+    come back. ``transport``: an ``edges.EdgeTransport``.
+
+    Coming back. A restarted agent asks through the store; a live neighbour answers at a round boundary by
+    forming a new edge with it and sending it (a *welcome*) its round, its view of the network and its current
+    parameters (``edges.EdgeTransport`` agrees with the returning end on the round from which both exchange).
+    The agent takes the first welcome's parameters and round, so it re-enters in step with the network; later
+    welcomes (neighbours that answer later) add their edge from the round agreed on it."""
+
+    def __init__(self, agent: int, schedule: GraphSchedule, transport: Any, membership: Membership,
+                 every: int = 1):
+        self.agent, self.schedule, self.transport, self.every = agent, schedule, transport, every
+        self.membership = membership
+        #: neighbours that came back: the round from which this agent exchanges with each (agreed on the new edge)
+        self.start: dict[int, int] = {}
+
+    def _header(self, r: int, degree: int) -> Tensor:
+        return torch.tensor([r, degree, *self.membership.vector()], dtype=torch.int64)
+
+    def come_back(self, params: Tensor) -> int:
+        """A restarted agent's re-entry: ask the neighbours, wait (at most twice ``runtime.timeout_s``) until one
+        takes it back, take that neighbour's parameters into ``params``, its view of the network and its round;
+        returns the iteration to continue from. Neighbours that answer later join at a round agreed with each."""
+        t = self.transport
+        t.rejoin(self._header(0, 0), params)
+        formed = t.wait_formed(2 * t.timeout_s)
+        if not formed:
+            raise PeerError(f"agent {self.agent} restarted, but no neighbour ({t.peers}) took it back within "
+                            f"{2 * t.timeout_s:g} s (2 x runtime.timeout_s): are they still running?")
+        first = next(((p, box) for p, box in formed if box["params"] is not None), None)
+        while first is None:  # the adopted welcome's edge is still being handed over by its thread
+            formed += t.wait_formed(t.timeout_s)
+            first = next(((p, box) for p, box in formed if box["params"] is not None), None)
+        with torch.no_grad():
+            params.copy_(first[1]["params"].to(params.device))
+        self.membership.adopt(first[1]["header"][_STATES:].tolist())
+        self._greet(formed)
+        return first[1]["start"] * self.every
+
+    def _greet(self, formed) -> None:
+        for p, box in formed:  # edges this agent asked for: the neighbour's view merged, its start round kept
+            r = int(box["header"][_ROUND])
+            self.membership.absorb(r, (r + 1) * self.every, {}, {p: box["header"][_STATES:].tolist()})
+            self.start[p] = box["start"]
+
+    def _admit(self, phi: Tensor, r: int, iteration: int) -> None:
+        """At a round boundary: answer neighbours that came back; take in the edges that formed."""
+        t = self.transport
+        t.current_round = r
+        t.poll_joins([p for p in t.peers if p not in t.groups])
+        formed = t.formed()
+        self._greet([(p, box) for p, box in formed if box["incarnation"] is None])
+        for p, box in formed:
+            if box["incarnation"] is not None:  # this agent gives p its state; both exchange from the agreed round
+                self.start[p] = t.welcome(p, self._header(r, 0), phi)
+                self.membership.welcome(p, box["incarnation"], r, iteration)
+
+    def __call__(self, phi: Tensor, iteration: int) -> Tensor:
+        r = combine_round(iteration, self.every)
+        if r is None:
+            return phi
+        members = self.membership
+        self._admit(phi, r, iteration)
+        groups = self.transport.groups
+        peers = [p for p in self.schedule.plan(r, self.agent).neighbors
+                 if members.is_live(p) and p in groups and self.start.get(p, 0) <= r]
+        degree = len(peers) + 1
+        received, headers, failed = self.transport.exchange_tolerant({p: phi for p in peers},
+                                                                     self._header(r, degree))
+        for p, h in list(headers.items()):
+            if int(h[_ROUND]) != r:  # out of step (it missed rounds while hung): not this round's state
+                failed[p] = f"its message was for round {int(h[_ROUND])}, this agent is at round {r}"
+                del received[p], headers[p]
+                self.transport.drop(p)
+        dropped_by = members.absorb(r, iteration, failed, {p: h[_STATES:].tolist() for p, h in headers.items()})
+        if dropped_by is not None:
+            raise PeerError(f"agent {self.agent} was dropped by the network (agent {dropped_by} reports it departed "
+                            f"after it did not answer within runtime.timeout_s); restart it to rejoin", dropped_by)
+        plan = churn_plan(self.agent, degree, {p: int(h[_DEGREE]) for p, h in headers.items()})
+        return combine(plan, phi, received)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"membership": self.membership.vector()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if "membership" in sd:
+            self.membership.states = list(sd["membership"])
+
+
+def snapshot_path(run_dir: Path, agent: int, iteration: int) -> Path:
+    return run_dir / "snapshots" / f"agent{agent}" / f"iter{iteration}.pt"
+
+
+class LiveAgentCohort(AgentCohort):
+    """One agent of a network that goes on without its departed members: nothing here waits for another agent
+    (module doc). Its evaluations are its own model's, plus a snapshot for the network's figures."""
+
+    networked = False  #: run_loop: no centroid or disagreement during the run (summarize.py makes them)
+
+    def __init__(self, agent, transport, run_dir: Path, leave_at: Optional[int] = None):
+        """``leave_at``: the iteration at which this agent leaves (``runtime.departures``)."""
+        super().__init__(agent, transport)
+        self.run_dir, self.leave_at = run_dir, leave_at
+        self.is_root = False  # no agent writes network records: rank 0 is not special
+
+    def step(self) -> list[Tensor]:
+        if self.leave_at is not None and self.iteration + 1 == self.leave_at:
+            # As a crash would: no goodbye, the sockets close with the process. Status 0, so that a single
+            # torchrun node does not stop the others (it stops them all when a worker fails).
+            log.warning("leaving the network before iteration %d (runtime.departures)", self.leave_at)
+            logging.shutdown()
+            os._exit(0)
+        return super().step()
+
+    def snapshot(self) -> None:
+        path = snapshot_path(self.run_dir, self.agent.rank, self.iteration)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors_atomic(path, {n: t.detach().cpu() for n, t in self.agent.named_params().items()})
+
+    # An agent decides alone: a NaN is its own, and it leaves the network like any departed agent.
+    def union(self, ids: list[int]) -> list[int]:
+        return sorted(ids)
+
+    def gather(self, items: list[dict[str, Any]]) -> Optional[list[dict[str, Any]]]:
+        return None
+
+    def all_states(self) -> Tensor:
+        raise AssertionError("continue mode computes no network figures during the run")
+
+    def shared_curves(self, *args, **kwargs):
+        raise AssertionError("continue mode computes no network figures during the run")

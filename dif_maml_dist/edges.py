@@ -1,0 +1,237 @@
+"""A transport that survives its peers: one two-rank gloo process group per graph edge
+(``runtime.on_peer_failure=continue``).
+
+Why per edge. A default process group spans every agent, and no process can join it once it has formed; its
+collectives need everyone. Here each edge ``(u, v)`` gets its own ``ProcessGroupGloo`` of two ranks, rendezvoused
+through the job's store under ``edges/<u>-<v>/<tag>``, so an agent's exchanges depend on its live neighbours only:
+a dead neighbour's group fails on its own (a closed socket at once, a hung peer after ``timeout_s``) while the
+other edges go on, and a new process can form a new group with a neighbour under a new tag. No collective over
+all agents exists on this transport.
+
+Cost: one gloo context (a socket pair and its threads) per edge end, i.e. ``degree`` per agent instead of one
+full mesh of ``K - 1`` pairs; start-up forms the edges one after the other in the global edge order (ascending
+``(u, v)``), which cannot deadlock since every agent waits for its edges in that same order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .liveness import ProgressBoard, first_line
+from .transport import Transport, nbytes
+
+_PAYLOAD_TAG, _HEADER_TAG = 0, 1
+
+
+def _reason(err: BaseException) -> str:
+    # gloo appends advice (and an emoji) to its socket errors: the first sentence is the fact.
+    return first_line(err).split(" This is typically", 1)[0]
+
+
+def edge_key(a: int, b: int, tag: str) -> str:
+    lo, hi = sorted((a, b))
+    return f"edges/{lo}-{hi}/{tag}"
+
+
+class EdgeTransport(Transport):
+    """Agent ``rank``'s side of one gloo group per neighbour in ``peers`` (see the module doc)."""
+
+    def __init__(self, store: Any, rank: int, world_size: int, peers: Iterable[int], timeout_s: float,
+                 connect_timeout_s: float, board: ProgressBoard | None = None,
+                 clock: Callable[[], float] = time.monotonic, poll_s: float = 1.0):
+        """Agent ``rank``'s edges to ``peers``, all formed here at the first start; at a restart (the store counts
+        this agent's starts: ``incarnation``) none until :meth:`rejoin`."""
+        super().__init__()
+        self.store, self.rank, self.world_size = store, rank, world_size
+        self.timeout_s, self.board, self.clock, self.poll_s = timeout_s, board, clock, poll_s
+        self.connect_timeout_s = connect_timeout_s
+        self.peers = sorted(peers)  #: the base graph's neighbours
+        self.round = 0  #: training rounds entered (published on the board, as the default transport does)
+        self.current_round: Optional[int] = None  #: the combination round this agent is in (set by its combiner)
+        self.groups: dict[int, Any] = {}
+        self._abandoned: list[Any] = []  # failed groups: kept alive, their gloo threads may still hold a pending op
+        self._forming: dict[int, tuple[threading.Thread, dict]] = {}
+        self._answered: dict[int, int] = {}  #: peer -> the join sequence number this agent answered
+        self._last_poll = float("-inf")
+        self._adopt = threading.Lock()
+        self._adopted = False  #: a restarted agent has taken its first welcome
+        #: how many times this agent has started before (0: the first start); kept by the store across restarts
+        self.incarnation = int(store.add(f"starts/{rank}", 1)) - 1
+        #: position of this start among the job's restarts (0: a first start). An edge between two agents that
+        #: both came back is formed by the later one's request and answered by the earlier one
+        self.join_seq = 0 if self.incarnation == 0 else int(store.add("join_seq", 1))
+        if self.incarnation == 0:
+            for p in self.peers:  # the global edge order (module doc)
+                self.groups[p] = self._connect(p, "start", connect_timeout_s)
+
+    @property
+    def joining(self) -> bool:
+        return self.incarnation > 0
+
+    def _connect(self, peer: int, tag: str, timeout_s: float) -> Any:
+        store = dist.PrefixStore(edge_key(self.rank, peer, tag), self.store)
+        return dist.ProcessGroupGloo(store, 0 if self.rank < peer else 1, 2, timedelta(seconds=timeout_s))
+
+    def _other(self, peer: int) -> int:
+        return 1 if self.rank < peer else 0
+
+    def drop(self, peer: int) -> None:
+        """Stop talking to ``peer`` (its group is abandoned, not destroyed)."""
+        group = self.groups.pop(peer, None)
+        if group is not None:
+            self._abandoned.append(group)
+
+    # -- coming back -------------------------------------------------------------------------------------
+    # A restarted agent publishes ``join/<rank>`` and constructs an edge group with each neighbour, in threads;
+    # a live neighbour that reads the request (``poll_joins``) constructs its end in a thread too. Once formed, the
+    # live end sends a *welcome* (its round, membership vector and parameters) and waits for the reply: the
+    # round ``R`` from which both exchange on the edge. The returning end answers from its thread at once, so
+    # the live end never waits for the other's training loop (that could wait for the live end in turn):
+    # ``R`` is the welcome's round + 1 for its first welcome (it takes that round as its own) and otherwise at
+    # least two rounds past its own, which its loop has not reached, since it looks for formed edges every round.
+
+    @staticmethod
+    def _join_tag(agent: int, seq: int) -> str:
+        return f"join{seq}-agent{agent}"
+
+    def rejoin(self, header_like: Tensor, params_like: Tensor) -> None:
+        """A restarted agent asks its neighbours to take it back (messages shaped like the arguments)."""
+        assert self.joining
+        self.store.set(f"join/{self.rank}", f"{self.join_seq} {self.incarnation}")
+        for p in self.peers:
+            self._form(p, self._join_tag(self.rank, self.join_seq), returning=(header_like, params_like))
+
+    def _form(self, peer: int, tag: str, returning: Optional[tuple[Tensor, Tensor]] = None,
+              incarnation: Optional[int] = None) -> None:
+        box: dict = {"incarnation": incarnation}
+
+        def connect() -> None:
+            try:
+                group = self._connect(peer, tag, self.connect_timeout_s)
+                if returning is not None:
+                    box.update(self._answer_welcome(group, peer, *returning))
+                box["group"] = group
+            except Exception as err:  # the neighbour never came (dead too, or finished): no edge
+                box["error"] = first_line(err)
+        thread = threading.Thread(target=connect, name=f"dif_maml_dist-edge-{self.rank}-{peer}", daemon=True)
+        thread.start()
+        self._forming[peer] = (thread, box)
+
+    def _answer_welcome(self, group: Any, peer: int, header_like: Tensor, params_like: Tensor) -> dict:
+        other, wait = self._other(peer), timedelta(seconds=self.connect_timeout_s)
+        header, params = torch.empty_like(header_like), torch.empty_like(params_like, device="cpu")
+        group.recv([header], other, _HEADER_TAG).wait(wait)
+        group.recv([params], other, _PAYLOAD_TAG).wait(wait)
+        theirs = int(header[0])
+        with self._adopt:
+            first = not self._adopted
+            self._adopted = True
+            start = theirs + 1 if first else max(theirs + 1, (self.current_round or 0) + 2)
+        group.send([torch.tensor([start], dtype=torch.int64)], other, _HEADER_TAG).wait(wait)
+        return {"start": start, "header": header, "params": params if first else None}
+
+    def poll_joins(self, disconnected: Iterable[int]) -> None:
+        """Answer the requests of neighbours in ``disconnected`` that came back (at most every ``poll_s``)."""
+        now = self.clock()
+        if now - self._last_poll < self.poll_s:
+            return
+        self._last_poll = now
+        for p in disconnected:
+            if p in self.groups or p in self._forming or not self.store.check([f"join/{p}"]):
+                continue
+            seq, inc = (int(x) for x in self.store.get(f"join/{p}").decode().split())
+            if seq > self.join_seq and self._answered.get(p) != seq:
+                self._answered[p] = seq
+                self._form(p, self._join_tag(p, seq), incarnation=inc)
+
+    def formed(self) -> list[tuple[int, dict]]:
+        """Edges formed since the last call (now in ``groups``), with what forming them found: ``incarnation``
+        (this agent welcomes the peer back: call :meth:`welcome`) or ``start``, ``header``, ``params`` (this
+        agent came back and the peer welcomed it)."""
+        done = []
+        for p, (thread, box) in list(self._forming.items()):
+            if thread.is_alive():
+                continue
+            del self._forming[p]
+            if "group" in box:
+                self.groups[p] = box.pop("group")
+                done.append((p, box))
+        return done
+
+    def wait_formed(self, deadline_s: float) -> list[tuple[int, dict]]:
+        """Block until at least one edge has formed (a restarted agent's first welcome), or the deadline."""
+        end = self.clock() + deadline_s
+        done: list[tuple[int, dict]] = []
+        while self.clock() < end and not done and self._forming:
+            time.sleep(0.01)
+            done = self.formed()
+        return done
+
+    def welcome(self, peer: int, header: Tensor, params: Tensor) -> int:
+        """Send a returning ``peer`` this agent's round, view and ``params``; the round from which both exchange."""
+        group, other, wait = self.groups[peer], self._other(peer), timedelta(seconds=self.timeout_s)
+        group.send([header.detach().cpu().contiguous()], other, _HEADER_TAG).wait(wait)
+        group.send([params.detach().cpu().contiguous()], other, _PAYLOAD_TAG).wait(wait)
+        start = torch.zeros(1, dtype=torch.int64)
+        group.recv([start], other, _HEADER_TAG).wait(wait)
+        return int(start[0])
+
+    def exchange_tolerant(self, messages: Mapping[int, Tensor], header: Tensor
+                          ) -> tuple[dict[int, Tensor], dict[int, Tensor], dict[int, str]]:
+        self.round += 1
+        if self.board is not None:
+            self.board.advance(self.round)
+        header = header.detach().cpu().contiguous()
+        posted, failed = {}, {}
+        for p, message in messages.items():
+            group = self.groups.get(p)
+            if group is None:
+                failed[p] = "no connection to it"
+                continue
+            payload = message.detach().cpu().contiguous()
+            bufs = (torch.empty_like(header), torch.empty_like(payload))
+            other = self._other(p)
+            try:
+                # All of a round's operations are posted before any wait, so no agent blocks on a send while
+                # its peer blocks on another: the order of posting cannot deadlock.
+                works = [group.send([header], other, _HEADER_TAG), group.send([payload], other, _PAYLOAD_TAG),
+                         group.recv([bufs[0]], other, _HEADER_TAG), group.recv([bufs[1]], other, _PAYLOAD_TAG)]
+            except RuntimeError as err:
+                failed[p] = _reason(err)
+                continue
+            posted[p] = (works, bufs, payload)
+            self.bytes_sent += nbytes(header) + nbytes(payload)
+        # One deadline for the round: several hung peers cost one timeout together, not one each.
+        deadline = self.clock() + self.timeout_s
+        received, headers = {}, {}
+        for p, (works, bufs, _) in posted.items():
+            try:
+                for w in works:
+                    w.wait(timedelta(seconds=max(deadline - self.clock(), 0.001)))
+            except RuntimeError as err:
+                failed[p] = _reason(err)
+                continue
+            headers[p], received[p] = bufs[0], bufs[1].to(messages[p].device)
+        for p in failed:
+            self.drop(p)
+        return received, headers, failed
+
+    # The collectives of the default transport do not exist here: nothing in continue mode may need every agent.
+    def exchange(self, messages: Mapping[int, Tensor]) -> dict[int, Tensor]:
+        raise NotImplementedError("EdgeTransport exchanges with exchange_tolerant")
+
+    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
+        raise NotImplementedError("no all-reduce with runtime.on_peer_failure=continue")
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        raise NotImplementedError("no gather over all agents with runtime.on_peer_failure=continue")
+
+    def barrier(self) -> None:
+        raise NotImplementedError("no barrier over all agents with runtime.on_peer_failure=continue")
