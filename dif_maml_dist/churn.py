@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -81,16 +82,27 @@ class TolerantCombiner:
             self.membership.absorb(r, (r + 1) * self.every, {}, {p: box["header"][_STATES:].tolist()})
             self.start[p] = box["start"]
 
+    def _dropped(self, by: int) -> None:
+        raise PeerError(f"agent {self.agent} was dropped by the network (agent {by} reports it departed after it did "
+                        f"not answer within runtime.timeout_s); restart it to rejoin", by)
+
     def _admit(self, phi: Tensor, r: int, iteration: int) -> None:
         """At a round boundary: answer neighbours that came back; take in the edges that formed."""
         t = self.transport
         t.current_round = r
-        t.poll_joins([p for p in t.peers if p not in t.groups])
+        dropped_by = t.poll_joins([p for p in t.peers if p not in t.groups])
+        if dropped_by is not None:
+            self._dropped(dropped_by)
         formed = t.formed()
         self._greet([(p, box) for p, box in formed if box["incarnation"] is None])
         for p, box in formed:
             if box["incarnation"] is not None:  # this agent gives p its state; both exchange from the agreed round
-                self.start[p] = t.welcome(p, self._header(r, 0), phi)
+                try:
+                    self.start[p] = t.welcome(p, self._header(r, 0), phi)
+                except RuntimeError as err:  # it died again while coming back: stays departed
+                    log.warning("agent %d did not take its welcome (%s)", p, str(err).splitlines()[0][:200])
+                    t.drop(p)
+                    continue
                 self.membership.welcome(p, box["incarnation"], r, iteration)
 
     def __call__(self, phi: Tensor, iteration: int) -> Tensor:
@@ -103,17 +115,22 @@ class TolerantCombiner:
         peers = [p for p in self.schedule.plan(r, self.agent).neighbors
                  if members.is_live(p) and p in groups and self.start.get(p, 0) <= r]
         degree = len(peers) + 1
+        t0 = time.perf_counter()
         received, headers, failed = self.transport.exchange_tolerant({p: phi for p in peers},
                                                                      self._header(r, degree))
+        waited = time.perf_counter() - t0
         for p, h in list(headers.items()):
             if int(h[_ROUND]) != r:  # out of step (it missed rounds while hung): not this round's state
                 failed[p] = f"its message was for round {int(h[_ROUND])}, this agent is at round {r}"
                 del received[p], headers[p]
                 self.transport.drop(p)
-        dropped_by = members.absorb(r, iteration, failed, {p: h[_STATES:].tolist() for p, h in headers.items()})
+        for p in failed:
+            if members.is_live(p):
+                self.transport.report_departed(p, members.states[p] // 2)
+        dropped_by = members.absorb(r, iteration, failed, {p: h[_STATES:].tolist() for p, h in headers.items()},
+                                    waited)
         if dropped_by is not None:
-            raise PeerError(f"agent {self.agent} was dropped by the network (agent {dropped_by} reports it departed "
-                            f"after it did not answer within runtime.timeout_s); restart it to rejoin", dropped_by)
+            self._dropped(dropped_by)
         plan = churn_plan(self.agent, degree, {p: int(h[_DEGREE]) for p, h in headers.items()})
         return combine(plan, phi, received)
 

@@ -15,6 +15,7 @@ full mesh of ``K - 1`` pairs; start-up forms the edges one after the other in th
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from datetime import timedelta
@@ -24,10 +25,55 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .liveness import ProgressBoard, first_line
+from .liveness import PeerWatch, ProgressBoard, first_line
 from .transport import Transport, nbytes
 
 _PAYLOAD_TAG, _HEADER_TAG = 0, 1
+
+
+
+class _Done:
+    """One round's operations on one edge, waited for by the edge's waiter thread."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: Optional[str] = None
+
+
+class _EdgeWaiter:
+    """A thread that waits on an edge's operations, so that the agent can stop waiting whenever it decides.
+
+    gloo cannot be waited on a little at a time: a ``wait(timeout)`` that expires closes the connection, and
+    its works complete only inside ``wait``. So the blocking wait (with the group's own long timeout) happens
+    here, and the agent watches an event, deciding from the heartbeats when to give up (``PeerWatch``)."""
+
+    def __init__(self, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, works: list, keep: Any) -> _Done:
+        done = _Done()
+        self._queue.put((works, keep, done))
+        return done
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            works, _keep, done = item  # _keep: the round's tensors stay alive until its works are done
+            try:
+                for w in works:
+                    w.wait()
+            except Exception as err:
+                done.error = _reason(err)
+            done.event.set()
+            if done.error is not None:
+                return  # the edge is broken: the agent drops it
 
 
 def _reason(err: BaseException) -> str:
@@ -45,11 +91,17 @@ class EdgeTransport(Transport):
 
     def __init__(self, store: Any, rank: int, world_size: int, peers: Iterable[int], timeout_s: float,
                  connect_timeout_s: float, board: ProgressBoard | None = None,
-                 clock: Callable[[], float] = time.monotonic, poll_s: float = 1.0):
+                 clock: Callable[[], float] = time.monotonic, poll_s: float = 1.0,
+                 connect_store: Optional[Callable[[], Any]] = None):
         """Agent ``rank``'s edges to ``peers``, all formed here at the first start; at a restart (the store counts
-        this agent's starts: ``incarnation``) none until :meth:`rejoin`."""
+        this agent's starts: ``incarnation``) none until :meth:`rejoin`. ``connect_store``: a new connection to
+        the same store, for each edge formed in a thread (default: ``store`` itself)."""
         super().__init__()
         self.store, self.rank, self.world_size = store, rank, world_size
+        # One store client serves one blocking wait at a time: an edge forming in a thread waits in the store for
+        # its neighbour, and would hold up everything else this process asks the store meanwhile (the other
+        # edges forming, the join polls of the training loop). Each thread gets its own connection.
+        self.connect_store = connect_store or (lambda: store)
         self.timeout_s, self.board, self.clock, self.poll_s = timeout_s, board, clock, poll_s
         self.connect_timeout_s = connect_timeout_s
         self.peers = sorted(peers)  #: the base graph's neighbours
@@ -60,6 +112,10 @@ class EdgeTransport(Transport):
         self._forming: dict[int, tuple[threading.Thread, dict]] = {}
         self._answered: dict[int, int] = {}  #: peer -> the join sequence number this agent answered
         self._last_poll = float("-inf")
+        self._waiters: dict[int, _EdgeWaiter] = {}
+        self.watch = PeerWatch(board, timeout_s, clock)
+        #: how long a round waits before it looks at the heartbeats (they only matter past timeout_s)
+        self.watch_from_s = min(1.0, timeout_s / 4)
         self._adopt = threading.Lock()
         self._adopted = False  #: a restarted agent has taken its first welcome
         #: how many times this agent has started before (0: the first start); kept by the store across restarts
@@ -75,18 +131,22 @@ class EdgeTransport(Transport):
     def joining(self) -> bool:
         return self.incarnation > 0
 
-    def _connect(self, peer: int, tag: str, timeout_s: float) -> Any:
-        store = dist.PrefixStore(edge_key(self.rank, peer, tag), self.store)
+    def _connect(self, peer: int, tag: str, timeout_s: float, store: Any = None) -> Any:
+        store = dist.PrefixStore(edge_key(self.rank, peer, tag), store if store is not None else self.store)
         return dist.ProcessGroupGloo(store, 0 if self.rank < peer else 1, 2, timedelta(seconds=timeout_s))
 
     def _other(self, peer: int) -> int:
         return 1 if self.rank < peer else 0
 
     def drop(self, peer: int) -> None:
-        """Stop talking to ``peer`` (its group is abandoned, not destroyed)."""
+        """Stop talking to ``peer`` (its group is abandoned, not destroyed; its waiter may still be blocked in
+        the last operation, until that fails or completes)."""
         group = self.groups.pop(peer, None)
         if group is not None:
             self._abandoned.append(group)
+        waiter = self._waiters.pop(peer, None)
+        if waiter is not None:
+            waiter.close()
 
     # -- coming back -------------------------------------------------------------------------------------
     # A restarted agent publishes ``join/<rank>`` and constructs an edge group with each neighbour, in threads;
@@ -114,7 +174,7 @@ class EdgeTransport(Transport):
 
         def connect() -> None:
             try:
-                group = self._connect(peer, tag, self.connect_timeout_s)
+                group = self._connect(peer, tag, self.connect_timeout_s, self.connect_store())
                 if returning is not None:
                     box.update(self._answer_welcome(group, peer, *returning))
                 box["group"] = group
@@ -137,19 +197,35 @@ class EdgeTransport(Transport):
         group.send([torch.tensor([start], dtype=torch.int64)], other, _HEADER_TAG).wait(wait)
         return {"start": start, "header": header, "params": params if first else None}
 
-    def poll_joins(self, disconnected: Iterable[int]) -> None:
-        """Answer the requests of neighbours in ``disconnected`` that came back (at most every ``poll_s``)."""
+    def report_departed(self, peer: int, incarnation: int) -> None:
+        """Record in the store that this agent dropped ``peer`` (so that the peer, if it was only stopped, learns
+        it when it resumes: :meth:`poll_joins`)."""
+        try:
+            self.store.set(f"departed/{peer}/{incarnation}", str(self.rank))
+        except Exception:  # the store is gone: the peer learns it from the messages that no longer come
+            pass
+
+    def poll_joins(self, disconnected: Iterable[int]) -> Optional[int]:
+        """Answer the requests of neighbours in ``disconnected`` that came back (at most every ``poll_s``).
+        Returns the agent that dropped this one, if one did (it was stopped or cut off for too long)."""
         now = self.clock()
         if now - self._last_poll < self.poll_s:
-            return
+            return None
         self._last_poll = now
-        for p in disconnected:
-            if p in self.groups or p in self._forming or not self.store.check([f"join/{p}"]):
-                continue
-            seq, inc = (int(x) for x in self.store.get(f"join/{p}").decode().split())
-            if seq > self.join_seq and self._answered.get(p) != seq:
-                self._answered[p] = seq
-                self._form(p, self._join_tag(p, seq), incarnation=inc)
+        try:
+            mine = f"departed/{self.rank}/{self.incarnation}"
+            if self.store.check([mine]):
+                return int(self.store.get(mine))
+            for p in disconnected:
+                if p in self.groups or p in self._forming or not self.store.check([f"join/{p}"]):
+                    continue
+                seq, inc = (int(x) for x in self.store.get(f"join/{p}").decode().split())
+                if seq > self.join_seq and self._answered.get(p) != seq:
+                    self._answered[p] = seq
+                    self._form(p, self._join_tag(p, seq), incarnation=inc)
+        except Exception:  # the store's host is gone: the edges that exist go on, nobody can come back
+            pass
+        return None
 
     def formed(self) -> list[tuple[int, dict]]:
         """Edges formed since the last call (now in ``groups``), with what forming them found: ``incarnation``
@@ -185,6 +261,9 @@ class EdgeTransport(Transport):
 
     def exchange_tolerant(self, messages: Mapping[int, Tensor], header: Tensor
                           ) -> tuple[dict[int, Tensor], dict[int, Tensor], dict[int, str]]:
+        """Send each peer its message and ``header``, receive theirs; a peer whose edge fails (a closed socket)
+        or that the :class:`~dif_maml_dist.liveness.PeerWatch` gives up on is reported in the third dict
+        (peer -> why) and dropped, not raised."""
         self.round += 1
         if self.board is not None:
             self.board.advance(self.round)
@@ -206,22 +285,40 @@ class EdgeTransport(Transport):
             except RuntimeError as err:
                 failed[p] = _reason(err)
                 continue
-            posted[p] = (works, bufs, payload)
+            posted[p] = (self._waiter(p).submit(works, (header, payload, bufs)), bufs)
             self.bytes_sent += nbytes(header) + nbytes(payload)
-        # One deadline for the round: several hung peers cost one timeout together, not one each.
-        deadline = self.clock() + self.timeout_s
         received, headers = {}, {}
-        for p, (works, bufs, _) in posted.items():
-            try:
-                for w in works:
-                    w.wait(timedelta(seconds=max(deadline - self.clock(), 0.001)))
-            except RuntimeError as err:
-                failed[p] = _reason(err)
-                continue
-            headers[p], received[p] = bufs[0], bufs[1].to(messages[p].device)
+        start, checked = self.clock(), float("-inf")
+        pending = dict(posted)
+        while pending:
+            for p, (done, bufs) in list(pending.items()):
+                if done.event.is_set():
+                    del pending[p]
+                    if done.error is not None:
+                        failed[p] = done.error
+                    else:
+                        headers[p], received[p] = bufs[0], bufs[1].to(messages[p].device)
+            if not pending:
+                break
+            waited = self.clock() - start
+            if waited >= self.watch_from_s and self.clock() - checked >= self.poll_s / 5:
+                checked = self.clock()
+                self.watch.observe()
+                for p in list(pending):
+                    why = self.watch.verdict(p, waited)
+                    if why is not None:
+                        failed[p] = why
+                        del pending[p]
+            if pending:
+                next(iter(pending.values()))[0].event.wait(0.05 if waited >= self.watch_from_s else 0.01)
         for p in failed:
             self.drop(p)
         return received, headers, failed
+
+    def _waiter(self, peer: int) -> "_EdgeWaiter":
+        if peer not in self._waiters:
+            self._waiters[peer] = _EdgeWaiter(f"dif_maml_dist-wait-{self.rank}-{peer}")
+        return self._waiters[peer]
 
     # The collectives of the default transport do not exist here: nothing in continue mode may need every agent.
     def exchange(self, messages: Mapping[int, Tensor]) -> dict[int, Tensor]:

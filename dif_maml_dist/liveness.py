@@ -68,9 +68,14 @@ class StoreProgressBoard:
     before the first barrier, so every agent's key exists when anyone reads it.
     """
 
-    def __init__(self, store: Any, rank: int, world_size: int, interval_s: float = 1.0):
+    def __init__(self, store: Any, rank: int, world_size: int, interval_s: float = 1.0, heartbeat: bool = False):
+        """``heartbeat``: also write at every interval when the round has not changed, with a beat count, so
+        that readers can tell a process that waits (it beats) from one that is stopped or gone (it does not);
+        see :class:`PeerWatch`."""
         self.store, self.rank, self.world_size, self.interval_s = store, rank, world_size, interval_s
+        self.heartbeat = heartbeat
         self._round = 0
+        self._beat = 0
         self._published: Optional[int] = None
         self._publish()
         self._stop = threading.Event()
@@ -82,27 +87,80 @@ class StoreProgressBoard:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            if self._round != self._published:
+            if self.heartbeat or self._round != self._published:
                 self._publish()
 
     def _publish(self) -> None:
         r = self._round
+        self._beat += 1
         try:
-            self.store.set(str(self.rank), str(r))
+            self.store.set(str(self.rank), f"{r} {self._beat}" if self.heartbeat else str(r))
             self._published = r
         except Exception:  # the store is gone (its host died): a report at a timeout says the channel is silent
             pass
 
-    def positions(self) -> dict[int, int]:
+    def heartbeats(self) -> dict[int, tuple[int, int]]:
+        """``(round, beat)`` of every agent (beat 0 where it publishes no heartbeat); empty when the channel is
+        gone."""
         keys = [str(k) for k in range(self.world_size)]
         try:
-            return {k: int(v) for k, v in zip(range(self.world_size), self.store.multi_get(keys))}
+            values = self.store.multi_get(keys)
         except Exception:
             return {}
+        out = {}
+        for k, v in zip(range(self.world_size), values):
+            parts = v.decode().split() if isinstance(v, bytes) else str(v).split()
+            out[k] = (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0)
+        return out
+
+    def positions(self) -> dict[int, int]:
+        return {k: r for k, (r, _) in self.heartbeats().items()}
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=self.interval_s + 1.0)
+
+
+class PeerWatch:
+    """When to stop waiting for a neighbour's message, from the heartbeat board (continue mode).
+
+    A plain timeout cannot tell a neighbour that is hung from one that waits for a hung agent further on: the
+    waits of a whole chain expire together and the network falls apart. So an agent keeps waiting past
+    ``timeout_s`` for a neighbour that still beats and whose round moved within ``2 x timeout_s`` (it is waiting
+    for someone itself, and its own wait ends within ``timeout_s``), and gives up on one that has not beaten for
+    ``timeout_s`` (stopped, dead, or cut off) or whose round has not moved for ``2 x timeout_s`` while it beats
+    (alive but stuck). Without a board (or with a silent one) the plain timeout decides."""
+
+    def __init__(self, board: Optional[Any], timeout_s: float, clock: Callable[[], float] = time.monotonic):
+        self.board, self.timeout_s, self.clock = board, timeout_s, clock
+        self._seen: dict[int, tuple[tuple[int, int], float, float]] = {}  #: peer -> (round, beat), beat at, moved at
+
+    def observe(self) -> None:
+        beats = self.board.heartbeats() if self.board is not None and hasattr(self.board, "heartbeats") else {}
+        now = self.clock()
+        for p, (round, beat) in beats.items():
+            old = self._seen.get(p)
+            if old is None:
+                self._seen[p] = ((round, beat), now, now)
+            else:
+                (old_round, old_beat), beat_at, moved_at = old
+                self._seen[p] = ((round, beat), now if beat != old_beat else beat_at,
+                                 now if round != old_round else moved_at)
+
+    def verdict(self, peer: int, waited_s: float) -> Optional[str]:
+        """Why to give up on ``peer`` after waiting ``waited_s`` for its message, or None to keep waiting."""
+        if waited_s < self.timeout_s:
+            return None
+        seen = self._seen.get(peer)
+        if seen is None:
+            return f"no message within {self.timeout_s:g} s (and no heartbeat to tell whether it lives)"
+        now = self.clock()
+        (round, _), beat_at, moved_at = seen
+        if now - beat_at >= self.timeout_s:
+            return f"no message and no heartbeat for {now - beat_at:.0f} s (stopped, dead or cut off; at round {round})"
+        if now - moved_at >= 2 * self.timeout_s:
+            return f"alive but stuck at round {round} for {now - moved_at:.0f} s"
+        return None
 
 
 def stall_report(rank: int, round: int, peers: Sequence[int], positions: Mapping[int, int]) -> tuple[list[int], str]:

@@ -83,10 +83,12 @@ class Departure:
     iteration: int  #: the training iteration that round completes
     how: str  #: "no message" (a neighbour that did not answer) or "told by agent l" (learned from a message)
     reason: str = ""  #: the transport's words, for a neighbour that did not answer
+    waited_s: Optional[float] = None  #: how long the round that found a silent neighbour took (its exchange)
 
     def record(self) -> dict:
         return {"agent": self.agent, "round": self.round, "iteration": self.iteration, "how": self.how,
-                **({"reason": self.reason} if self.reason else {})}
+                **({"reason": self.reason} if self.reason else {}),
+                **({"waited_s": self.waited_s} if self.waited_s is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -131,18 +133,15 @@ class Membership:
     def vector(self) -> list[int]:
         return list(self.states)
 
-    def _depart(self, peer: int, round: int, iteration: int, how: str, reason: str = "") -> None:
-        self.states[peer] |= 1
-        self.departures.append(Departure(peer, round, iteration, how, reason))
-
     def absorb(self, round: int, iteration: int, failed: Mapping[int, str],
-               heard: Mapping[int, Sequence[int]]) -> Optional[int]:
-        """After round ``round``: the neighbours in ``failed`` (peer -> why) departed; merge the state vectors
-        ``heard`` from the others. Returns the neighbour that reports this agent itself departed (it was dropped
-        after not answering in time), or None."""
+               heard: Mapping[int, Sequence[int]], waited_s: Optional[float] = None) -> Optional[int]:
+        """After round ``round`` (whose exchange took ``waited_s``): the neighbours in ``failed`` (peer -> why)
+        departed; merge the state vectors ``heard`` from the others. Returns the neighbour that reports this agent
+        itself departed (it was dropped after not answering in time), or None."""
         for p in sorted(failed):
             if self.is_live(p):
-                self._depart(p, round, iteration, "no message", failed[p])
+                self.states[p] |= 1
+                self.departures.append(Departure(p, round, iteration, "no message", failed[p], waited_s))
         dropped_by = None
         for sender in sorted(heard):
             vector = heard[sender]

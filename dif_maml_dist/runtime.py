@@ -208,13 +208,19 @@ def edge_network(cfg: RuntimeConfig, env: ProcessEnv, peers: Sequence[int],
     store, rank, world_size = next(dist.rendezvous("env://", timeout=init_timeout))
     # One namespace for the whole run, restarts included: a restarted agent must find the running network's keys
     # (its own count of starts, the edges it re-forms), unlike a torchrun restart of everyone (``distributed``).
-    store = dist.PrefixStore("dif_maml_dist/continue", store)
-    board = StoreProgressBoard(dist.PrefixStore("progress", store), rank, world_size,
-                               interval_s=min(1.0, cfg.timeout_s / 5))
+    namespace = "dif_maml_dist/continue"
+
+    def connect_store():  # a connection of its own (a TCPStore client serves one blocking wait at a time)
+        return dist.PrefixStore(namespace, dist.TCPStore(store.host, store.port, is_master=False, timeout=init_timeout,
+                                                         wait_for_workers=False))
+    # The heartbeat on its own connection too: it must beat while this process waits in the store.
+    board = StoreProgressBoard(dist.PrefixStore("progress", connect_store()), rank, world_size,
+                               interval_s=min(1.0, cfg.timeout_s / 5), heartbeat=True)
     try:
         # Forming an edge waits for the neighbour (within init_timeout_s): every agent has started once its
         # edges are up, which is all the start-up barrier anyone needs here.
-        yield EdgeTransport(store, rank, world_size, peers, cfg.timeout_s, cfg.init_timeout_s, board)
+        yield EdgeTransport(dist.PrefixStore(namespace, store), rank, world_size, peers, cfg.timeout_s,
+                            cfg.init_timeout_s, board, connect_store=connect_store)
     finally:
         board.close()
 

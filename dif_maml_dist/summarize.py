@@ -88,7 +88,11 @@ def accounting(run_dir: Path, num_agents: int) -> dict[str, Any]:
             if m not in finals and (m not in departed or d["round"] < departed[m]["round"]):
                 departed[m] = {**d, "noticed_by": k}
     missing = [k for k in range(num_agents) if k not in finals and k not in departed]
-    return {"finals": finals, "departed": departed, "missing": missing}
+    returns = {}  # restarted agents taken back: how each came back, from its own final record
+    for k, rec in sorted(finals.items()):
+        if rec.get("came_back"):
+            returns[k] = {"agent": k, **rec["came_back"]}
+    return {"finals": finals, "departed": departed, "missing": missing, "returns": returns}
 
 
 def _stack(paths: Sequence[Path], layout) -> torch.Tensor:
@@ -146,13 +150,14 @@ def write(ctx, by: str) -> dict:
             f = final_figures(figures(learner.curves(c, alpha, steps, 0, learner.num_tests(True))),
                               m.eval_inner_steps, m.final_adapt_steps, "", "")
             per_component.append({"agents": part, "disagreement": d, **f})
-    agents = [{key: v for key, v in finals[k].items() if key not in ("departures", "departed", "component")}
-              for k in survivors]
+    agents = [{key: v for key, v in finals[k].items()
+               if key not in ("departures", "returns", "departed", "component", "came_back")} for k in survivors]
     network = {"agents": agents, "centroid": centroid, "disagreement": disagreement, **centroid_figures,
                "final_eval_seconds": time.perf_counter() - t0}
     wall = max(f.get("wall_seconds", 0.0) for f in finals.values())
     extra = {"on_peer_failure": "continue", "survivors": survivors,
              "departed": [departed[k] for k in sorted(departed)], "missing": books["missing"],
+             "returned": [books["returns"][k] for k in sorted(books["returns"])],
              "components": parts, "split": len(parts) > 1,
              **({"component_figures": per_component} if per_component else {}), "summarized_by": by}
     return write_summary(ctx, RunResult(agents, network, wall, records), layout.unflatten, extra)

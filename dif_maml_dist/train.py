@@ -38,6 +38,7 @@ EXIT_FAILED = 3  #: the run started and failed: divergence, a peer that did not 
 EXIT_INTERRUPTED = 130  #: stopped by Ctrl-C (SIGINT), as shells report it
 
 log = logging.getLogger("dif_maml_dist")
+_STARTED = time.time()  #: when this process began (near enough: this module is imported first)
 
 ConfigStore.instance().store(name="schema", node=Config)
 
@@ -248,12 +249,16 @@ def execute_continuing(ctx: RunContext) -> Optional[dict]:
         log.info("continue mode: edges to %s, %d parameters, meta-gradient path %s", peers, agent.layout.numel,
                  agent.meta_grad_path)
         restored = start = None
+        came_back = {}
         if transport.joining:  # a restart: back into the running network, nobody else rolls back
+            asked = time.time()
             restored = checkpoint.restore_own(cohort, run_dir, rank, ctx.fingerprint())
             start = agent.combiner.come_back(agent.state.params) if peers else restored or 0
             agent.state.iteration = start
-            log.warning("restart %d: own checkpoint of iteration %s restored, back in the network at iteration %d",
-                        transport.incarnation, restored, start)
+            came_back = {"incarnation": transport.incarnation, "restored_checkpoint": restored, "iteration": start,
+                         "started_at": _STARTED, "asked_at": asked, "back_at": time.time()}
+            log.warning("restart %d: own checkpoint of iteration %s restored, back in the network at iteration %d "
+                        "after %.1f s", transport.incarnation, restored, start, came_back["back_at"] - asked)
         saver = None
         if cfg.train.checkpoint_every > 0:
             saver = checkpoint.AgentCheckpoints(run_dir, rank, cohort.state_dict, ctx.fingerprint(),
@@ -268,7 +273,7 @@ def execute_continuing(ctx: RunContext) -> Optional[dict]:
         for d in view["departures"]:
             log.info("agent %d left: learned in round %d (iteration %d), %s", d["agent"], d["round"], d["iteration"],
                      d["how"])
-        return summarize.finish_agent(ctx, result.agents[0], view, result.wall_seconds)
+        return summarize.finish_agent(ctx, result.agents[0], {**view, "came_back": came_back}, result.wall_seconds)
 
 
 def simulate(ctx: RunContext) -> dict:

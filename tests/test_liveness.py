@@ -163,3 +163,41 @@ def test_store_board_publishes_at_a_low_rate_and_every_agent_reads_every_positio
         for b in boards:
             b.close()
     assert not any(b._thread.is_alive() for b in boards)
+
+
+def test_peer_watch_waits_for_a_neighbour_that_waits_and_gives_up_on_one_that_stopped():
+    """The continue mode's decision to stop waiting for a neighbour's message (fake clock, fake board): before
+    timeout_s nobody is given up; after it, a neighbour that still beats and whose round moved recently is waited
+    for (it waits for a hung agent itself), one whose heartbeat stopped is given up after timeout_s without a beat,
+    one that beats but has not moved for 2 x timeout_s is given up as stuck; without any heartbeat the plain
+    timeout decides.
+
+    Catches the cascade this guards against (an agent giving up on a neighbour that merely waits: the whole
+    chain's waits expire together and the network falls apart), and a watch that waits forever for a stopped peer."""
+    from dif_maml_dist.liveness import PeerWatch
+
+    now = [0.0]
+    beats = {1: (10, 0), 2: (10, 0), 3: (10, 0)}
+
+    class Board:
+        def heartbeats(self):
+            return dict(beats)
+
+    watch = PeerWatch(Board(), timeout_s=10, clock=lambda: now[0])
+    for t in range(0, 26):
+        now[0] = float(t)
+        beats[1] = (10 + (t >= 12), t)  # waits (beats), moves on at t=12 when its own wait ended
+        beats[2] = (10, min(t, 3))  # stopped at t=3: no beat after
+        beats[3] = (10, t)  # beats, never moves
+        watch.observe()
+        if t < 10:
+            assert all(watch.verdict(p, t) is None for p in (1, 2, 3))
+        if t >= 13:
+            assert watch.verdict(1, t) is None
+    assert "no heartbeat" in watch.verdict(2, 25)
+    assert "stuck" in watch.verdict(3, 25)
+    now[0] = 13.0
+    assert watch.verdict(2, 13) is not None and watch.verdict(3, 13) is None
+    blind = PeerWatch(None, timeout_s=10, clock=lambda: now[0])
+    blind.observe()
+    assert blind.verdict(1, 9.9) is None and "no message within 10 s" in blind.verdict(1, 10)
