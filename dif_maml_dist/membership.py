@@ -174,4 +174,5 @@ class Membership:
         comps = components(graph, self.departed)
         mine = next((c for c in comps if self.agent in c), [self.agent])
         return {"departures": [d.record() for d in self.departures], "returns": [r.record() for r in self.returns],
-                "departed": self.departed, "component": mine, "incarnation": self.incarnation}
+                "departed": self.departed, "component": mine, "incarnation": self.incarnation,
+                "states": self.vector()}

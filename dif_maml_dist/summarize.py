@@ -81,11 +81,17 @@ def accounting(run_dir: Path, num_agents: int) -> dict[str, Any]:
         path = agent_file(run_dir, k)
         if path.is_file():
             finals[k] = json.loads(path.read_text())
+    # The network's latest knowledge: the finished agents' membership vectors merged by maximum (an agent that
+    # came back, and has not finished yet, is alive in it though a neighbour recorded its departure earlier).
+    states = [0] * num_agents
+    for rec in finals.values():
+        states = [max(a, b) for a, b in zip(states, rec.get("states", states))]
+    gone = {m for m, v in enumerate(states) if v % 2 == 1 and m not in finals}
     departed: dict[int, dict] = {}
     for k, rec in sorted(finals.items()):
         for d in rec.get("departures", []):
             m = d["agent"]
-            if m not in finals and (m not in departed or d["round"] < departed[m]["round"]):
+            if m in gone and (m not in departed or d["round"] < departed[m]["round"]):
                 departed[m] = {**d, "noticed_by": k}
     missing = [k for k in range(num_agents) if k not in finals and k not in departed]
     returns = {}  # restarted agents taken back: how each came back, from its own final record
@@ -151,7 +157,8 @@ def write(ctx, by: str) -> dict:
                               m.eval_inner_steps, m.final_adapt_steps, "", "")
             per_component.append({"agents": part, "disagreement": d, **f})
     agents = [{key: v for key, v in finals[k].items()
-               if key not in ("departures", "returns", "departed", "component", "came_back")} for k in survivors]
+               if key not in ("departures", "returns", "departed", "component", "came_back", "states")}
+              for k in survivors]
     network = {"agents": agents, "centroid": centroid, "disagreement": disagreement, **centroid_figures,
                "final_eval_seconds": time.perf_counter() - t0}
     wall = max(f.get("wall_seconds", 0.0) for f in finals.values())

@@ -209,11 +209,12 @@ def finish_nodes(nodes: list[subprocess.Popen], run_dir: Path, deadline: float) 
         if all(n.poll() is not None for n in nodes):
             break
         time.sleep(0.2)
+    linger = time.time() + 10
     for n in nodes:
         try:
-            n.wait(timeout=15)
+            n.wait(timeout=max(0.1, linger - time.time()))
         except subprocess.TimeoutExpired:
-            n.terminate()
+            n.kill()  # torchrun in its exit barrier: nothing of the run is left to write
             n.wait()
     return (run_dir / "summary.json").is_file()
 
@@ -250,11 +251,11 @@ def main_continue(args, ap) -> int:
     reference = run_plain(out / "uninterrupted", args, overrides)
     print(f"uninterrupted: {args.nproc} agents, {args.iterations} iterations, centroid test loss {reference:.4f} "
           f"({time.time() - t0:.0f} s); kill {args.kill} per trial{', restarted' if args.restart else ''}; "
-          f"runtime.timeout_s={args.timeout_s:g}; overrides: {' '.join(args.overrides) or '-'}")
+          f"runtime.timeout_s={args.timeout_s:g}; overrides: {' '.join(args.overrides) or '-'}", flush=True)
     removed: dict[tuple[int, ...], float] = {}
     rng = random.Random(args.seed)
     print(f"{'trial':>5} | {'killed':>6} | {'at iter':>7} | {'noticed (iter, by, waited s)':<30} | finished | "
-          f"{'loss':>7} | {'vs full':>7} | {'vs removed':>10} | {'back s':>6} | rollback | seconds")
+          f"{'loss':>7} | {'vs full':>7} | {'vs removed':>10} | {'back s':>6} | rollback | seconds", flush=True)
     met = 0
     for trial in range(args.trials):
         victims = tuple(sorted(rng.sample(range(args.nproc), args.kill)))
@@ -305,7 +306,7 @@ def main_continue(args, ap) -> int:
               f"{note:<30} | {'yes' if all_finished else 'NO':>8} | {loss if loss is not None else float('nan'):7.4f} | "
               f"{100 * vs_full:+6.2f}% | {100 * vs_removed:+9.2f}% | "
               f"{','.join(f'{b:.1f}' for b in back) or '-':>6} | {'YES' if rolled_back else 'no':>8} | "
-              f"{time.time() - t1:7.0f}")
+              f"{time.time() - t1:7.0f}", flush=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
     print(f"goals met in {met}/{args.trials} trials (runs and logs in {out})")

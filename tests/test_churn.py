@@ -173,3 +173,69 @@ def test_torchrun_job_loses_agents_and_the_survivors_finish_as_the_simulator_say
     assert [(r["iteration"], r["agents_present"]) for r in network] == [(0, 6), (8, 6), (16, 5), (24, 4)]
     component_agents = [c["agents"] for c in summary["component_figures"]]
     assert component_agents == [[3, 4, 5], [1]]
+
+
+def _fault_injection():
+    import importlib.util
+
+    from .helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("fault_injection", REPO / "launch" / "fault_injection.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stopped_agent_is_dropped_then_restarted_by_its_node_and_taken_back(tmp_path):
+    """One torchrun node per agent (launch/agent_node.sh, static rendezvous, 4 agents on a ring). Agent 2's process
+    is stopped (SIGSTOP) mid-run: its neighbours give up on it once its heartbeat has been silent for timeout_s,
+    and the others go on; resumed (SIGCONT), it learns that it was dropped and exits; its node restarts it, it
+    restores its own checkpoint and a neighbour takes it back; every node exits 0, nobody else rolled back.
+
+    Catches: survivors that hang on a stopped neighbour, or give up on neighbours that only wait for it (the
+    network would fall apart); a resumed agent that trains on alone; a restart that rolls the others back (their
+    iterations would go back) or that never gets back in."""
+    import os
+    import signal
+    import time
+
+    fi = _fault_injection()
+    run_dir = tmp_path / "run"
+    nodes = fi.start_nodes(run_dir, 4, ["topology=ring", "topology.num_agents=4", "train.iterations=6000",
+                                        "train.checkpoint_every=500", "train.log_every=10", "train.eval_every=6000",
+                                        "task.eval_tasks=50", "maml.final_adapt_steps=2", "runtime.timeout_s=5"], 1)
+    try:
+        deadline = time.time() + 240
+        while fi.iteration_of(run_dir, 2) < 1000 and time.time() < deadline:
+            time.sleep(0.05)
+        pid = fi.agent_pid(run_dir, 2)
+        assert pid is not None, "agent 2 never reached iteration 1000"
+        stopped_at = fi.iteration_of(run_dir, 2)
+        os.kill(pid, signal.SIGSTOP)
+        while fi.iteration_of(run_dir, 1) < stopped_at + 50 and time.time() < deadline:
+            time.sleep(0.05)  # the others go on without it
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGCONT)
+        codes = [n.wait(timeout=max(1.0, deadline - time.time())) for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
+    assert codes == [0, 0, 0, 0], (run_dir.parent / "run.log").read_text()[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["survivors"] == [0, 1, 2, 3] and summary["departed"] == []
+    back = summary["returned"]
+    assert [r["agent"] for r in back] == [2] and back[0]["incarnation"] == 1
+    assert stopped_at - 500 <= back[0]["restored_checkpoint"] <= stopped_at
+    assert back[0]["iteration"] > stopped_at + 50 and back[0]["back_at"] - back[0]["asked_at"] <= 10
+    for k in (1, 3):  # its neighbours: it left without a heartbeat, after about timeout_s, and came back
+        view = json.loads((run_dir / "agents" / f"agent{k}.json").read_text())
+        gone = [d for d in view["departures"] if d["agent"] == 2]
+        assert gone and gone[0]["how"] == "no message" and "no heartbeat" in gone[0]["reason"]
+        assert 5 <= gone[0]["waited_s"] <= 12  # timeout_s, plus the watch's first look and its polling
+        assert any(r["agent"] == 2 for r in view["returns"])
+    for k in (0, 1, 3):
+        assert fi.monotonic_iterations(run_dir, k)
+    log2 = (run_dir / "logs" / "agent2.log").read_text()
+    assert "back in the network" in log2
+    assert "was dropped by the network" in (run_dir.parent / "run.log").read_text()
