@@ -62,14 +62,16 @@ class TolerantCombiner:
         returns the iteration to continue from. Neighbours that answer later join at a round agreed with each."""
         t = self.transport
         t.rejoin(self._header(0, 0), params)
-        formed = t.wait_formed(2 * t.timeout_s)
-        if not formed:
+        deadline = time.monotonic() + 2 * t.timeout_s
+        formed: list = []
+        first = None
+        # Until the edge whose welcome this agent adopted has formed (the adopting thread hands it over last).
+        while first is None and time.monotonic() < deadline and t.forming:
+            formed += t.wait_formed(deadline - time.monotonic())
+            first = next(((p, box) for p, box in formed if box["params"] is not None), None)
+        if first is None:
             raise PeerError(f"agent {self.agent} restarted, but no neighbour ({t.peers}) took it back within "
                             f"{2 * t.timeout_s:g} s (2 x runtime.timeout_s): are they still running?")
-        first = next(((p, box) for p, box in formed if box["params"] is not None), None)
-        while first is None:  # the adopted welcome's edge is still being handed over by its thread
-            formed += t.wait_formed(t.timeout_s)
-            first = next(((p, box) for p, box in formed if box["params"] is not None), None)
         with torch.no_grad():
             params.copy_(first[1]["params"].to(params.device))
         self.membership.adopt(first[1]["header"][_STATES:].tolist())

@@ -241,6 +241,11 @@ class EdgeTransport(Transport):
                 done.append((p, box))
         return done
 
+    @property
+    def forming(self) -> bool:
+        """Some edge is still being formed."""
+        return bool(self._forming)
+
     def wait_formed(self, deadline_s: float) -> list[tuple[int, dict]]:
         """Block until at least one edge has formed (a restarted agent's first welcome), or the deadline."""
         end = self.clock() + deadline_s

@@ -13,9 +13,10 @@ per trial ``--kill`` random agents (1, or 2 at once) are SIGKILLed at a random i
 who left and when, when the neighbours noticed and how long their round waited, whether every survivor finished,
 the final centroid test loss against an uninterrupted run and against the same network with those agents removed
 from the start (``runtime.departures=[[k,1]]``), and with restarts how long the agent took to be back (from its
-process start) and that nobody else rolled back. Goals (issue 15): every survivor finishes, the loss is within 5%
-of the uninterrupted run's, no round waits longer than ``runtime.timeout_s`` plus one round, and a restarted agent
-is back within 2 x ``runtime.timeout_s``.
+process start) and that nobody else rolled back. Goals (issue 15): every survivor finishes, the loss is at most 5%
+above the uninterrupted run's (a fault may leave it lower: the run is not at its optimum), no round waits longer
+than ``runtime.timeout_s`` plus one round, and a restarted agent is back within 2 x ``runtime.timeout_s`` of its
+process start.
 
 Run: .venv/bin/python launch/fault_injection.py [--mode restart|continue] [--trials 5] [--iterations 120]
      [--checkpoint-every 10] [--kill 1] [--restart] [--timeout-s 10] [--seed 0] [--out runs/faults] [--nproc 6]
@@ -297,7 +298,7 @@ def main_continue(args, ap) -> int:
         rolled_back = any(not monotonic_iterations(run_dir, k) for k in survivors) if finished else True
         vs_full = loss / reference - 1 if loss is not None else float("nan")
         vs_removed = loss / removed[victims] - 1 if loss is not None else float("nan")
-        ok = (all_finished and abs(vs_full) <= 0.05 and not rolled_back
+        ok = (all_finished and vs_full <= 0.05 and not rolled_back
               and all(w <= args.timeout_s + 1.0 for w in waits)
               and (not args.restart or (len(back) == len(victims) and all(b <= 2 * args.timeout_s for b in back))))
         met += ok

@@ -173,6 +173,16 @@ def test_torchrun_job_loses_agents_and_the_survivors_finish_as_the_simulator_say
     assert [(r["iteration"], r["agents_present"]) for r in network] == [(0, 6), (8, 6), (16, 5), (24, 4)]
     component_agents = [c["agents"] for c in summary["component_figures"]]
     assert component_agents == [[3, 4, 5], [1]]
+    # The summarize command rebuilds the same summary from the run directory alone.
+    from dif_maml_dist.summarize import main as summarize
+
+    (run_dir / "summary.json").rename(tmp_path / "by_agent.json")
+    assert summarize([str(run_dir)]) == 0
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert again["summarized_by"] == "dif_maml_dist.summarize"
+    for key in ("survivors", "departed", "components", "centroid_test_loss", "disagreement", "agents"):
+        assert again[key] == summary[key], key
+    assert summarize([str(tmp_path)]) == 2  # not a continue-mode run: one line, exit status 2
 
 
 def _fault_injection():
