@@ -33,6 +33,11 @@ def check_launch(cfg: Config, env: ProcessEnv, num_agents: int) -> None:
         raise LaunchError(f"topology {cfg.topology.name!r} has {num_agents} agents but {env.world_size} process(es) "
                           f"were started; launch with torchrun --nproc-per-node={num_agents} "
                           f"(or choose a topology with as many agents as processes, or runtime=simulate)")
+    if cfg.runtime.on_peer_failure == "continue" and env.local_world_size > 1 and env.max_restarts > 0:
+        raise LaunchError(f"runtime.on_peer_failure=continue with torchrun --max-restarts={env.max_restarts} and "
+                          f"{env.local_world_size} agents on one node: the node would restart all of them together, "
+                          f"and none would find a neighbour alive to take it back; run one node per agent "
+                          f"(launch/agent_node.sh), or drop --max-restarts")
     for agent, _ in cfg.runtime.departures:
         if agent >= num_agents:
             raise LaunchError(f"runtime.departures names agent {agent}, but the topology has {num_agents} agents "

@@ -31,13 +31,16 @@ class ProcessEnv:
     local_rank: int = 0
     under_torchrun: bool = False
     restart_count: int = 0  #: how often torchrun has restarted this job after a failure (--max-restarts)
+    local_world_size: int = 1  #: agents on this torchrun node
+    max_restarts: int = 0  #: torchrun's --max-restarts for this node
 
     @classmethod
     def from_environ(cls, environ=os.environ) -> "ProcessEnv":
         if "RANK" not in environ or "WORLD_SIZE" not in environ:
             return cls()
         return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)), True,
-                   int(environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+                   int(environ.get("TORCHELASTIC_RESTART_COUNT", 0)), int(environ.get("LOCAL_WORLD_SIZE", 1)),
+                   int(environ.get("TORCHELASTIC_MAX_RESTARTS", 0)))
 
 
 def select_device(cfg: RuntimeConfig, env: ProcessEnv) -> torch.device:

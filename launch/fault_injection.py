@@ -260,7 +260,9 @@ def main_continue(args, ap) -> int:
     met = 0
     for trial in range(args.trials):
         victims = tuple(sorted(rng.sample(range(args.nproc), args.kill)))
-        target = rng.randrange(args.checkpoint_every, args.iterations - args.iterations // 10)
+        # With restarts, early enough that the restarted agent (seconds to start) comes back before the end.
+        last = args.iterations // 2 if args.restart else args.iterations - args.iterations // 10
+        target = rng.randrange(args.checkpoint_every, last)
         if victims not in removed:
             departures = ",".join(f"[{v},1]" for v in victims)
             removed[victims] = run_plain(out / f"removed-{'-'.join(map(str, victims))}", args,

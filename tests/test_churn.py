@@ -249,3 +249,23 @@ def test_stopped_agent_is_dropped_then_restarted_by_its_node_and_taken_back(tmp_
     log2 = (run_dir / "logs" / "agent2.log").read_text()
     assert "back in the network" in log2
     assert "was dropped by the network" in (run_dir.parent / "run.log").read_text()
+
+
+def test_continue_mode_refuses_a_torchrun_node_that_restarts_all_its_agents_together():
+    """Several agents on one torchrun node with --max-restarts: the node restarts all of them at once, each would
+    wait for a live neighbour to take it back and none would find one. Refused in one line naming the launch that
+    works; one agent per node with restarts, or several without, are accepted.
+
+    Catches a launch that would deadlock after its first failure (every agent waiting 2 x timeout_s, then failing
+    again, restart after restart)."""
+    from dif_maml_dist.context import LaunchError, check_launch
+    from dif_maml_dist.runtime import ProcessEnv
+
+    cfg = small_config()
+    cfg.runtime.on_peer_failure = "continue"
+    together = ProcessEnv(rank=0, world_size=6, under_torchrun=True, local_world_size=6, max_restarts=1)
+    with pytest.raises(LaunchError, match="launch/agent_node.sh") as refused:
+        check_launch(cfg, together, 6)
+    assert "\n" not in str(refused.value)
+    check_launch(cfg, ProcessEnv(rank=0, world_size=6, under_torchrun=True, local_world_size=1, max_restarts=3), 6)
+    check_launch(cfg, ProcessEnv(rank=0, world_size=6, under_torchrun=True, local_world_size=6, max_restarts=0), 6)
