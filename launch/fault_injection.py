@@ -217,6 +217,11 @@ def finish_nodes(nodes: list[subprocess.Popen], run_dir: Path, deadline: float) 
         except subprocess.TimeoutExpired:
             n.kill()  # torchrun in its exit barrier: nothing of the run is left to write
             n.wait()
+    if not (run_dir / "summary.json").is_file() and (run_dir / "agents").is_dir():
+        # Every node is done and no agent wrote the summary: a departure nobody saw (all the departed agent's
+        # neighbours left too). The summarize step writes it from what is there, as the README says.
+        subprocess.run([sys.executable, "-m", "dif_maml_dist.summarize", str(run_dir)], cwd=REPO,
+                       capture_output=True)
     return (run_dir / "summary.json").is_file()
 
 
