@@ -68,14 +68,14 @@ def finish_agent(ctx, final: dict[str, Any], view: dict[str, Any], wall_seconds:
     with _exclusive(ctx.run_dir):
         if (ctx.run_dir / "summary.json").is_file():
             return None
-        if accounting(ctx.run_dir, ctx.topology.num_agents)["missing"]:
+        if accounting(ctx.run_dir, ctx.topology.num_agents, ctx.cfg.runtime.departures)["missing"]:
             return None
         return write(ctx, f"agent {ctx.env.rank}")
 
 
-def accounting(run_dir: Path, num_agents: int) -> dict[str, Any]:
+def accounting(run_dir: Path, num_agents: int, planned: Sequence[Sequence[int]] = ()) -> dict[str, Any]:
     """Who finished (their final records), who left (the earliest record of each departure, from any survivor's
-    view) and who is unaccounted for."""
+    view, or the plan: ``runtime.departures``) and who is unaccounted for."""
     finals = {}
     for k in range(num_agents):
         path = agent_file(run_dir, k)
@@ -93,6 +93,9 @@ def accounting(run_dir: Path, num_agents: int) -> dict[str, Any]:
             m = d["agent"]
             if m in gone and (m not in departed or d["round"] < departed[m]["round"]):
                 departed[m] = {**d, "noticed_by": k}
+    for m, iteration in planned:  # a planned departure no survivor saw (its neighbours left too)
+        if m not in finals and m not in departed:
+            departed[m] = {"agent": m, "iteration": iteration, "how": "planned (runtime.departures)"}
     missing = [k for k in range(num_agents) if k not in finals and k not in departed]
     returns = {}  # restarted agents taken back: how each came back, from its own final record
     for k, rec in sorted(finals.items()):
@@ -117,7 +120,7 @@ def write(ctx, by: str) -> dict:
     t0 = time.perf_counter()
     learner = Learner.build(cfg, torch.device("cpu"), getattr(torch, cfg.train.dtype), ctx.family)
     layout, alpha = learner.layout, m.inner_lr
-    books = accounting(run_dir, k_all)
+    books = accounting(run_dir, k_all, cfg.runtime.departures)
     finals, departed = books["finals"], books["departed"]
     if not finals:
         raise ValueError(f"no agent of the run in {run_dir} has finished (no agents/agent<k>.json): nothing to "

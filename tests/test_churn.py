@@ -269,3 +269,25 @@ def test_continue_mode_refuses_a_torchrun_node_that_restarts_all_its_agents_toge
     assert "\n" not in str(refused.value)
     check_launch(cfg, ProcessEnv(rank=0, world_size=6, under_torchrun=True, local_world_size=1, max_restarts=3), 6)
     check_launch(cfg, ProcessEnv(rank=0, world_size=6, under_torchrun=True, local_world_size=6, max_restarts=0), 6)
+
+
+def test_accounting_merges_the_views_and_knows_the_planned_departures(tmp_path):
+    """The summary's bookkeeping from agents' final files (written here by hand): an agent one survivor saw leave
+    and another saw come back (its vector's incarnation is newer) is not departed but missing until it finishes;
+    a planned departure nobody saw (its only neighbour left too) is departed, not missing.
+
+    Catches a summary written before an agent that came back has finished (it would be left out), and one that
+    never gets written when a departed agent's neighbours all left as well."""
+    from dif_maml_dist.summarize import accounting
+
+    (tmp_path / "agents").mkdir()
+    seen_leaving = {"agent": 3, "round": 4, "iteration": 5, "how": "no message"}
+    (tmp_path / "agents" / "agent2.json").write_text(json.dumps(
+        {"departures": [seen_leaving], "states": [1, 1, 0, 1]}))
+    (tmp_path / "agents" / "agent1.json").write_text(json.dumps({"departures": [], "states": [1, 0, 0, 2]}))
+    books = accounting(tmp_path, 4, planned=[[0, 3]])
+    assert sorted(books["finals"]) == [1, 2]
+    assert books["departed"] == {0: {"agent": 0, "iteration": 3, "how": "planned (runtime.departures)"}}
+    assert books["missing"] == [3]  # came back (incarnation 1 in agent 1's view): still running
+    (tmp_path / "agents" / "agent1.json").write_text(json.dumps({"departures": [], "states": [1, 0, 0, 1]}))
+    assert accounting(tmp_path, 4, planned=[[0, 3]])["departed"][3] == {**seen_leaving, "noticed_by": 2}
