@@ -4,9 +4,9 @@
 Why per edge. A default process group spans every agent, and no process can join it once it has formed; its
 collectives need everyone. Here each edge ``(u, v)`` gets its own ``ProcessGroupGloo`` of two ranks, rendezvoused
 through the job's store under ``edges/<u>-<v>/<tag>``, so an agent's exchanges depend on its live neighbours only:
-a dead neighbour's group fails on its own (a closed socket at once, a hung peer after ``timeout_s``) while the
-other edges go on, and a new process can form a new group with a neighbour under a new tag. No collective over
-all agents exists on this transport.
+a dead neighbour's group fails on its own (a closed socket at once; a stopped one is given up once its heartbeat
+has been silent for ``timeout_s``, ``liveness.PeerWatch``) while the other edges go on, and a new process can
+form a new group with a neighbour under a new tag. No collective over all agents exists on this transport.
 
 Cost: one gloo context (a socket pair and its threads) per edge end, i.e. ``degree`` per agent instead of one
 full mesh of ``K - 1`` pairs; start-up forms the edges one after the other in the global edge order (ascending
@@ -29,7 +29,6 @@ from .liveness import PeerWatch, ProgressBoard, first_line
 from .transport import Transport, nbytes
 
 _PAYLOAD_TAG, _HEADER_TAG = 0, 1
-
 
 
 class _Done:

@@ -28,7 +28,6 @@ import logging
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -133,7 +132,8 @@ def write(ctx, by: str) -> dict:
         present = [k for k in range(k_all) if it in shots[k]]
         centroid, disagreement = centroid_and_disagreement(_stack([shots[k][it] for k in present], layout))
         stats = figures(learner.curves(centroid, alpha, m.eval_inner_steps, 0, learner.num_tests(False)))
-        rec = {"iteration": it, "centroid_test_loss_pre": stats["loss"][0], "centroid_test_loss_post": stats["loss"][-1]}
+        rec = {"iteration": it, "centroid_test_loss_pre": stats["loss"][0],
+               "centroid_test_loss_post": stats["loss"][-1]}
         if "accuracy" in stats:
             rec.update(centroid_test_acc_pre=stats["accuracy"][0], centroid_test_acc_post=stats["accuracy"][-1])
         records.append({**rec, "disagreement": disagreement, "agents_present": len(present)})

@@ -11,7 +11,7 @@ and prints, per fraction (mean over seeds): survivors, components of the survivi
 survivors' centroid test loss after one adaptation step, and its change against the network that lost nobody.
 
     .venv/bin/python launch/churn_study.py [--agents 100] [--topology erdos_renyi] [--edge-prob 0.05]
-        [--iterations 3000] [--fractions 0 0.1 0.3 0.5] [--seeds 0 1] [--runs runs/churn]
+        [--iterations 3000] [--fractions 0 0.1 0.3 0.5] [--seeds 0 1] [--runs runs/churn] [--threads N]
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def run(args, fraction: float, seed: int) -> dict:
                "train.save_models=false", f"runtime.departures=[{departures}]", f"hydra.run.dir={run_dir}"]
         if args.topology == "erdos_renyi":
             cmd.append(f"topology.edge_prob={args.edge_prob}")
+        if args.threads is not None:
+            cmd.append(f"runtime.threads={args.threads}")
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"run {run_dir} failed:\n{proc.stderr[-2000:]}")
@@ -55,6 +57,7 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.1, 0.3, 0.5])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--runs", type=Path, default=Path("runs/churn"))
+    ap.add_argument("--threads", type=int, default=None, help="runtime.threads of each run (default: every core)")
     args = ap.parse_args()
     rows = {f: [run(args, f, s) for s in args.seeds] for f in args.fractions}
     base = statistics.mean(r["centroid_test_loss"] for r in rows[min(args.fractions)])

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -203,10 +204,16 @@ def agent_pid(run_dir: Path, rank: int, restart: int = 0) -> int | None:
     return None
 
 
-def finish_nodes(nodes: list[subprocess.Popen], run_dir: Path, deadline: float) -> bool:
-    """Wait for the run's summary (written by its last survivor); then for the nodes, which linger in torchrun's
-    exit barrier (up to 300 s) when a node is gone for good: those are stopped, the run's files are complete."""
-    while not (run_dir / "summary.json").is_file() and time.time() < deadline:
+def finish_nodes(nodes: list[subprocess.Popen], run_dir: Path, deadline: float,
+                 survivors: Optional[list[int]] = None) -> bool:
+    """Wait for the run's summary (written by its last survivor), or for every agent in ``survivors`` to have
+    written its final record; then for the nodes, which linger in torchrun's exit barrier (up to 300 s) when a
+    node is gone for good: those are stopped, the run's files are complete."""
+    def finished() -> bool:
+        if (run_dir / "summary.json").is_file():
+            return True
+        return survivors is not None and all((run_dir / "agents" / f"agent{k}.json").is_file() for k in survivors)
+    while not finished() and time.time() < deadline:
         if all(n.poll() is not None for n in nodes):
             break
         time.sleep(0.2)
@@ -232,8 +239,8 @@ def centroid_loss(run_dir: Path) -> float | None:
 
 def monotonic_iterations(run_dir: Path, rank: int) -> bool:
     """Agent ``rank``'s records never go back in iteration (nobody rolled it back)."""
-    its = [json.loads(line)["iteration"] for line in (run_dir / "metrics" / f"agent{rank}.jsonl").read_text().splitlines()
-           if line.strip()]
+    lines = (run_dir / "metrics" / f"agent{rank}.jsonl").read_text().splitlines()
+    its = [json.loads(line)["iteration"] for line in lines if line.strip()]
     return all(a < b for a, b in zip(its, its[1:]))
 
 
@@ -276,17 +283,16 @@ def main_continue(args, ap) -> int:
         t1 = time.time()
         nodes = start_nodes(run_dir, args.nproc, overrides, 1 if args.restart else 0)
         killed_at: dict[int, int] = {}
-        kill_time = None
         while len(killed_at) < len(victims) and time.time() - t1 < args.timeout:
             if iteration_of(run_dir, victims[0]) >= target:
                 pids = {v: agent_pid(run_dir, v) for v in victims}
                 if all(p is not None for p in pids.values()):
-                    kill_time = time.time()
                     for v, pid in pids.items():  # two at once: back to back, before either is noticed
                         os.kill(pid, signal.SIGKILL)
                         killed_at[v] = iteration_of(run_dir, v)
             time.sleep(0.01)
-        finished = finish_nodes(nodes, run_dir, t1 + args.timeout)
+        finished = finish_nodes(nodes, run_dir, t1 + args.timeout,
+                                None if args.restart else [k for k in range(args.nproc) if k not in victims])
         summary = json.loads((run_dir / "summary.json").read_text()) if finished else {}
         survivors = [k for k in range(args.nproc) if k not in victims]
         done = set(summary.get("survivors", []))
@@ -310,8 +316,10 @@ def main_continue(args, ap) -> int:
               and (not args.restart or (len(back) == len(victims) and all(b <= 2 * args.timeout_s for b in back))))
         met += ok
         note = "; ".join(f"{a}: {it}, {by}, {w:.2f}" for a, (it, by, w) in sorted(first_noticed.items())) or "-"
-        print(f"{trial:5d} | {','.join(map(str, victims)):>6} | {','.join(str(killed_at.get(v)) for v in victims):>7} | "
-              f"{note:<30} | {'yes' if all_finished else 'NO':>8} | {loss if loss is not None else float('nan'):7.4f} | "
+        at = ",".join(str(killed_at.get(v)) for v in victims)
+        shown = loss if loss is not None else float("nan")
+        print(f"{trial:5d} | {','.join(map(str, victims)):>6} | {at:>7} | "
+              f"{note:<30} | {'yes' if all_finished else 'NO':>8} | {shown:7.4f} | "
               f"{100 * vs_full:+6.2f}% | {100 * vs_removed:+9.2f}% | "
               f"{','.join(f'{b:.1f}' for b in back) or '-':>6} | {'YES' if rolled_back else 'no':>8} | "
               f"{time.time() - t1:7.0f}", flush=True)
