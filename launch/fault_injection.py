@@ -209,10 +209,15 @@ def finish_nodes(nodes: list[subprocess.Popen], run_dir: Path, deadline: float,
     """Wait for the run's summary (written by its last survivor), or for every agent in ``survivors`` to have
     written its final record; then for the nodes, which linger in torchrun's exit barrier (up to 300 s) when a
     node is gone for good: those are stopped, the run's files are complete."""
+    all_in: list[float] = []
+
     def finished() -> bool:
         if (run_dir / "summary.json").is_file():
             return True
-        return survivors is not None and all((run_dir / "agents" / f"agent{k}.json").is_file() for k in survivors)
+        if survivors is not None and all((run_dir / "agents" / f"agent{k}.json").is_file() for k in survivors):
+            all_in.append(time.time())  # the last of them may be writing the summary: a minute for it
+            return all_in[-1] - all_in[0] > 60
+        return False
     while not finished() and time.time() < deadline:
         if all(n.poll() is not None for n in nodes):
             break
