@@ -67,7 +67,8 @@ class TolerantCombiner:
         first = None
         # Until the edge whose welcome this agent adopted has formed (the adopting thread hands it over last).
         while first is None and time.monotonic() < deadline and t.forming:
-            formed += t.wait_formed(deadline - time.monotonic())
+            time.sleep(0.01)
+            formed += t.formed()
             first = next(((p, box) for p, box in formed if box["params"] is not None), None)
         if first is None:
             raise PeerError(f"agent {self.agent} restarted, but no neighbour ({t.peers}) took it back within "

@@ -245,15 +245,6 @@ class EdgeTransport(Transport):
         """Some edge is still being formed."""
         return bool(self._forming)
 
-    def wait_formed(self, deadline_s: float) -> list[tuple[int, dict]]:
-        """Block until at least one edge has formed (a restarted agent's first welcome), or the deadline."""
-        end = self.clock() + deadline_s
-        done: list[tuple[int, dict]] = []
-        while self.clock() < end and not done and self._forming:
-            time.sleep(0.01)
-            done = self.formed()
-        return done
-
     def welcome(self, peer: int, header: Tensor, params: Tensor) -> int:
         """Send a returning ``peer`` this agent's round, view and ``params``; the round from which both exchange."""
         group, other, wait = self.groups[peer], self._other(peer), timedelta(seconds=self.timeout_s)

@@ -281,8 +281,8 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
     if cohort.is_root:
         assert everyone is not None
         network = {"agents": everyone, "centroid": final.centroid, "disagreement": final.disagreement,
-                   **final_figures(figures(final.centroid_curves), m.eval_inner_steps, m.final_adapt_steps, "centroid_",
-                            "centroid_"),
+                   **final_figures(figures(final.centroid_curves), m.eval_inner_steps, m.final_adapt_steps,
+                                   "centroid_", "centroid_"),
                    "final_eval_seconds": final_seconds,
                    **({"best_centroid": best_figures} if best_figures is not None else {})}
     return RunResult(mine, network, time.perf_counter() - start, history)

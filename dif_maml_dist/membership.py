@@ -49,6 +49,13 @@ def surviving_graph(graph: nx.Graph, departed: Iterable[int]) -> nx.Graph:
     return g
 
 
+def declared_degrees(graph: nx.Graph, known: Iterable[int]) -> dict[int, int]:
+    """Each agent's declared degree in a round over ``graph`` when the agents in ``known`` are known to have left:
+    1 + its neighbours not among them."""
+    known = set(known)
+    return {v: 1 + sum(1 for u in graph.neighbors(v) if u not in known) for v in graph.nodes}
+
+
 def round_weights(graph: nx.Graph, known: Iterable[int], leaving: Iterable[int] = ()) -> np.ndarray:
     """The matrix that agents computing :func:`churn_plan` arrive at in a round over ``graph`` (the round's
     graph), when the agents in ``known`` had departed before the round and those in ``leaving`` leave during it
@@ -56,7 +63,7 @@ def round_weights(graph: nx.Graph, known: Iterable[int], leaving: Iterable[int] 
     reference for the torchrun agents' local weights."""
     known, leaving = set(known), set(leaving)
     k = graph.number_of_nodes()
-    declared = {v: 1 + sum(1 for u in graph.neighbors(v) if u not in known) for v in graph.nodes}
+    declared = declared_degrees(graph, known)
     a = np.zeros((k, k))
     for u, v in graph.edges:
         if not ({u, v} & (known | leaving)):

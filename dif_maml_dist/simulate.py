@@ -32,7 +32,7 @@ from .learner import Learner
 from .maml import TaskBatch, batched_meta_gradient
 from .metrics import Curves
 from .gossip import combine_round, gossip_round, make_gossip
-from .membership import round_weights
+from .membership import declared_degrees, round_weights
 from .schedules import GraphSchedule, static_schedule
 from .tasks import TaskFamily
 from .topology import CombinePlan, combine_plan
@@ -167,8 +167,9 @@ class Simulation:
         neighbours, who notice them missing only now. Also the bytes each agent sends."""
         graph = self.schedule.graph(r)
         a = round_weights(graph, self._known, gone - self._known)
-        sent = [0 if v in gone else sum(1 for u in graph.neighbors(v) if u not in self._known)
-                * (self._message_bytes + self._header_bytes) for v in range(self.num_agents)]
+        declared = declared_degrees(graph, self._known)  # a departing agent's neighbours still send to it
+        sent = [0 if v in gone else (declared[v] - 1) * (self._message_bytes + self._header_bytes)
+                for v in range(self.num_agents)]
         self._known = gone
         return _RoundPlans(a), sent
 

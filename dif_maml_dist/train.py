@@ -234,6 +234,7 @@ def execute_continuing(ctx: RunContext) -> Optional[dict]:
     from .churn import LiveAgentCohort
     from .learner import Learner
     from .loop import run_loop
+    from .membership import Membership
     from .runtime import edge_network, setup_logging
 
     cfg, run_dir, rank = ctx.cfg, ctx.run_dir, ctx.env.rank
@@ -267,9 +268,10 @@ def execute_continuing(ctx: RunContext) -> Optional[dict]:
             result = run_loop(cohort, sinks, None, progress=ctx.is_root, checkpointer=saver)
         if cfg.train.save_models:
             outputs.save_models(run_dir, {rank: agent.named_params()})
-        membership = getattr(agent.combiner, "membership", None)
-        view = membership.view(ctx.topology.graph) if membership is not None else {"departures": [], "departed": [],
-                                                                                     "component": [rank]}
+        # noncooperative agents exchange nothing: nobody leaves in their view
+        membership = getattr(agent.combiner, "membership", None) or Membership(rank, ctx.topology.num_agents,
+                                                                               transport.incarnation)
+        view = membership.view(ctx.topology.graph)
         for d in view["departures"]:
             log.info("agent %d left: learned in round %d (iteration %d), %s", d["agent"], d["round"], d["iteration"],
                      d["how"])
