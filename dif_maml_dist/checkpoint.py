@@ -1,8 +1,11 @@
-"""Per-agent checkpoints: written atomically, verified on load, loaded without running code, matched to the run
-that wrote them.
+"""Checkpoints: written atomically, verified on load, loaded without running code, matched to the run that wrote
+them.
 
 Layout: ``RUN_DIR/checkpoints/agent{k}/iter{N:08d}.pt`` holds agent k's loop state after iteration N (parameters,
-optimizer state, task-stream RNG state, counters) and the run's fingerprint, as a plain ``torch.save`` file;
+optimizer state, task-stream RNG state, counters) and the run's fingerprint, as a plain ``torch.save`` file. The
+simulator (``runtime=simulate``) is one holder of every agent's state: ``checkpoints/simulator/iter{N:08d}.pt``,
+one file per checkpoint whatever the number of agents (a thousand agents would otherwise make a thousand files per
+checkpoint), written and read by the same functions (``SIMULATOR`` in place of an agent's id).
 ``iter{N:08d}.pt.sha256`` beside it holds the SHA-256 of its bytes, in ``sha256sum`` format (so
 ``sha256sum -c iter00000020.pt.sha256`` checks it by hand). Both are written to temporary names and flushed to
 disk first; then the checksum is renamed into place, then the checkpoint. A ``.pt`` therefore appears only
@@ -17,6 +20,10 @@ checksums were kept, or the ``.sha256`` lost) is refused; the error says how to 
 Each agent keeps its ``keep`` newest (pruning removes a checkpoint, then its checksum): agents run in lock-step
 (each exchange waits for the neighbours), so when one dies the others are at most one checkpoint ahead, and the
 newest iteration that *every* agent has is still on disk.
+
+Checkpoints are written every ``train.checkpoint_every`` iterations and at a run's last iteration, so a finished
+run can always be extended (``train.resume=true`` with a larger ``train.iterations``); ``checkpoint_every=0``
+writes none, not even the last.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import os
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -68,11 +75,23 @@ def fingerprint(cfg: Config, weights: np.ndarray, parameters: int) -> dict[str, 
             for name, value in sections.items()}
 
 
-def agent_dir(run_dir: Path, agent: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"agent{agent}"
+#: The simulator's checkpoints: one holder of every agent's state (pass it where an agent's id goes).
+SIMULATOR = "simulator"
+#: Whose checkpoints a folder holds: an agent's id, or ``SIMULATOR``.
+Holder = Union[int, str]
 
 
-def checkpoint_path(run_dir: Path, agent: int, iteration: int) -> Path:
+def holders(num_agents: int, simulated: bool) -> list[Holder]:
+    """Whose checkpoints a run of ``num_agents`` agents writes: each agent's, or (``runtime=simulate``) the
+    simulator's."""
+    return [SIMULATOR] if simulated else list(range(num_agents))
+
+
+def agent_dir(run_dir: Path, agent: Holder) -> Path:
+    return Path(run_dir) / "checkpoints" / (SIMULATOR if agent == SIMULATOR else f"agent{agent}")
+
+
+def checkpoint_path(run_dir: Path, agent: Holder, iteration: int) -> Path:
     return agent_dir(run_dir, agent) / f"iter{iteration:08d}.pt"
 
 
@@ -81,7 +100,7 @@ def checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def available(run_dir: Path, agent: int) -> list[int]:
+def available(run_dir: Path, agent: Holder) -> list[int]:
     """Iterations of agent ``agent``'s complete checkpoints, ascending: the ``.pt`` files, each renamed into place
     only after it and its checksum were on disk (temporary files, and a checksum alone, are not complete)."""
     folder = agent_dir(run_dir, agent)
@@ -119,7 +138,7 @@ def _sync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save(run_dir: Path, agent: int, state: dict[str, Any], prints: dict[str, str], keep: int = 2) -> Path:
+def save(run_dir: Path, agent: Holder, state: dict[str, Any], prints: dict[str, str], keep: int = 2) -> Path:
     """Write agent ``agent``'s ``state`` (``state["iteration"]`` names the file) and its checksum atomically;
     prune to ``keep``."""
     path = checkpoint_path(run_dir, agent, int(state["iteration"]))
@@ -154,7 +173,7 @@ def save(run_dir: Path, agent: int, state: dict[str, Any], prints: dict[str, str
     return path
 
 
-def load(run_dir: Path, agent: int, iteration: int, prints: dict[str, str]) -> dict[str, Any]:
+def load(run_dir: Path, agent: Holder, iteration: int, prints: dict[str, str]) -> dict[str, Any]:
     """Agent ``agent``'s checkpoint of ``iteration``, verified against its checksum and checked against this run's
     fingerprint.
 
@@ -198,9 +217,10 @@ def load(run_dir: Path, agent: int, iteration: int, prints: dict[str, str]) -> d
 
 
 class AgentCheckpoints:
-    """The checkpointer of one agent process (``loop.Checkpointer``): ``state()`` gives what to write."""
+    """The checkpointer of one agent process, or of the simulator (``agent=SIMULATOR``) (``loop.Checkpointer``):
+    ``state()`` gives what to write."""
 
-    def __init__(self, run_dir: Path, agent: int, state: Callable[[], dict[str, Any]], prints: dict[str, str],
+    def __init__(self, run_dir: Path, agent: Holder, state: Callable[[], dict[str, Any]], prints: dict[str, str],
                  every: int, keep: int, last: Optional[int] = None):
         self.run_dir, self.agent, self.state, self.prints = Path(run_dir), agent, state, prints
         self.every, self.keep, self.last = every, keep, last
@@ -233,29 +253,31 @@ def restore_own(cohort, run_dir: Path, rank: int, prints: dict[str, str]) -> int
     return None
 
 
-def resume(cohort, transport, run_dir: Path, rank: int, prints: dict[str, str], iterations: int,
+def resume(cohort, transport, run_dir: Path, rank: Holder, prints: dict[str, str], iterations: int,
            restart_count: int = 0) -> int | None:
     """*Collective*: restore ``cohort`` (its ``load_state_dict``) from the newest iteration that every agent has a
     checkpoint of; that iteration (``None``: none yet, start from scratch — a torchrun restart before the first
-    checkpoint).
+    checkpoint). The simulator passes ``transport=None`` and ``rank=SIMULATOR``: it holds every agent.
 
     Agreed through the transport rather than read off one filesystem, so nodes without a shared run directory
     agree too. A failure on any rank (a checkpoint of another run, a damaged file, a target behind the
     checkpoint) is every rank's ``ValueError``, with the first rank's message."""
+    gather = transport.all_gather_object if transport is not None else (lambda mine: [mine])
     start, err = None, None
     try:
-        start = newest_common(transport.all_gather_object(available(run_dir, rank)))
+        start = newest_common(gather(available(run_dir, rank)))
         if start is None and restart_count == 0:
-            raise ValueError(f"train.resume=true, but no iteration has a checkpoint from every agent in "
+            whose = "the simulator" if rank == SIMULATOR else "every agent"
+            raise ValueError(f"train.resume=true, but no iteration has a checkpoint from {whose} in "
                              f"{Path(run_dir) / 'checkpoints'}")
         if start is not None:
             check_target(start, iterations, run_dir)
             cohort.load_state_dict(load(run_dir, rank, start, prints))
     except ValueError as e:
         err = str(e)
-    errors = [e for e in transport.all_gather_object(err) if e]
+    errors = [e for e in gather(err) if e]
     if errors:
         raise ResumeError(errors[0])
-    if rank == 0:
+    if rank in (0, SIMULATOR):
         log.info("resuming from the checkpoints of iteration %s (restart %d)", start, restart_count)
     return start

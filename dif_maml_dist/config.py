@@ -28,6 +28,7 @@ RUNTIME_MODES = ("torchrun", "simulate")
 ON_PEER_FAILURE = ("stop", "continue")
 INITS = ("shared", "per_agent")
 COMPRESSIONS = ("none", "topk", "randk", "qsgd", "sign")
+SPARSIFIERS = ("topk", "randk")  #: the compressions that keep compression.ratio of the entries
 SCHEDULES = ("static", "one_peer_exponential", "random_matching", "resample")
 
 
@@ -173,11 +174,12 @@ class TrainConfig:
     #: (network.jsonl: centroid_val_*), keep the best centroid (models/best_centroid.pt, by validation accuracy)
     #: and report its test figures in summary.json (best_centroid) next to the final model's
     validate: bool = False
-    #: torchrun jobs: write every agent's loop state to DIR/checkpoints/ every N iterations (0: never)
+    #: write the loop state to DIR/checkpoints/ (every agent's, or the simulator's) every N iterations and at the
+    #: last one, so that a finished run can be extended (0: never, and such a run cannot be continued)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2  #: newest checkpoints kept per agent (at least 2: agents may be one apart at a crash)
-    #: continue the run in hydra.run.dir from the newest iteration all agents have a checkpoint of (torchrun
-    #: restarts after a failure, under --max-restarts, do this by themselves)
+    #: continue the run in hydra.run.dir from the newest iteration all agents (or the simulator) have a checkpoint
+    #: of (torchrun restarts after a failure, under --max-restarts, do this by themselves)
     resume: bool = False
 
 
@@ -189,8 +191,8 @@ class RuntimeConfig:
     vectorize: bool = True  #: simulate only: vmap over agents (fast) or per-agent code (bit-identical to torchrun)
     device: str = "auto"  #: auto: cuda:LOCAL_RANK if CUDA is available and the backend is nccl, else cpu
     backend: str = "auto"  #: auto: nccl on cuda, gloo on cpu
-    #: torch intra-op threads per process on CPU; None: 1 per torchrun agent (agents usually outnumber cores), and
-    #: every core this process may use for the simulator (one process runs all agents)
+    #: torch intra-op threads per process; None: 1, for torchrun agents and the simulator alike (more threads
+    #: only pay on an idle machine, and cost up to 25x on a busy one; runtime.intra_op_threads says why)
     threads: Optional[int] = None
     #: how long a training round (a neighbour exchange, or centralized's all-reduce) may wait before the agent
     #: stops and names who is behind (at least ``MIN_TIMEOUT_S``); on nccl the watchdog backstop is twice this
@@ -328,6 +330,10 @@ def validate(cfg: Config) -> Config:
     if s.combine_every < 1:
         raise ValueError(f"strategy.combine_every must be at least 1 (combine every N-th iteration), "
                          f"got {s.combine_every}")
+    if s.name != "noncooperative" and s.combine_every > cfg.train.iterations:
+        raise ValueError(f"strategy.combine_every={s.combine_every} is above train.iterations={cfg.train.iterations}: "
+                         f"the agents would never combine; use at most {cfg.train.iterations} (or "
+                         f"strategy=noncooperative)")
     if g.schedule != "static" and s.name != "dif_maml":
         raise ValueError(f"topology.schedule={g.schedule} changes dif_maml's neighbour graph; strategy={s.name} "
                          f"uses no graph: drop the schedule or use strategy=dif_maml")
@@ -406,8 +412,6 @@ def validate(cfg: Config) -> Config:
     for key in ("eval_chunk", "agent_chunk"):
         if getattr(r, key) is not None:
             _positive(getattr(r, key), f"runtime.{key}")
-    if tr.resume and r.mode != "torchrun":
-        raise ValueError("train.resume=true continues a torchrun job from its checkpoints; the simulator writes none")
     if r.backend == "nccl" and r.device == "cpu":
         raise ValueError("runtime.backend=nccl needs GPUs: use runtime.device=cuda (or auto), or runtime.backend=gloo")
     _validate_departures(cfg)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config
+from .config import SPARSIFIERS, Config
 from .runtime import ProcessEnv, intra_op_threads, select_backend, select_device
 from .schedules import GraphSchedule, build_schedule
 from .tasks import TaskFamily
@@ -42,15 +42,54 @@ def check_launch(cfg: Config, env: ProcessEnv, num_agents: int) -> None:
         if agent >= num_agents:
             raise LaunchError(f"runtime.departures names agent {agent}, but the topology has {num_agents} agents "
                               f"(0..{num_agents - 1})")
+    # Nobody would be left to finish: no survivors' figures (the simulator divided by zero), and under torchrun
+    # every process would end "as if killed" with status 0, having written no summary and no model.
+    if len({agent for agent, _ in cfg.runtime.departures}) >= num_agents:
+        raise LaunchError(f"runtime.departures lists every one of the {num_agents} agents; at least one agent must "
+                          f"stay to finish the run: drop a departure")
 
 
 def check_tensorboard(cfg: Config) -> None:
-    """``metrics.tensorboard=true`` needs the tensorboard package (looked up, not imported)."""
+    """``metrics.tensorboard=true`` needs the tensorboard package, and one that imports: an installed package can
+    still fail (a protobuf it does not work with), and the sinks would then fail only after the run folder exists."""
     import importlib.util
 
-    if cfg.metrics.tensorboard and importlib.util.find_spec("tensorboard") is None:
+    from .metrics import tensorboard_import_error
+
+    if not cfg.metrics.tensorboard:
+        return
+    if importlib.util.find_spec("tensorboard") is None:
         raise ValueError("metrics.tensorboard=true needs the tensorboard package: pip install -e '.[tensorboard]' "
                          "(or drop metrics.tensorboard)")
+    problem = tensorboard_import_error()
+    if problem is not None:
+        raise ValueError(f"metrics.tensorboard=true, but the tensorboard package fails to import ({problem}): "
+                         f"reinstall it (pip install -e '.[tensorboard]') or drop metrics.tensorboard")
+
+
+def check_compression(cfg: Config, numel: int) -> None:
+    """What the configured compressor would send for a model of ``numel`` entries must be worth sending: less than
+    the full state, and (sparsifiers) at least one entry's worth of ``compression.ratio``."""
+    from .compression import make_compressor
+
+    c = cfg.compression
+    compressor = make_compressor(c)
+    if compressor is None:
+        return
+    if c.name in SPARSIFIERS and c.ratio * numel < 1:
+        # The sparsifier would still send one entry, but the consensus step shrinks with the ratio (topk 2.5 x
+        # ratio): at a ratio below one entry the agents would barely average at all.
+        raise ValueError(f"compression.ratio={c.ratio:g} keeps less than one of the model's {numel} entries (the "
+                         f"consensus step shrinks with it to about 0: no averaging); use at least 1/{numel} = "
+                         f"{1 / numel:.3g}")
+    dtype = getattr(torch, cfg.train.dtype)
+    full = numel * dtype.itemsize  # what compression=none sends
+    sent = compressor.payload_bytes(numel, dtype)
+    if sent >= full:  # e.g. topk at ratio 1: every value plus its int32 index, twice the bytes of float32
+        ratio = c.name in SPARSIFIERS
+        raise ValueError(f"compression={c.name}{f' with compression.ratio={c.ratio:g}' if ratio else ''} sends "
+                         f"{sent} bytes per message, at least the {full} bytes of the full state: use compression=none"
+                         f"{' (or a smaller compression.ratio)' if ratio else ''}")
 
 
 @dataclass
@@ -97,5 +136,9 @@ class RunContext:
         schedule = build_schedule(cfg.topology, cfg.seed, topology.graph, weights)
         family = task_family(cfg)
         check_task_data(cfg, topology.num_agents, family)
+        if cfg.compression.name != "none":
+            from .flat import FlatLayout
+
+            check_compression(cfg, FlatLayout.of(family.build_model()).numel)
         return cls(cfg, env, Path(run_dir), device, backend, intra_op_threads(cfg.runtime), topology, weights, schedule,
                    family, cfg.train.resume or env.restart_count > 0)

@@ -17,13 +17,18 @@ run's task family, and writes the same as JSON (default ``RUN_DIR/evaluation.jso
 never written). By default the test set is the run's own final one, so the figures are the run's final figures;
 ``--episodes DIR`` evaluates on your own few-shot episodes instead (``tasks/user_episodes.py`` has the layout).
 Conv4 models use batch statistics, as in training: ``adapted(x)`` normalises with the statistics of ``x``.
+A figure that is undefined (the 95% half-width of a single task, the loss of a diverged model) is ``None``
+(``null`` in the JSON, left out of the table).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import tempfile
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,16 +39,58 @@ from torch import Tensor
 from .config import Config
 from .learner import Learner, concat_curves
 from .maml import sgd_adaptation
-from .metrics import figures, write_json_atomic
+from .metrics import Curves, figures, write_json_atomic
 from .outputs import RUN_OWN_DIRS
 
 EXIT_USAGE = 2
 #: What a run writes itself: an evaluation never writes there.
 RUN_OWN = ("summary.json", ".lock")
+#: Bounds of an evaluation: the curves of every task are held in memory until the end and nothing reports
+#: progress meanwhile, so past these an evaluation exhausts memory or runs for hours unseen.
+MAX_TASKS, MAX_STEPS = 100_000, 1_000
 
 
 class EvaluateError(ValueError):
     """A bad run directory, model name or option: one line, exit status 2."""
+
+
+def plain(doc: str) -> str:
+    """A docstring's first line as plain text, for ``--help`` (which prints RST markup literally)."""
+    return doc.splitlines()[0].replace("``", "")
+
+
+def unwritable(folder: Path) -> Optional[str]:
+    """Why no file can be created in ``folder``, or None if one can. Tried rather than read off the permission
+    bits, which say nothing for root, a read-only mount or /proc; the probe is an unnamed temporary file, so
+    nothing is left behind either way."""
+    if not folder.exists():
+        return "does not exist"
+    if not folder.is_dir():
+        return "is not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        return f"cannot be written ({err.strerror or err})"
+    return None
+
+
+def _device(spec: torch.device | str) -> torch.device:
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise EvaluateError(f"--device {spec} is not a device torch knows; use cpu or cuda (cuda:N for the N-th "
+                            f"GPU)") from None
+    if device.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not visible:
+            raise EvaluateError(f"--device {spec} but no CUDA device is visible; use --device cpu")
+        if device.index is not None and device.index >= visible:
+            raise EvaluateError(f"--device {spec} but only {visible} CUDA device(s) are visible (cuda:0.."
+                                f"cuda:{visible - 1})")
+    elif device.type != "cpu":  # e.g. meta: no data to evaluate with; others untested with these models
+        raise EvaluateError(f"--device {spec} cannot evaluate; use cpu or cuda")
+    return device
 
 
 def run_config(run_dir: Path) -> Config:
@@ -109,12 +156,15 @@ class Run:
 
     def __init__(self, run_dir: Path | str, device: torch.device | str = "cpu", data_root: Optional[str] = None):
         self.dir = Path(run_dir)
+        if self.dir.is_file():
+            raise EvaluateError(f"{self.dir} is a file, not a run directory: give the folder the run wrote "
+                                f"(its hydra.run.dir)")
         if not self.dir.is_dir():
             raise EvaluateError(f"run directory {self.dir} does not exist")
+        self.device = _device(device)
         self.cfg = run_config(self.dir)
         if data_root is not None:
             self.cfg = replace(self.cfg, data=replace(self.cfg.data, root=data_root))
-        self.device = torch.device(device)
         names = sorted(p.stem for p in (self.dir / "models").glob("*.pt"))
         if not names:
             raise EvaluateError(f"{self.dir} has no saved models (models/*.pt): the run has not finished, or ran "
@@ -125,6 +175,13 @@ class Run:
     def learner(self, tasks: Optional[int] = None, seed: Optional[int] = None) -> Learner:
         """The run's task family and model on ``device``; test tasks: the run's final set, or ``tasks`` of them
         drawn from ``seed``."""
+        if tasks is not None and tasks < 1:
+            raise EvaluateError(f"--tasks must be at least 1, got {tasks}")
+        if tasks is not None and tasks > MAX_TASKS:
+            raise EvaluateError(f"--tasks must be at most {MAX_TASKS}, got {tasks} (every task's curve is held in "
+                                f"memory); evaluate several --seed values instead")
+        if seed is not None and seed < 0:
+            raise EvaluateError(f"--seed must be a non-negative integer, got {seed}")
         if tasks is None and seed is None:
             if self._learner is None:
                 self._learner = self._build(self.cfg)
@@ -165,6 +222,9 @@ class Run:
         steps = self.cfg.maml.final_adapt_steps if steps is None else steps
         if steps < 0:
             raise EvaluateError(f"--steps must be non-negative, got {steps}")
+        if steps > MAX_STEPS:
+            raise EvaluateError(f"--steps must be at most {MAX_STEPS}, got {steps} (MAML adapts in a few steps; "
+                                f"a longer curve runs for hours without progress output)")
         learner = self.learner(tasks, seed)
         mine = None
         if episodes is not None:
@@ -185,8 +245,17 @@ class Run:
             else:
                 parts = [learner.curves_on(batch, flat, self.cfg.maml.inner_lr, steps) for batch in mine.values()]
                 curves = concat_curves(parts, 0, learner.family.metric is not None)
-            out["models"][name] = figures(curves)
+            out["models"][name] = _defined(curves)
         return out
+
+
+def _defined(curves: Curves) -> dict[str, list[Optional[float]]]:
+    """:func:`figures` with the undefined ones None: NaN and infinity are not JSON. The spread of a single task
+    (a std over one value: NaN, with a warning that is no news here) and a diverged loss become null."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"std\(\): degrees of freedom", UserWarning)
+        figs = figures(curves)
+    return {key: [v if math.isfinite(v) else None for v in values] for key, values in figs.items()}
 
 
 def load_run(run_dir: Path | str, device: torch.device | str = "cpu", data_root: Optional[str] = None) -> Run:
@@ -202,7 +271,18 @@ def _json_path(run_dir: Path, given: Optional[str]) -> Path:
         raise EvaluateError(f"--json {path} would overwrite the run's own files; choose another file")
     if resolved.is_dir():
         raise EvaluateError(f"--json {path} is a directory; give a file name")
+    why = unwritable(path.parent)
+    if why:  # found out now, not after an evaluation whose figures would be lost
+        raise EvaluateError(f"cannot write {path}: {path.parent} {why}; give --json a file in a writable folder")
     return path
+
+
+def _write(path: Path, result: dict) -> None:
+    try:
+        write_json_atomic(path, result)
+    except OSError as err:  # checked before evaluating, yet a disk can fill up meanwhile
+        raise EvaluateError(f"cannot write {path} ({err.strerror or err}); the table above has the figures") \
+            from None
 
 
 def table(result: dict) -> str:
@@ -216,43 +296,49 @@ def table(result: dict) -> str:
     lines = [f"{result['tasks']} {what}, {steps} adaptation step(s), alpha {result['inner_lr']:g}",
              f"{'model':<10} | {head}"]
     for name, f in result["models"].items():
-        row = " | ".join(f"{f['loss'][s]:>{len(f'loss@{s}')}.4f}" for s in shown)
+        row = " | ".join(f"{_number(f['loss'][s], '.4f'):>{len(f'loss@{s}')}}" for s in shown)
         if acc:
-            row += " | " + " | ".join(f"{100 * f['accuracy'][s]:5.1f} ± {100 * f['accuracy_ci95'][s]:.1f}%"
-                                      for s in shown)
+            row += " | " + " | ".join(_percent(f["accuracy"][s], f["accuracy_ci95"][s]) for s in shown)
         lines.append(f"{name:<10} | {row}")
     return "\n".join(lines)
 
 
+def _number(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _percent(accuracy: Optional[float], ci95: Optional[float]) -> str:
+    if accuracy is None:
+        return "  n/a"
+    return f"{100 * accuracy:5.1f}" + ("%" if ci95 is None else f" ± {100 * ci95:.1f}%")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="dif-maml-evaluate", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="dif-maml-evaluate", description=plain(__doc__))
     ap.add_argument("run_dir", type=Path, help="a run directory (hydra.run.dir of a finished run)")
     ap.add_argument("--model", default="centroid", help="centroid (default), agent<k>, or all")
-    ap.add_argument("--steps", type=int, help="adaptation steps: the curve covers 0..N (default: the run's own)")
-    ap.add_argument("--tasks", type=int, help="test tasks (default: the run's final test set)")
-    ap.add_argument("--seed", type=int, help="seed of the test tasks (default: the run's)")
+    ap.add_argument("--steps", type=int, help=f"adaptation steps: the curve covers 0..N, N <= {MAX_STEPS} "
+                    f"(default: the run's own)")
+    ap.add_argument("--tasks", type=int, help=f"test tasks, at most {MAX_TASKS} (default: the run's final test set)")
+    ap.add_argument("--seed", type=int, help="seed of the test tasks, >= 0 (default: the run's)")
     ap.add_argument("--episodes", type=Path, help="your own episodes instead of the test split: DIR/<episode>/"
                     "{support,query}/<class>/<image> (sinusoid: DIR/<episode>.csv with columns split,x,y)")
     ap.add_argument("--json", help="where the figures go (default RUN_DIR/evaluation.json)")
-    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     ap.add_argument("--data-root", help="the dataset's folder, if it is no longer where the run found it")
     args = ap.parse_args(argv)
     try:
-        if args.tasks is not None and args.tasks < 1:
-            raise EvaluateError(f"--tasks must be at least 1, got {args.tasks}")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise EvaluateError("--device cuda but no CUDA device is visible; use --device cpu")
         run = load_run(args.run_dir, args.device, args.data_root)
         out_path = _json_path(run.dir, args.json)
         names = run.model_names if args.model == "all" else [args.model]
         if args.episodes is not None and (args.tasks is not None or args.seed is not None):
             raise EvaluateError("--episodes evaluates your own episodes: --tasks and --seed choose test-split tasks")
         result = run.evaluate(names, args.steps, args.tasks, args.seed, args.episodes)
+        print(table(result))
+        _write(out_path, result)
     except EvaluateError as err:
         print(f"dif_maml_dist.evaluate: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    print(table(result))
-    write_json_atomic(out_path, result)
     print(f"figures in {out_path}")
     return 0
 

@@ -64,9 +64,9 @@ class Cohort(Protocol):
 
 
 class Checkpointer(Protocol):
-    """Writes the local agents' loop states every ``every`` iterations (see ``checkpoint.py``)."""
+    """Writes the local agents' loop states every ``every`` iterations and at the last (see ``checkpoint.py``)."""
 
-    every: int  #: 0: never
+    every: int  #: 0: never, not even at the last iteration
     last: Optional[int]  #: iteration of the newest checkpoint written or resumed from
     where: str  #: where the checkpoints are, for messages
 
@@ -109,6 +109,13 @@ class BestCentroid:
     def record(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "val_accuracy": self.val_accuracy}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.record(), "centroid": self.centroid.detach().clone()}
+
+    @classmethod
+    def from_state_dict(cls, sd: Optional[dict[str, Any]]) -> Optional["BestCentroid"]:
+        return None if sd is None else cls(int(sd["iteration"]), float(sd["val_accuracy"]), sd["centroid"])
+
 
 def _evaluate(cohort: Cohort, max_steps: int, final: bool = False) -> Evaluation:
     """*Collective*. Every process computes the same centroid from the same gathered states, so each can adapt
@@ -148,8 +155,8 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
              on_best: Optional[Callable[[BestCentroid], None]] = None) -> RunResult:
     """Train from ``cohort.iteration`` (0, or where a checkpoint left off) to ``cfg.train.iterations``; evaluate at
     the start, every ``eval_every`` and at the end; log every ``log_every``; checkpoint every
-    ``checkpointer.every``. ``sinks[i]`` receives local agent ``i``'s records, ``network_sink`` the root's network
-    records. With ``train.validate``: ``best`` is the best centroid so far (of the run being resumed, the same on
+    ``checkpointer.every`` and at the end. ``sinks[i]`` receives local agent ``i``'s records, ``network_sink`` the
+    root's network records. With ``train.validate``: ``best`` is the best centroid so far (of the run being resumed, the same on
     every process), and ``on_best`` (the root's) is called with each new best."""
     cfg = cohort.cfg
     tr, m = cfg.train, cfg.maml
@@ -227,7 +234,9 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
         it = cohort.iteration
         is_eval = it % tr.eval_every == 0 or it == tr.iterations
         is_log = is_eval or it % tr.log_every == 0
-        is_checkpoint = every > 0 and it % every == 0
+        # Also at the last iteration, so that every finished run can be extended (train.resume=true with more
+        # iterations), however short it was.
+        is_checkpoint = every > 0 and (it % every == 0 or it == tr.iterations)
         if not (is_log or is_checkpoint):
             continue
         means = [float(window[i]) / window_n for i in local]

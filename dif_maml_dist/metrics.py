@@ -56,6 +56,15 @@ class TensorBoardSink:
         self.writer.close()  # what was written stays, as for a crash
 
 
+def tensorboard_import_error() -> Optional[str]:
+    """Why :class:`TensorBoardSink`'s writer cannot be imported (``"TypeError: ..."``), or None when it can."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except Exception as err:  # a broken install raises anything: ImportError, protobuf's TypeError, ...
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else 'no message'}"
+    return None
+
+
 class TeeSink:
     """One stream written to several sinks (e.g. JSONL and TensorBoard)."""
 

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Optional
 
 from torch import Tensor
 
-from .config import Config
+from .config import SPARSIFIERS, Config
 from .context import RunContext
 from .loop import BestCentroid, RunResult
 from .metrics import JsonlSink, MetricsSink, TeeSink, TensorBoardSink, save_tensors_atomic, write_json_atomic
@@ -33,11 +33,14 @@ RUN_OWN_DIRS = ("models", "metrics", "checkpoints", "logs", ".hydra", "flight_re
 def log_start(ctx: RunContext) -> None:
     """The run's first log lines: where it writes, what it runs, on which graph and device."""
     cfg, topo = ctx.cfg, ctx.topology
+    # The rate the rounds actually mix at, the summary's mixing_rate_per_round: under a changing graph the base
+    # matrix's lambda_2 is not what the run combines with.
+    rate, _ = ctx.schedule.mixing()
+    label = "effective lambda_2" if ctx.schedule.is_static else f"{ctx.schedule.name} mixing rate per round"
     log.info("run dir %s", ctx.run_dir.resolve())
-    log.info("%s on %s (%d agents, %s weights, lambda_2 = %s; effective lambda_2 = %s), %s lr=%g, "
-             "%d iterations, %s on %s", cfg.strategy.name, topo.name, topo.num_agents, cfg.topology.weights,
-             _rate(topo.lambda2), _rate(mixing_rate(ctx.weights)), cfg.optim.name, cfg.optim.lr,
-             cfg.train.iterations, cfg.runtime.mode, ctx.device)
+    log.info("%s on %s (%d agents, %s weights, lambda_2 = %s; %s = %s), %s lr=%g, %d iterations, %s on %s",
+             cfg.strategy.name, topo.name, topo.num_agents, cfg.topology.weights, _rate(topo.lambda2), label,
+             _rate(rate), cfg.optim.name, cfg.optim.lr, cfg.train.iterations, cfg.runtime.mode, ctx.device)
 
 
 def _rate(value: float | None) -> str:
@@ -54,7 +57,7 @@ def communication(cfg: Config, schedule: GraphSchedule) -> dict:
     if c.name != "none":
         gamma, zeta = consensus_steps(c)
         compression.update({"gamma": gamma, "zeta": zeta,
-                            **({"ratio": c.ratio} if c.name in ("topk", "randk") else {}),
+                            **({"ratio": c.ratio} if c.name in SPARSIFIERS else {}),
                             **({"bits": c.bits} if c.name == "qsgd" else {})})
     return {"schedule": schedule.name, "mixing_rate_per_round": rate, "mixing_rate_method": method,
             "combine_every": cfg.strategy.combine_every, "compression": compression}

@@ -10,7 +10,9 @@ differs in their configs, e.g. ``strategy=centralized`` against ``strategy=dif_m
 - ``communication.png``: bytes sent, and compute against exchange seconds, per agent;
 - ``topology.png`` (one per distinct graph): the graph with its combination weights.
 
-Needs matplotlib (the ``plots`` extra); without it, one line naming the extra and exit status 2.
+Every input is checked before anything is written: runs of different tasks (their losses are not on one scale),
+a run given twice, a run without its ``metrics/`` records, and an ``--out`` that is a file or cannot be written
+are each refused in one line with exit status 2. Needs matplotlib (the ``plots`` extra); without it, likewise.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence
 
+from .evaluate import plain, unwritable
 from .outputs import RUN_OWN_DIRS
 
 EXIT_USAGE = 2
@@ -31,6 +34,10 @@ _NOT_LABELS = ("data.root", "data.download", "runtime.threads", "runtime.timeout
                "train.save_models", "metrics.tensorboard")
 #: Above this many agents the graph is drawn without weights, and above the second not at all.
 _LABEL_EDGES_UP_TO, _DRAW_UP_TO = 30, 400
+#: What the figures and the table read from summary.json: checked up front, so no report is left half written.
+_SUMMARY_KEYS = ("config", "num_agents", "agents", "iterations", "edges", "strategy", "topology",
+                 "centroid_test_loss", "mean_final_test_loss", "disagreement", "wall_seconds",
+                 "centroid_adaptation_curve")
 
 
 class ReportError(ValueError):
@@ -61,10 +68,17 @@ class RunData:
             self.summary = json.loads(summary.read_text())
         except json.JSONDecodeError as err:
             raise ReportError(f"{summary} is not valid JSON ({err})") from None
+        missing = [k for k in _SUMMARY_KEYS if k not in self.summary]
+        if missing:
+            raise ReportError(f"{summary} lacks {', '.join(missing)}: it was not written by a finished run")
         self.config = self.summary["config"]
         self.num_agents = int(self.summary["num_agents"])
         self.agents = {k: _records(self.dir / "metrics" / f"agent{k}.jsonl") for k in range(self.num_agents)}
         self.network = _records(self.dir / "metrics" / "network.jsonl")
+        if not self.network:
+            raise ReportError(f"{self.dir} has no metrics/network.jsonl records: the report draws the run's logged "
+                              f"curves; give the run directory with its metrics/ folder")
+        self.task = self.config["task"]["name"]
         self.classification = "centroid_test_accuracy" in self.summary
         self.label = self.dir.name
 
@@ -97,6 +111,32 @@ def label_runs(runs: Sequence[RunData]) -> None:
             run.label = f"{run.label} ({run.dir.name})" if differ else run.dir.name
 
 
+def _check_runs(runs: Sequence[RunData]) -> None:
+    seen: dict[Path, RunData] = {}
+    for run in runs:
+        if seen.setdefault(run.dir.resolve(), run) is not run:
+            raise ReportError(f"run directory {run.dir} is given twice; give each run once")
+    tasks = {run.task: run for run in runs}
+    if len(tasks) > 1:  # a sinusoid's MSE and a classifier's cross-entropy on one axis would compare nothing
+        raise ReportError("runs of different tasks cannot share one report (their losses are not comparable): "
+                          + ", ".join(f"{run.dir} is {task}" for task, run in tasks.items())
+                          + "; report each task separately")
+
+
+def _check_out(out: Path, run_dirs: Sequence[Path]) -> None:
+    resolved = out.resolve()
+    for d in map(Path.resolve, run_dirs):
+        if resolved == d or (resolved.is_relative_to(d) and resolved.relative_to(d).parts[0] in RUN_OWN_DIRS):
+            raise ReportError(f"--out {out} would write among run {d}'s own files; choose another folder "
+                              f"(e.g. {d / 'report'})")
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file; give --out a folder (report.md and the figures go there)")
+    existing = next(p for p in (out, *out.parents) if p.exists())  # where the first new folder or file goes
+    why = unwritable(existing)
+    if why:
+        raise ReportError(f"cannot write into --out {out}: {existing} {why}; choose a writable folder")
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -112,7 +152,7 @@ def _pyplot():
 def _axes(plt, path: Path, xlabel: str, ylabel: str, log: str = "no") -> Iterator[Any]:
     """One figure's axes, labelled, gridded and saved to ``path`` on the way out. ``log``: ``yes``, ``no``, or
     ``auto`` (log scale where the values span more than a decade)."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
     yield ax
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -120,8 +160,13 @@ def _axes(plt, path: Path, xlabel: str, ylabel: str, log: str = "no") -> Iterato
     if log == "yes" or (log == "auto" and low > 0 and high / low > 10):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    _save_with_legend_below(plt, fig, path, *ax.get_legend_handles_labels())
+
+
+def _save_with_legend_below(plt, fig, path: Path, handles: list, labels: list) -> None:
+    # Outside the axes: a legend inside them, wherever matplotlib finds room, still covers curves or bars. The
+    # figure's constrained layout makes room for it below the axes.
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(2, len(labels)), fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -158,26 +203,22 @@ def _adaptation(plt, runs: Sequence[RunData], path: Path) -> None:
 
 
 def _communication(plt, runs: Sequence[RunData], path: Path) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
         agents = run.summary["agents"]
         ks = [a["agent"] + (i - (len(runs) - 1) / 2) * width for a in agents]
         left.bar(ks, [a["bytes_sent"] / 1e6 for a in agents], width=width, color=f"C{i}", label=run.label)
-        right.bar(ks, [a["compute_seconds"] for a in agents], width=width, color=f"C{i}",
-                  label=f"{run.label}: compute")
+        right.bar(ks, [a["compute_seconds"] for a in agents], width=width, color=f"C{i}")
         right.bar(ks, [a["exchange_seconds"] for a in agents], width=width, bottom=[a["compute_seconds"] for a in agents],
-                  color=f"C{i}", alpha=0.45, hatch="//", label=f"{run.label}: exchange")
+                  color=f"C{i}", alpha=0.45, hatch="//")
     left.set_xlabel("agent")
     left.set_ylabel("MB sent")
     right.set_xlabel("agent")
     right.set_ylabel("seconds (solid: compute, hatched: exchange)")
     for ax in (left, right):
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_with_legend_below(plt, fig, path, *left.get_legend_handles_labels())  # one colour per run, both panels
 
 
 def _topology(plt, run: RunData, path: Path) -> bool:
@@ -235,8 +276,11 @@ def _final_table(runs: Sequence[RunData]) -> list[str]:
 
 
 def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
-    """Every figure and ``report.md`` for ``run_dirs`` into ``out``; returns the report's path."""
+    """Every figure and ``report.md`` for ``run_dirs`` into ``out``; returns the report's path. Every input is
+    checked before the first file is written."""
     runs = [RunData(d) for d in run_dirs]
+    _check_runs(runs)
+    _check_out(out, run_dirs)
     plt = _pyplot()
     label_runs(runs)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,16 +312,11 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="dif-maml-report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="dif-maml-report", description=plain(__doc__))
     ap.add_argument("run_dirs", type=Path, nargs="+", help="finished run directories (overlaid in one report)")
     ap.add_argument("--out", type=Path, required=True, help="folder for the figures and report.md")
     args = ap.parse_args(argv)
     try:
-        out = args.out.resolve()
-        for d in map(Path.resolve, args.run_dirs):
-            if out == d or (out.is_relative_to(d) and out.relative_to(d).parts[0] in RUN_OWN_DIRS):
-                raise ReportError(f"--out {args.out} would write among run {d}'s own files; choose another folder "
-                                  f"(e.g. {d / 'report'})")
         report = write_report(args.run_dirs, args.out)
     except ReportError as err:
         print(f"dif_maml_dist.report: error: {err}", file=sys.stderr)

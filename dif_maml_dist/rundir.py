@@ -28,7 +28,8 @@ class RunDirError(ValueError):
 
 
 def check_location(run_dir: str | Path) -> Path:
-    """``run_dir`` as a path, if it can be a run directory: not empty, not a file, not below a file."""
+    """``run_dir`` as a path, if it can be a run directory: not empty, not a file, not below a file, and writable
+    (its nearest existing folder: the run directory itself, or where it will be created)."""
     if str(run_dir).strip() == "":
         raise RunDirError("hydra.run.dir is empty, which would write the run into the current folder: give a "
                           "directory, e.g. hydra.run.dir=runs/NAME")
@@ -37,6 +38,13 @@ def check_location(run_dir: str | Path) -> Path:
         if p.exists() and not p.is_dir():
             what = "is a file" if p == path else f"is below {p}, which is a file"
             raise RunDirError(f"hydra.run.dir={run_dir} {what}: choose a directory path")
+    # access(2) answers for this user as the kernel would (a read-only mount too); root passes permission bits,
+    # and so does this check, as the writes would. Without it the refusal came as hydra's or the lock's traceback.
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else "cannot be created"
+        where = "" if existing == path else f": {existing} is not writable"
+        raise RunDirError(f"hydra.run.dir={run_dir} {what}{where} by this user; choose a directory you can write to")
     return path
 
 
@@ -52,21 +60,36 @@ def check_fresh(run_dir: Path) -> None:
                           f"hydra.run.dir=DIR (or continue it with train.resume=true)")
 
 
-def check_resumable(run_dir: Path, num_agents: int, iterations: int, prints: dict[str, str]) -> None:
-    """``train.resume=true`` needs checkpoints of every agent, at an iteration no later than the target, intact
-    (checksum) and written by this configuration (``prints``: the run's fingerprint).
+def check_resumable(run_dir: Path, num_agents: int, iterations: int, prints: dict[str, str],
+                    simulated: bool = False) -> None:
+    """``train.resume=true`` needs checkpoints of every agent (``simulated``: of the simulator), at an iteration no
+    later than the target, intact (checksum) and written by this configuration (``prints``: the run's fingerprint).
 
     Read from this node's filesystem: on nodes without a shared run directory the agents agree again through
-    the network when they resume (``checkpoint.resume``), and check their own files there."""
+    the network when they resume (``checkpoint.resume``), and check their own files there. The simulator's are
+    all here, so it is refused here when it has none."""
     if not (run_dir / "checkpoints").is_dir():
         raise RunDirError(f"train.resume=true, but {run_dir} holds no checkpoints to resume from (written every "
                           f"train.checkpoint_every iterations under {run_dir / 'checkpoints'})")
-    per_agent = [checkpoint.available(run_dir, k) for k in range(num_agents)]
-    if all(per_agent):  # some agents' checkpoints elsewhere (another node): leave it to the collective check
-        start = checkpoint.newest_common(per_agent)
+    whose = checkpoint.holders(num_agents, simulated)
+    per_holder = [checkpoint.available(run_dir, k) for k in whose]
+    if not any(per_holder):
+        # The other kind of launch's checkpoints: a torchrun job's cannot continue in the simulator, nor back.
+        other = checkpoint.holders(num_agents, not simulated)
+        if any(checkpoint.available(run_dir, k) for k in other):
+            written, resume = ("the simulator", "runtime=simulate") if not simulated else ("a torchrun job",
+                                                                                          "runtime=torchrun")
+            raise RunDirError(f"train.resume=true, but the checkpoints in {run_dir / 'checkpoints'} were written by "
+                              f"{written}: resume it with {resume}")
+        if simulated:
+            raise RunDirError(f"train.resume=true, but {run_dir} holds no checkpoint of the simulator to resume from "
+                              f"(written every train.checkpoint_every iterations and at the end under "
+                              f"{checkpoint.agent_dir(run_dir, checkpoint.SIMULATOR)})")
+    if all(per_holder):  # some agents' checkpoints elsewhere (another node): leave it to the collective check
+        start = checkpoint.newest_common(per_holder)
         if start is not None:
             checkpoint.check_target(start, iterations, run_dir)
-            for k in range(num_agents):
+            for k in whose:
                 checkpoint.load(run_dir, k, start, prints)
 
 
@@ -143,6 +166,13 @@ class RunDirLock:
         if holder and holder.get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
         self.held = False
+
+    @staticmethod
+    def remove_at_end(run_dir: Path) -> None:
+        """The run is over (continue mode: its summary is written, every agent finished or left): its lock goes,
+        whoever holds it. Rank 0 may have left the network as if killed (``runtime.departures``, a crash) and
+        never released it; nobody of this run writes here any more."""
+        (Path(run_dir) / LOCK_NAME).unlink(missing_ok=True)
 
     def remove_if_unused(self) -> None:
         """After a refused start: remove the directory if this start made it and left nothing but its record."""

@@ -33,6 +33,14 @@ class ProcessEnv:
     restart_count: int = 0  #: how often torchrun has restarted this job after a failure (--max-restarts)
     local_world_size: int = 1  #: agents on this torchrun node
     max_restarts: int = 0  #: torchrun's --max-restarts for this node
+    #: this run's job number in a hydra sweep (``-m``), None outside one: every job of a sweep forms its own
+    #: process group from the same torchrun store, under keys of its own
+    sweep_job: Optional[int] = None
+
+    @property
+    def store_namespace(self) -> str:
+        """Where this run's keys live in torchrun's store (which outlives its jobs and restarts)."""
+        return "dif_maml_dist" if self.sweep_job is None else f"dif_maml_dist/job{self.sweep_job}"
 
     @classmethod
     def from_environ(cls, environ=os.environ) -> "ProcessEnv":
@@ -75,11 +83,15 @@ def select_backend(cfg: RuntimeConfig, device: torch.device) -> str:
 
 def intra_op_threads(cfg: RuntimeConfig) -> int:
     """Intra-op threads of this process (on every device: a GPU rank's host work is launches and task sampling):
-    ``runtime.threads``, or by default 1 per torchrun agent and every core this process may use for the
-    simulator."""
+    ``runtime.threads``, or by default 1, for torchrun agents and both simulator engines alike.
+
+    One thread is the only count whose cost does not depend on what else runs on the machine: a parallel region
+    waits for its slowest thread, and on busy cores a descheduled OpenMP sibling makes every small operation
+    wait a scheduler slice (benchmarks/bench_simulator_threads.py). It is also what makes the per-agent engine
+    equal a torchrun job bit for bit, since the math libraries split reductions by thread count."""
     if cfg.threads is not None:
         return cfg.threads
-    return len(os.sched_getaffinity(0)) if cfg.mode == "simulate" else 1
+    return 1
 
 
 def configure_process(cfg: RuntimeConfig, threads: int) -> None:
@@ -162,9 +174,11 @@ def distributed(cfg: RuntimeConfig, env: ProcessEnv, device: torch.device, backe
     init_timeout = timedelta(seconds=cfg.init_timeout_s)
     # torchrun's store outlives a restart (--max-restarts), and with torch 2.14 the restarted workers read the
     # failed attempt's gloo addresses from it ("connectFullMesh failed ... Connection refused"): keys are
-    # prefixed with the attempt number here, so each attempt meets only its own peers.
+    # prefixed with the attempt number here, so each attempt meets only its own peers. The jobs of a sweep (-m)
+    # meet in the same store one after the other: each under its own namespace, or the second job would find
+    # the first's keys and wait on peers that have left.
     store, rank, world_size = next(dist.rendezvous("env://", timeout=init_timeout))
-    store = dist.PrefixStore(f"dif_maml_dist/attempt{env.restart_count}", store)
+    store = dist.PrefixStore(f"{env.store_namespace}/attempt{env.restart_count}", store)
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=init_timeout,
                             device_id=device if backend == "nccl" else None)
     board = StoreProgressBoard(dist.PrefixStore("progress", store), rank, world_size,
@@ -211,7 +225,7 @@ def edge_network(cfg: RuntimeConfig, env: ProcessEnv, peers: Sequence[int],
     store, rank, world_size = next(dist.rendezvous("env://", timeout=init_timeout))
     # One namespace for the whole run, restarts included: a restarted agent must find the running network's keys
     # (its own count of starts, the edges it re-forms), unlike a torchrun restart of everyone (``distributed``).
-    namespace = "dif_maml_dist/continue"
+    namespace = f"{env.store_namespace}/continue"
 
     def connect_store():  # a connection of its own (a TCPStore client serves one blocking wait at a time)
         return dist.PrefixStore(namespace, dist.TCPStore(store.host, store.port, is_master=False, timeout=init_timeout,

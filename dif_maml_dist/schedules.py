@@ -11,7 +11,8 @@ round by the configured rule on the round's graph; an agent with no peer in a ro
   ``n = ceil(log2 K)`` (BlueFog's one-peer exponential graph, made undirected). Pairing: agent ``k`` pairs with
   ``k + d`` when ``floor(k / d)`` is even and with ``k - d`` when it is odd; a partner outside ``0..K-1`` means
   no peer this round. Both ends compute the same pair. For K a power of two every agent has a peer in every round,
-  and one period of n rounds (weights 1/2) averages the network exactly; it ignores the base graph's edges.
+  and one period of n rounds (weights 1/2) averages the network exactly; it ignores the base graph's edges
+  (only its number of agents counts, so the base graph may be disconnected: ``uses_base_edges``).
 - ``random_matching``: a maximal matching of the base graph's edges, drawn each round (edges in a seeded random
   order, each taken if both ends are still free).
 - ``resample``: each base edge is active with probability ``topology.active_prob`` each round.
@@ -136,7 +137,11 @@ class GraphSchedule:
         """How much one round contracts the disagreement, and how that was found: λ₂ of the static matrix; the
         period's product ``rho(prod A_r^T - 11^T/K)^(1/period)`` for the exponential schedule; for random ones,
         the measured geometric-mean decay of ``||X - mean||`` over 200 rounds from random starts. ``None`` where
-        an exact spectrum would take too long (``topology.EXACT_SPECTRUM_MAX_AGENTS``)."""
+        an exact spectrum would take too long (``topology.EXACT_SPECTRUM_MAX_AGENTS``). Computed once per
+        schedule: the start line and the summary report the same number, and it may take O(K^3)."""
+        return _mixing(self)
+
+    def _compute_mixing(self) -> tuple[Optional[float], str]:
         k = self.num_agents
         if k < 2:
             return 0.0, "single agent"
@@ -158,6 +163,11 @@ class GraphSchedule:
             x = self.weights(r).T @ x
         return float((np.linalg.norm(x - x.mean(axis=0)) / start) ** (1.0 / _MEASURE_ROUNDS)), \
             f"measured decay over {_MEASURE_ROUNDS} rounds"
+
+
+@lru_cache(maxsize=8)
+def _mixing(schedule: GraphSchedule) -> tuple[Optional[float], str]:
+    return schedule._compute_mixing()
 
 
 @lru_cache(maxsize=8)
@@ -185,6 +195,15 @@ def static_schedule(weights: np.ndarray) -> GraphSchedule:
     return GraphSchedule("static", g, np.asarray(weights, dtype=np.float64))
 
 
+#: Schedules that never use the base graph's edges (only its number of agents): the base graph may be disconnected.
+IGNORE_BASE_EDGES = frozenset({"one_peer_exponential"})
+
+
+def uses_base_edges(schedule: str) -> bool:
+    """Whether ``schedule``'s rounds are drawn from the base graph's edges (so the base graph must be connected)."""
+    return schedule not in IGNORE_BASE_EDGES
+
+
 def build_schedule(cfg: TopologyConfig, seed: int, graph: nx.Graph, weights: np.ndarray) -> GraphSchedule:
     """The configured schedule over ``graph``; ``weights``: the strategy's static matrix (A, 11^T/K or I)."""
     from .topology import WEIGHT_RULES
@@ -194,5 +213,12 @@ def build_schedule(cfg: TopologyConfig, seed: int, graph: nx.Graph, weights: np.
     if cfg.weights not in WEIGHT_RULES:
         raise ValueError(f"topology.schedule={cfg.schedule} needs a weight rule ({', '.join(WEIGHT_RULES)}), "
                          f"not topology.weights={cfg.weights}")
+    edges = graph.number_of_edges()
+    if cfg.schedule == "resample" and edges and cfg.active_prob * edges < 1:
+        # The floor of compression.ratio's kind: below one active edge per round on average, most rounds combine
+        # nothing and the agents hardly ever average.
+        raise ValueError(f"topology.active_prob={cfg.active_prob:g} keeps less than one of the graph's {edges} edges "
+                         f"per round on average (most rounds would combine nothing); use at least 1/{edges} = "
+                         f"{1 / edges:.3g}")
     return GraphSchedule(cfg.schedule, graph, np.asarray(weights, dtype=np.float64), seed, cfg.active_prob,
                          WEIGHT_RULES[cfg.weights])

@@ -13,10 +13,14 @@ Two engines:
   ``vmap`` over agents, one optimizer step over the stack (Adam and SGD are elementwise, so this is K local
   optimizers), and ``W = A^T Phi`` as one (sparse, for sparse graphs) matrix product. Equal to the runtime up
   to floating-point summation order (~1e-15 relative per step in float64).
+
+Both engines checkpoint the same state (:meth:`Simulation.state_dict`, per-agent quantities stacked by agent), so
+either continues the other's checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from typing import Any, Optional, Sequence
@@ -29,6 +33,7 @@ from . import seeding
 from .agent import Agent, initial_params, make_optimizer
 from .config import Config
 from .learner import Learner
+from .loop import BestCentroid
 from .maml import TaskBatch, batched_meta_gradient
 from .metrics import Curves
 from .gossip import combine_round, gossip_round, make_gossip
@@ -65,6 +70,39 @@ def sample_agents(samplers: Sequence[Any], gens: Sequence[torch.Generator], num_
         return vectorized(list(samplers), list(gens), num_tasks)
     batches = [s.sample(g, num_tasks) for s, g in zip(samplers, gens)]
     return TaskBatch(*(torch.stack(parts) for parts in zip(*(b.tensors() for b in batches))))
+
+
+def _stacked_optimizer(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """K one-parameter optimizers' ``state_dict``s (the per-agent engine's) as the ``state_dict`` of one optimizer
+    over the ``[K, P]`` stack (the vectorised engine's): per-parameter tensors stacked, the rest (the step count,
+    which every agent shares, a buffer not kept) taken from agent 0."""
+    def stack(values: list[Any]) -> Any:
+        first = values[0]
+        return torch.stack(values) if isinstance(first, Tensor) and first.dim() > 0 else copy.deepcopy(first)
+
+    return {"state": {p: {key: stack([s["state"][p][key] for s in states]) for key in per}
+                      for p, per in states[0]["state"].items()},
+            "param_groups": copy.deepcopy(states[0]["param_groups"])}
+
+
+def _agent_optimizer(stacked: dict[str, Any], k: int) -> dict[str, Any]:
+    """Agent ``k``'s part of :func:`_stacked_optimizer`'s output (cloned: a view would keep the whole stack)."""
+    def part(value: Any) -> Any:
+        return value[k].clone() if isinstance(value, Tensor) and value.dim() > 0 else copy.deepcopy(value)
+
+    return {"state": {p: {key: part(v) for key, v in per.items()} for p, per in stacked["state"].items()},
+            "param_groups": copy.deepcopy(stacked["param_groups"])}
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    """``obj``'s tensors (in nested dicts and lists) on ``device``: checkpoints are loaded onto the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {key: _to(value, device) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_to(value, device) for value in obj]
+    return obj
 
 
 def _mixing_operator(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -128,6 +166,9 @@ class Simulation:
         self._known: frozenset[int] = frozenset()  #: departed agents their neighbours have noticed (a round later)
         # continue mode's messages carry a header (round, degree, membership vector), as under torchrun
         self._header_bytes = 8 * (2 + k) if cfg.runtime.on_peer_failure == "continue" else 0
+        #: the best centroid so far (train.validate; set by the caller's ``on_best``): kept here so that the
+        #: checkpoints carry it
+        self.best: Optional[BestCentroid] = None
 
     # -- state -------------------------------------------------------------------------------------------
     @property
@@ -142,6 +183,46 @@ class Simulation:
 
     def _state(self, i: int) -> Tensor:
         return self.params[i] if self.vectorize else self.agents[i].state.params
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue bit for bit: parameters, optimizer state and task streams of every
+        agent, the compressed gossip's reference copies, the departures so far, the counters and the best
+        centroid. The same for both engines. Nothing else draws at random across iterations: the graph of a
+        round and a compressor's draws come from streams keyed by the round (``schedules.py``, ``gossip.py``)."""
+        if self.vectorize:
+            optimizer, rngs = copy.deepcopy(self.optimizer.state_dict()), self.rngs
+        else:
+            optimizer = _stacked_optimizer([a.state.optimizer.state_dict() for a in self.agents])
+            rngs = [a.state.rng for a in self.agents]
+        return {"iteration": self._iteration, "params": self.states().detach().clone(), "optimizer": optimizer,
+                "rngs": [g.get_state() for g in rngs],
+                # None where the vectorised engine combines by a matrix product, with nothing to keep
+                "gossips": None if self.gossips is None else [g.state_dict() for g in self.gossips],
+                "frozen": {a: t.clone() for a, t in self._frozen.items()}, "known": sorted(self._known),
+                "bytes_sent": list(self.bytes_sent), "compute_s": self.compute_seconds,
+                "exchange_s": self.exchange_seconds, "best": None if self.best is None else self.best.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output (of either engine): the next step is the iteration after it."""
+        self._iteration = int(sd["iteration"])
+        if self.vectorize:
+            with torch.no_grad():
+                self.params.copy_(sd["params"])
+            self.optimizer.load_state_dict(sd["optimizer"])
+            for g, state in zip(self.rngs, sd["rngs"]):
+                g.set_state(state)
+        else:
+            for k, agent in enumerate(self.agents):
+                agent.state.load_state_dict({"iteration": self._iteration, "params": sd["params"][k],
+                                             "optimizer": _agent_optimizer(sd["optimizer"], k), "rng": sd["rngs"][k]})
+        if self.gossips is not None and sd["gossips"] is not None:
+            for g, state in zip(self.gossips, sd["gossips"]):
+                g.load_state_dict(_to(state, self.device))
+        self._frozen = {int(a): t.to(self.device, self.dtype) for a, t in sd["frozen"].items()}
+        self._known = frozenset(int(a) for a in sd["known"])
+        self.bytes_sent = [int(b) for b in sd["bytes_sent"]]
+        self.compute_seconds, self.exchange_seconds = float(sd["compute_s"]), float(sd["exchange_s"])
+        self.best = BestCentroid.from_state_dict(sd["best"])
 
     # -- one iteration -----------------------------------------------------------------------------------
     def _mixer(self, r: int) -> Tensor:

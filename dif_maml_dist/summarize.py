@@ -29,7 +29,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -69,7 +69,11 @@ def finish_agent(ctx, final: dict[str, Any], view: dict[str, Any], wall_seconds:
             return None
         if accounting(ctx.run_dir, ctx.topology.num_agents, ctx.cfg.runtime.departures)["missing"]:
             return None
-        return write(ctx, f"agent {ctx.env.rank}")
+        summary = write(ctx, f"agent {ctx.env.rank}")
+    from .rundir import RunDirLock
+
+    RunDirLock.remove_at_end(ctx.run_dir)  # the run is over here, whichever agent finished last
+    return summary
 
 
 def accounting(run_dir: Path, num_agents: int, planned: Sequence[Sequence[int]] = ()) -> dict[str, Any]:
@@ -105,6 +109,25 @@ def accounting(run_dir: Path, num_agents: int, planned: Sequence[Sequence[int]] 
 
 def _stack(paths: Sequence[Path], layout) -> torch.Tensor:
     return torch.stack([layout.flatten(torch.load(p, weights_only=True)) for p in paths])
+
+
+def component_figures(cfg, learner, finals: Mapping[int, torch.Tensor], parts: Sequence[Sequence[int]]) -> list[dict]:
+    """When the surviving graph split (``parts``: its components, from ``membership.components``): per component,
+    its agents, their disagreement and their centroid's final test figures, from each survivor's final flat
+    parameters ``finals``. Empty when it did not split (the summary's own figures are the whole network's)."""
+    from .loop import final_figures
+
+    m = cfg.maml
+    if len(parts) <= 1:
+        return []
+    steps = max(m.final_adapt_steps, m.eval_inner_steps)
+    out = []
+    for part in parts:
+        c, d = centroid_and_disagreement(torch.stack([finals[k] for k in part]))
+        f = final_figures(figures(learner.curves(c, m.inner_lr, steps, 0, learner.num_tests(True))),
+                          m.eval_inner_steps, m.final_adapt_steps, "", "")
+        out.append({"agents": list(part), "disagreement": d, **f})
+    return out
 
 
 def write(ctx, by: str) -> dict:
@@ -151,14 +174,8 @@ def write(ctx, by: str) -> dict:
     centroid, disagreement = centroid_and_disagreement(states)
     centroid_figures = final_figures(figures(learner.curves(centroid, alpha, steps, 0, learner.num_tests(True))),
                                      m.eval_inner_steps, m.final_adapt_steps, "centroid_", "centroid_")
-    parts = components(ctx.topology.graph, [k for k in range(k_all) if k not in finals])
-    per_component = []
-    if len(parts) > 1:
-        for part in parts:
-            c, d = centroid_and_disagreement(torch.stack([states[survivors.index(k)] for k in part]))
-            f = final_figures(figures(learner.curves(c, alpha, steps, 0, learner.num_tests(True))),
-                              m.eval_inner_steps, m.final_adapt_steps, "", "")
-            per_component.append({"agents": part, "disagreement": d, **f})
+    parts = components(ctx.schedule.support(), [k for k in range(k_all) if k not in finals])
+    per_component = component_figures(cfg, learner, dict(zip(survivors, states)), parts)
     agents = [{key: v for key, v in finals[k].items()
                if key not in ("departures", "returns", "departed", "component", "came_back", "states")}
               for k in survivors]

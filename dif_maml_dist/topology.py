@@ -224,7 +224,8 @@ def _components_summary(graph: nx.Graph) -> str:
 
 
 def build_graph(cfg: TopologyConfig) -> nx.Graph:
-    """The undirected graph named by ``cfg``, nodes ``0..K-1``. Raises ``ValueError`` if it is not connected.
+    """The undirected graph named by ``cfg``, nodes ``0..K-1``. Raises ``ValueError`` if it is not connected (and
+    ``cfg.schedule`` draws its rounds from it: ``schedules.uses_base_edges``).
 
     O(K + E) (Erdos-Renyi: O(K^2) per draw); it never builds a K x K matrix, but a complete graph holds
     K^2/2 edges: call ``check_size(num_agents_of(cfg))`` first, as ``build_topology`` does."""
@@ -257,8 +258,11 @@ def build_graph(cfg: TopologyConfig) -> nx.Graph:
         graph = read_edge_list(cfg.edge_list, cfg.num_agents)
     else:
         raise ValueError(f"unknown topology {name!r}")
+    from .schedules import uses_base_edges
+
     graph = nx.convert_node_labels_to_integers(graph, ordering="sorted")
-    if graph.number_of_nodes() > 1 and not nx.is_connected(graph):
+    # A schedule that pairs agents by id alone (one_peer_exponential) reads only K off the base graph.
+    if graph.number_of_nodes() > 1 and uses_base_edges(cfg.schedule) and not nx.is_connected(graph):
         raise ValueError(f"topology {name!r} is disconnected ({_components_summary(graph)}); agents in different "
                          f"components can never agree: add edges")
     return graph
@@ -370,8 +374,9 @@ def is_primitive(a: np.ndarray, tol: float = _TOL) -> bool:
     return _support_is_primitive(np.asarray(a) > tol)
 
 
-def check_weights(a: np.ndarray, graph: nx.Graph | None = None) -> None:
-    """Raise ``ValueError`` unless ``a`` is a valid combination matrix (for ``graph``, if given). O(K^2)."""
+def check_weights(a: np.ndarray, graph: nx.Graph | None = None, primitive: bool = True) -> None:
+    """Raise ``ValueError`` unless ``a`` is a valid combination matrix (for ``graph``, if given). O(K^2).
+    ``primitive=False``: a base matrix a schedule never combines with may leave the agents apart."""
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"combination matrix must be square, got shape {a.shape}")
     k = a.shape[0]
@@ -403,7 +408,7 @@ def check_weights(a: np.ndarray, graph: nx.Graph | None = None) -> None:
             l, j = np.argwhere(allowed)[0]
             raise ValueError(f"A[{l}, {j}] = {a[l, j]:.3g} but agents {l} and {j} are not neighbours")
         del allowed
-    if k > 1 and not _support_is_primitive(support):
+    if primitive and k > 1 and not _support_is_primitive(support):
         raise ValueError("combination matrix is not primitive (lambda_2 = 1): the agents would never agree")
 
 
@@ -436,7 +441,8 @@ class Topology:
     graph: nx.Graph
     weights: np.ndarray  #: A, in the project's convention (column k = what agent k combines)
     #: ``mixing_rate(weights)``; ``None`` = not computed (more agents than ``EXACT_SPECTRUM_MAX_AGENTS``).
-    #: The weights are checked primitive either way, i.e. lambda_2 < 1.
+    #: The weights are checked primitive either way, i.e. lambda_2 < 1, unless the schedule ignores the base
+    #: graph's edges (``schedules.uses_base_edges``): then a disconnected base graph has lambda_2 = 1.
     lambda2: float | None
 
     @property
@@ -494,8 +500,10 @@ def build_topology(cfg: TopologyConfig) -> Topology:
     if cfg.weights == "file":
         a = read_weight_matrix(cfg.weight_matrix, graph)
     else:
+        from .schedules import uses_base_edges
+
         a = WEIGHT_RULES[cfg.weights](graph)
-        check_weights(a, graph)
+        check_weights(a, graph, primitive=uses_base_edges(cfg.schedule))
     return Topology(cfg.name, graph, a, mixing_rate(a))
 
 

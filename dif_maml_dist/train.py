@@ -109,8 +109,9 @@ def check_group_choices(parsed: list, conf_dir: Path = CONF_DIR) -> None:
             raise UsageError(f"unknown {key} {value!r}; choose one of: {', '.join(options)}")
 
 
-def compose(overrides: list[str]) -> tuple[Config, str]:
-    """The validated config and run directory that hydra will compose from ``overrides`` (``ValueError``)."""
+def compose(overrides: list[str], sweep_job: Optional[int] = None) -> tuple[Config, str]:
+    """The validated config and run directory that hydra will compose from ``overrides`` (``ValueError``); for
+    job ``sweep_job`` of a sweep (``-m``), that job's directory (``hydra.sweep.dir/hydra.sweep.subdir``)."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -118,8 +119,13 @@ def compose(overrides: list[str]) -> tuple[Config, str]:
     check_group_choices(parse_overrides(overrides))
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
-            node = hydra_compose("config", overrides=overrides, return_hydra_config=True)
-            run_dir = str(node.hydra.run.dir)
+            if sweep_job is None:
+                node = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+                run_dir = str(node.hydra.run.dir)
+            else:
+                node = hydra_compose("config", overrides=[*overrides, f"hydra.job.num={sweep_job}"],
+                                     return_hydra_config=True)
+                run_dir = str(Path(node.hydra.sweep.dir) / str(node.hydra.sweep.subdir))
             with open_dict(node):
                 del node["hydra"]
             return from_omegaconf(node), run_dir
@@ -134,34 +140,97 @@ def _one_line(err: BaseException) -> str:
     return f"{first}: {str(cause).strip().splitlines()[0]}" if cause is not None and str(cause).strip() else first
 
 
-def prepare(overrides: list[str], env: ProcessEnv) -> Launch:
-    """Every check before anything is written, cheapest first; on rank 0 the run directory's lock (``ValueError``
-    for a user mistake)."""
+def check(overrides: list[str], env: ProcessEnv) -> RunContext:
+    """Every check of a start that writes nothing, cheapest first, as the process ``env`` would make it
+    (``ValueError`` for a user mistake): ``prepare``'s, the sweep's (``prepare_sweep``, for each of its jobs)
+    and the launch scripts' pre-flight (``preflight.py``)."""
     from . import rundir
     from .context import RunContext
 
-    cfg, where = compose(overrides)
+    cfg, where = compose(overrides, env.sweep_job)
     run_dir = rundir.check_location(where)
-    explicit = any(o.key_or_group == "hydra.run.dir" for o in parse_overrides(overrides))
+    names_dir = "hydra.run.dir" if env.sweep_job is None else "hydra.sweep.dir"
+    explicit = any(o.key_or_group == names_dir for o in parse_overrides(overrides))
     if env.under_torchrun and not explicit and os.environ.get("TORCHELASTIC_RUN_ID", "") in _NO_RUN_ID:
         raise UsageError("torchrun gave this job no run id, so its ranks cannot agree on a run directory: "
-                         "pass --rdzv-id=NAME to torchrun, or hydra.run.dir=DIR")
+                         f"pass --rdzv-id=NAME to torchrun, or {names_dir}=DIR")
     resuming = cfg.train.resume or env.restart_count > 0
     if not resuming:
         rundir.check_fresh(run_dir)
     ctx = RunContext.build(cfg, env, run_dir)
     if cfg.train.resume and env.restart_count == 0:
-        rundir.check_resumable(run_dir, ctx.topology.num_agents, cfg.train.iterations, ctx.fingerprint())
+        rundir.check_resumable(run_dir, ctx.topology.num_agents, cfg.train.iterations, ctx.fingerprint(),
+                               simulated=cfg.runtime.mode == "simulate")
+    return ctx
+
+
+def prepare(overrides: list[str], env: ProcessEnv) -> Launch:
+    """``check``, then on rank 0 the run directory's lock (``ValueError`` for a user mistake)."""
+    from .preflight import not_retried
+
+    with not_retried(env):
+        ctx = check(overrides, env)
+        return Launch(ctx, own(ctx))
+
+
+def own(ctx: RunContext) -> Optional[RunDirLock]:
+    """Rank 0's lock on the run directory, the fresh-run check repeated under it (``ValueError``)."""
+    from . import rundir
+
     # Only rank 0 owns the directory; the other ranks write nothing before the first barrier, which they pass
     # only once rank 0 holds the lock.
-    lock = rundir.RunDirLock(run_dir, _run_id()).acquire() if env.rank == 0 else None
-    if lock is not None and not resuming:
+    if ctx.env.rank != 0:
+        return None
+    lock = rundir.RunDirLock(ctx.run_dir, _run_id()).acquire()
+    if not ctx.resuming:
         try:  # again, now that the directory is ours: another job may have finished there in the meantime
-            rundir.check_fresh(run_dir)
+            rundir.check_fresh(ctx.run_dir)
         except ValueError:
             lock.remove_if_unused()
             raise
-    return Launch(ctx, lock)
+    return lock
+
+
+def let_go(lock: Optional[RunDirLock], code: int) -> None:
+    """The run directory's lock at the end: a refused start leaves no trace; any other ending frees it."""
+    if lock is not None:
+        if code == EXIT_USAGE:
+            lock.remove_if_unused()
+        else:
+            lock.release()
+
+
+#: hydra's flags for a sweep: one job per combination of the comma-separated override values, each its own run
+#: in ``hydra.sweep.dir/<job number>``. Any other hydra flag is left to hydra.
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def prepare_sweep(overrides: list[str], env: ProcessEnv) -> dict[int, RunContext]:
+    """Every job of a sweep checked as ``check`` checks a single run, before hydra writes anything (its
+    ``multirun.yaml``, each job's record); the contexts by job number (``ValueError`` for a user mistake)."""
+    from dataclasses import replace
+
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.errors import HydraException
+
+    parsed = parse_overrides(overrides)
+    if any(o.key_or_group == "hydra.run.dir" for o in parsed):
+        raise UsageError("-m runs a sweep, whose jobs go to hydra.sweep.dir/<job number>, so hydra.run.dir would "
+                         "be ignored: give hydra.sweep.dir=DIR instead")
+    try:
+        (jobs,) = BasicSweeper.split_arguments(parsed, None)
+    except HydraException as err:
+        raise UsageError(_one_line(err)) from None
+    contexts = {}
+    for number, job in enumerate(jobs):
+        if compose(job, number)[0].train.resume:
+            raise UsageError("train.resume=true cannot continue a sweep as a whole: continue each job on its own, "
+                             "with train.resume=true hydra.run.dir=SWEEP_DIR/<job number> and the job's overrides")
+        try:
+            contexts[number] = check(job, replace(env, sweep_job=number))
+        except ValueError as err:
+            raise UsageError(f"sweep job {number} ({' '.join(job)}): {err}") from None
+    return contexts
 
 
 # ------------------------------------------------------------------------------------------------ execution
@@ -271,7 +340,7 @@ def execute_continuing(ctx: RunContext) -> Optional[dict]:
         # noncooperative agents exchange nothing: nobody leaves in their view
         membership = getattr(agent.combiner, "membership", None) or Membership(rank, ctx.topology.num_agents,
                                                                                transport.incarnation)
-        view = membership.view(ctx.topology.graph)
+        view = membership.view(ctx.schedule.support())
         for d in view["departures"]:
             log.info("agent %d left: learned in round %d (iteration %d), %s", d["agent"], d["round"], d["iteration"],
                      d["how"])
@@ -279,8 +348,9 @@ def execute_continuing(ctx: RunContext) -> Optional[dict]:
 
 
 def simulate(ctx: RunContext) -> dict:
-    """All agents in this one process (runtime=simulate); same outputs as a torchrun job."""
-    from . import outputs
+    """All agents in this one process (runtime=simulate); same outputs as a torchrun job, and checkpoints of the
+    whole simulation (``checkpoints/simulator/``) to continue from with train.resume=true."""
+    from . import checkpoint, outputs
     from .loop import run_loop
     from .runtime import configure_process, setup_logging
     from .simulate import Simulation
@@ -290,33 +360,49 @@ def simulate(ctx: RunContext) -> dict:
     setup_logging(0, run_dir / "logs", who="simulator")
     outputs.log_start(ctx)
     sim = Simulation(cfg, ctx.schedule, ctx.device, vectorize=cfg.runtime.vectorize, family=ctx.family)
-    def on_best(b):
-        outputs.save_best_centroid(run_dir, b, sim.named_params(b.centroid))
+    prints = ctx.fingerprint()
+    start = checkpoint.resume(sim, None, run_dir, checkpoint.SIMULATOR, prints,
+                              cfg.train.iterations) if ctx.resuming else None
+    saver = None
+    if cfg.train.checkpoint_every > 0:
+        saver = checkpoint.AgentCheckpoints(run_dir, checkpoint.SIMULATOR, sim.state_dict, prints,
+                                            cfg.train.checkpoint_every, cfg.train.keep_checkpoints, start)
 
-    with outputs.metric_sinks(run_dir, sim.agent_ids, True, tensorboard=cfg.metrics.tensorboard) as (sinks,
-                                                                                                 network_sink):
-        result = run_loop(sim, sinks, network_sink, progress=True,
-                          on_best=on_best if cfg.train.save_models and cfg.train.validate else None)
+    def on_best(b):
+        sim.best = b  # into the next checkpoint
+        if cfg.train.save_models:
+            outputs.save_best_centroid(run_dir, b, sim.named_params(b.centroid))
+
+    with outputs.metric_sinks(run_dir, sim.agent_ids, True, start, cfg.metrics.tensorboard) as (sinks, network_sink):
+        result = run_loop(sim, sinks, network_sink, progress=True, checkpointer=saver, best=sim.best,
+                          on_best=on_best if cfg.train.validate else None)
     if cfg.train.save_models:
         outputs.save_models(run_dir, {k: sim.named_params(p) for k, p in enumerate(sim.states())})
     return outputs.write_summary(ctx, result, sim.named_params, {
         "parameters": sim.layout.numel, "meta_grad_path": "vmap (over agents)" if sim.vectorize else "per agent",
-        "device": str(ctx.device), "backend": "none", **simulated_departures(ctx, sim, result)})
+        "device": str(ctx.device), "backend": "none", "resumed_from_iteration": start,
+        **simulated_departures(ctx, sim, result)})
 
 
 def simulated_departures(ctx: RunContext, sim, result) -> dict:
     """runtime.departures in the simulator: the summary's figures are the survivors' (as a torchrun run's in
-    continue mode), with who left when and the components of the surviving graph."""
+    continue mode), with who left when, the components of the surviving graph and, if it split, each
+    component's figures (``summarize.component_figures``, as for a torchrun run)."""
     from .membership import components
+    from .summarize import component_figures
 
     if ctx.cfg.runtime.on_peer_failure != "continue":
         return {}
     gone = sim.departed()
     result.network["agents"] = [a for a in result.network["agents"] if a["agent"] not in gone]
-    parts = components(ctx.topology.graph, gone)
-    return {"on_peer_failure": "continue", "survivors": [a["agent"] for a in result.network["agents"]],
+    survivors = [a["agent"] for a in result.network["agents"]]
+    parts = components(ctx.schedule.support(), gone)
+    states = sim.states().detach()
+    per_component = component_figures(ctx.cfg, sim.learner, {k: states[k] for k in survivors}, parts)
+    return {"on_peer_failure": "continue", "survivors": survivors,
             "departed": [{"agent": a, "iteration": sim.leave_at[a]} for a in sorted(gone)],
-            "components": parts, "split": len(parts) > 1}
+            "components": parts, "split": len(parts) > 1,
+            **({"component_figures": per_component} if per_component else {})}
 
 
 def _interrupted(ctx: RunContext) -> None:
@@ -325,12 +411,15 @@ def _interrupted(ctx: RunContext) -> None:
 
     if ctx.env.rank != 0:
         return
-    newest = checkpoint.newest_common(checkpoint.available(ctx.run_dir, k) for k in range(ctx.topology.num_agents))
-    if newest is None or ctx.cfg.runtime.mode == "simulate":
-        _say(f"interrupted; no checkpoint of every agent was written, so the run in {ctx.run_dir} cannot be "
+    simulated = ctx.cfg.runtime.mode == "simulate"
+    whose = "the simulator" if simulated else "every agent"
+    newest = checkpoint.newest_common(checkpoint.available(ctx.run_dir, k)
+                                      for k in checkpoint.holders(ctx.topology.num_agents, simulated))
+    if newest is None:
+        _say(f"interrupted; no checkpoint of {whose} was written, so the run in {ctx.run_dir} cannot be "
              f"continued (train.checkpoint_every sets how often they are)")
     else:
-        _say(f"interrupted; the newest checkpoint of every agent is iteration {newest} in "
+        _say(f"interrupted; the newest checkpoint of {whose} is iteration {newest} in "
              f"{ctx.run_dir / 'checkpoints'}: continue with train.resume=true hydra.run.dir={ctx.run_dir}")
 
 
@@ -364,6 +453,7 @@ def run(ctx: RunContext) -> None:
 
 # ------------------------------------------------------------------------------------------------- hydra
 _LAUNCH: Optional[Launch] = None  #: prepared by ``main`` before hydra runs ``_hydra_main``
+_SWEEP: dict[int, RunContext] = {}  #: with -m: every job's context, by job number, checked by ``main``
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -373,15 +463,32 @@ def _hydra_main(node: DictConfig) -> None:
 
     if _LAUNCH is not None:
         ctx = _LAUNCH.ctx
-        assert Path(HydraConfig.get().runtime.output_dir).resolve() == ctx.run_dir.resolve(), (
-            HydraConfig.get().runtime.output_dir, ctx.run_dir)
-    else:  # hydra's own flags (e.g. --multirun): checked here, after hydra has written its record
+    elif _SWEEP:
+        ctx = _SWEEP[HydraConfig.get().job.num]
+    else:  # hydra's own flags (e.g. --cfg): checked here, after hydra has written its record
         env = ProcessEnv.from_environ()
         try:
             ctx = RunContext.build(from_omegaconf(node), env, Path(HydraConfig.get().runtime.output_dir))
         except ValueError as err:
             _fail(err, env.rank)
-    run(ctx)
+    assert Path(HydraConfig.get().runtime.output_dir).resolve() == ctx.run_dir.resolve(), (
+        HydraConfig.get().runtime.output_dir, ctx.run_dir)
+    if not _SWEEP:
+        run(ctx)
+        return
+    # A sweep's job owns its directory as a single run does, from here (hydra has written the job's record).
+    try:
+        lock = own(ctx)
+    except ValueError as err:
+        _fail(err, ctx.env.rank)
+    code = 0
+    try:
+        run(ctx)
+    except SystemExit as leaving:
+        code = leaving.code
+        raise
+    finally:
+        let_go(lock, code)
 
 
 def main() -> None:
@@ -391,30 +498,32 @@ def main() -> None:
 
     env = ProcessEnv.from_environ()
     overrides = sys.argv[1:]
+    flags = [arg for arg in overrides if arg.startswith("-")]
     code = 0
     try:
-        # Hydra's own flags (--help, --cfg, --multirun, ...) are left to hydra.
-        if not any(arg.startswith("-") for arg in overrides):
+        if not flags:
             try:
                 _LAUNCH = prepare(overrides, env)
             except ValueError as err:
                 _fail(err, env.rank)
-            # Only rank 0 writes hydra's record; a resumed start writes its own beside the first start's.
-            if env.rank != 0:
-                sys.argv.append("hydra.output_subdir=null")
-            elif _LAUNCH.ctx.resuming:
+            if env.rank == 0 and _LAUNCH.ctx.resuming:  # its own record, beside the first start's
                 sys.argv.append(f"hydra.output_subdir={resume_record_dir(_LAUNCH.ctx.run_dir)}")
+        elif all(flag in MULTIRUN_FLAGS for flag in flags):
+            try:
+                _SWEEP.update(prepare_sweep([arg for arg in overrides if arg not in MULTIRUN_FLAGS], env))
+            except ValueError as err:
+                _fail(err, env.rank)
+        # Hydra's other flags (--help, --cfg, ...) are left to hydra. Only rank 0 writes hydra's records.
+        if env.rank != 0:
+            sys.argv.append("hydra.output_subdir=null")
         _hydra_main()
     except SystemExit as leaving:
         code = leaving.code if isinstance(leaving.code, int) else (0 if leaving.code is None else 1)
     except KeyboardInterrupt:  # before the run started, or after it ended
         code = EXIT_INTERRUPTED
     finally:
-        if _LAUNCH is not None and _LAUNCH.lock is not None:
-            if code == EXIT_USAGE:
-                _LAUNCH.lock.remove_if_unused()  # a refused start leaves no trace
-            else:
-                _LAUNCH.lock.release()
+        if _LAUNCH is not None:
+            let_go(_LAUNCH.lock, code)
     if not env.under_torchrun:
         sys.exit(code)
     # A torchrun worker leaves without the interpreter's own teardown: every output is closed and written by

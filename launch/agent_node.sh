@@ -35,9 +35,9 @@ if [[ ! "$MASTER" =~ ^[^:]+:[0-9]+$ ]]; then
     fail "MASTER must be host:port, got '$MASTER'"
 fi
 MAX_RESTARTS="${MAX_RESTARTS:-3}"
-if [[ ! "$MAX_RESTARTS" =~ ^[0-9]+$ ]]; then
-    fail "MAX_RESTARTS must be a non-negative integer, got '$MAX_RESTARTS'"
-fi
+require_restarts
+preflight "$NUM_AGENTS" 1 "$MAX_RESTARTS" "NUM_AGENTS=$NUM_AGENTS" runtime.on_peer_failure=continue \
+    "hydra.run.dir=$RUN_DIR" "$@"
 
 # Static rendezvous: every node knows its rank, node 0 hosts the store, and a node's restart of its own worker
 # needs nobody else (c10d would restart every node's workers when one node comes back).

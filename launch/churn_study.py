@@ -5,9 +5,10 @@ For each fraction in --fractions and each seed, that share of the K agents (draw
 iterations in the middle 80% of the run; runs
 
     python -m dif_maml_dist.train runtime=simulate runtime.on_peer_failure=continue topology=T \\
-        topology.num_agents=K train.iterations=N 'runtime.departures=[[a,i],...]' hydra.run.dir=RUNS/...
+        topology.num_agents=K train.iterations=N 'runtime.departures=[[a,i],...]' hydra.run.dir=RUNS/.../seedS-KEY
 
-and prints, per fraction (mean over seeds): survivors, components of the surviving graph (and the largest), the
+(KEY: a hash of all the overrides, so runs made with other settings are never reused as these) and prints, per
+fraction (mean over seeds): survivors, components of the surviving graph (and the largest), the
 survivors' centroid test loss after one adaptation step, and its change against the network that lost nobody.
 
     .venv/bin/python launch/churn_study.py [--agents 100] [--topology erdos_renyi] [--edge-prob 0.05]
@@ -24,25 +25,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _runs import finished, keyed  # launch/_runs.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(args, fraction: float, seed: int) -> dict:
-    run_dir = args.runs / f"K{args.agents}-{args.topology}" / f"leave{fraction:g}" / f"seed{seed}"
-    if not (run_dir / "summary.json").is_file():
-        rng = random.Random(seed)
-        leaving = rng.sample(range(args.agents), round(fraction * args.agents))
-        lo, hi = args.iterations // 10, args.iterations - args.iterations // 10
-        departures = ",".join(f"[{a},{rng.randint(lo, hi)}]" for a in sorted(leaving))
-        cmd = [sys.executable, "-m", "dif_maml_dist.train", "runtime=simulate", "runtime.on_peer_failure=continue",
-               f"topology={args.topology}", f"topology.num_agents={args.agents}", f"seed={seed}",
-               f"train.iterations={args.iterations}", f"train.eval_every={args.iterations}", "train.log_every=500",
-               "train.save_models=false", f"runtime.departures=[{departures}]", f"hydra.run.dir={run_dir}"]
-        if args.topology == "erdos_renyi":
-            cmd.append(f"topology.edge_prob={args.edge_prob}")
-        if args.threads is not None:
-            cmd.append(f"runtime.threads={args.threads}")
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    rng = random.Random(seed)
+    leaving = rng.sample(range(args.agents), round(fraction * args.agents))
+    lo, hi = args.iterations // 10, args.iterations - args.iterations // 10
+    departures = ",".join(f"[{a},{rng.randint(lo, hi)}]" for a in sorted(leaving))
+    overrides = ["runtime=simulate", "runtime.on_peer_failure=continue", f"topology={args.topology}",
+                 f"topology.num_agents={args.agents}", f"seed={seed}", f"train.iterations={args.iterations}",
+                 f"train.eval_every={args.iterations}", "train.log_every=500", "train.save_models=false",
+                 f"runtime.departures=[{departures}]"]
+    if args.topology == "erdos_renyi":
+        overrides.append(f"topology.edge_prob={args.edge_prob}")
+    if args.threads is not None:
+        overrides.append(f"runtime.threads={args.threads}")
+    run_dir = keyed(args.runs / f"K{args.agents}-{args.topology}" / f"leave{fraction:g}", f"seed{seed}", overrides)
+    if not finished(run_dir):
+        proc = subprocess.run([sys.executable, "-m", "dif_maml_dist.train", *overrides, f"hydra.run.dir={run_dir}"],
+                              cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"run {run_dir} failed:\n{proc.stderr[-2000:]}")
     return json.loads((run_dir / "summary.json").read_text())

@@ -29,8 +29,14 @@ if [[ ! "$RDZV_ENDPOINT" =~ ^[^:]+:[0-9]+$ ]]; then
 fi
 RUN_DIR="${RUN_DIR:-outputs/$RUN_ID}"
 
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+require_restarts
+# Before joining the rendezvous: a mistake is then this node's one line, not torchrun's report on every node.
+preflight "$((NNODES * NPROC_PER_NODE))" "$NPROC_PER_NODE" "$MAX_RESTARTS" \
+    "NNODES=$NNODES x NPROC_PER_NODE=$NPROC_PER_NODE" "hydra.run.dir=$RUN_DIR" "$@"
+
 # shellcheck disable=SC2086  # TORCHRUN may be a command with arguments
 exec $TORCHRUN --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RUN_ID" \
-    --max-restarts="${MAX_RESTARTS:-0}" \
+    --max-restarts="$MAX_RESTARTS" \
     -m dif_maml_dist.train "hydra.run.dir=$RUN_DIR" "$@"

@@ -3,10 +3,11 @@
 Runs (unless their run directories already hold results), with the simulator's vectorised engine,
 
     python -m dif_maml_dist.train runtime=simulate runtime.threads=1 topology=ring topology.num_agents=K seed=S \\
-        train.iterations=N train.eval_every=N/12 SETTING... hydra.run.dir=RUNS/ringK/NAME/seedS
+        train.iterations=N train.eval_every=N/12 SETTING... hydra.run.dir=RUNS/ringK/NAME/seedS-KEY
 
 for K in --agents (6 and 16), every setting below and every seed, --jobs at a time (with --omniglot DATA: Omniglot
-5-way 1-shot on the paper's 6-agent graph instead, accuracies instead of losses); then writes
+5-way 1-shot on the paper's 6-agent graph instead, accuracies instead of losses); KEY is a hash of all the
+overrides, so runs made with other settings (another --iterations) are never reused as these. Then writes
 
 - ``compression_runs.csv``: one row per run (final test loss after one step, mean over agents and of the centroid,
   bytes sent per agent, disagreement, wall time);
@@ -14,7 +15,8 @@ for K in --agents (6 and 16), every setting below and every seed, --jobs at a ti
   against the bytes each agent sent (the Pareto figure);
 - ``compression_disagreement.png``: disagreement against iteration, mean over seeds;
 
-and prints the table and the goals' status for docs/results.md.
+and prints the table and the goals' status for docs/results.md; the exit status is 1 if any run failed (its log
+is RUNS/.../seedS-KEY.log).
 
     .venv/bin/python launch/reproduce_compression.py --runs runs/compression --out docs/figures
         [--iterations 6000] [--seeds 0 1 2] [--agents 6 16] [--jobs 2] [--only NAME ...]
@@ -35,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _figures import pyplot  # launch/_figures.py, beside this script
+from _runs import finished, keyed, log_of  # launch/_runs.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,25 +66,26 @@ def slug(name: str) -> str:
 OMNIGLOT = ["task=omniglot_5w1s", "runtime.vectorize=false", "task.final_eval_tasks=300", "maml.final_adapt_steps=1"]
 
 
-def run_one(graph: str, name: str, seed: int, iterations: int, runs: Path, data: Path | None) -> Path:
-    run_dir = runs / graph / slug(name) / f"seed{seed}"
-    if (run_dir / "summary.json").is_file():
-        return run_dir
+def run_one(graph: str, name: str, seed: int, iterations: int, runs: Path, data: Path | None) -> Path | None:
+    """The run's folder, once it holds a finished run (made now or before); ``None`` if the run failed."""
     if graph == "omniglot":
         where = [*OMNIGLOT, f"data.root={data}"]
     else:
         where = ["runtime.threads=1", "topology=ring", f"topology.num_agents={graph.removeprefix('ring')}"]
     every = max(iterations // (3 if graph == "omniglot" else 12), 1)  # Conv4 evaluations are dear
-    cmd = [sys.executable, "-m", "dif_maml_dist.train", "runtime=simulate", *where, f"seed={seed}",
-           f"train.iterations={iterations}", f"train.eval_every={every}", f"train.log_every={every}",
-           "train.save_models=false", *SETTINGS[name], f"hydra.run.dir={run_dir}"]
+    overrides = ["runtime=simulate", *where, f"seed={seed}", f"train.iterations={iterations}",
+                 f"train.eval_every={every}", f"train.log_every={every}", "train.save_models=false", *SETTINGS[name]]
+    run_dir = keyed(runs / graph / slug(name), f"seed{seed}", overrides)
+    if finished(run_dir):
+        return run_dir
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.parent / f"seed{seed}.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    with open(log_of(run_dir), "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "dif_maml_dist.train", *overrides, f"hydra.run.dir={run_dir}"],
+                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode}; see {run_dir.parent}/seed{seed}.log)"
+    status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode}; see {log_of(run_dir)})"
     print(f"{graph} {name} seed {seed}: {status}", file=sys.stderr, flush=True)
-    return run_dir
+    return run_dir if proc.returncode == 0 else None
 
 
 def read(run_dir: Path) -> dict | None:
@@ -121,7 +125,7 @@ def main() -> None:
     jobs = [(g, name, seed) for g in graphs for name in args.only for seed in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
         dirs = list(pool.map(lambda j: run_one(*j, args.iterations, args.runs.resolve(), data), jobs))
-    results = {job: read(d) for job, d in zip(jobs, dirs)}
+    results = {job: read(d) if d is not None else None for job, d in zip(jobs, dirs)}
 
     with open(args.out / f"{prefix}_runs.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -180,6 +184,15 @@ def main() -> None:
             print(f"goal {k}: >= {factor}x fewer bytes within {what} of none: "
                   f"{'met by ' + ', '.join(ok) if ok else 'not met'}")
 
+    figures(args, graphs, rows, results, prefix, metric)
+    failed = [f"{k} {name} seed {seed}" for (k, name, seed), d in zip(jobs, dirs) if d is None]
+    if failed:
+        sys.exit(f"reproduce_compression: {len(failed)} run(s) failed ({', '.join(failed)}): the figures lack them; "
+                 f"see their logs under {args.runs}, fix the cause and run this again (finished runs are reused)")
+
+
+def figures(args, graphs: list[str], rows: list[dict], results: dict, prefix: str, metric: str) -> None:
+    """The trade-off and disagreement figures (when matplotlib is installed)."""
     plt = pyplot()
     if plt is None:
         return

@@ -28,6 +28,10 @@ if [[ -n "${MASTER_PORT:-}" ]]; then
 else
     where=(--standalone)
 fi
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+require_restarts
+preflight "$NPROC_PER_NODE" "$NPROC_PER_NODE" "$MAX_RESTARTS" "NPROC_PER_NODE=$NPROC_PER_NODE" \
+    "hydra.run.dir=$RUN_DIR" "$@"
 # shellcheck disable=SC2086  # TORCHRUN may be a command with arguments
-exec $TORCHRUN "${where[@]}" --nproc-per-node="$NPROC_PER_NODE" --max-restarts="${MAX_RESTARTS:-0}" \
+exec $TORCHRUN "${where[@]}" --nproc-per-node="$NPROC_PER_NODE" --max-restarts="$MAX_RESTARTS" \
     -m dif_maml_dist.train "hydra.run.dir=$RUN_DIR" "$@"

@@ -17,6 +17,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: How long a waited-for job may show no progress at all before a test calls it hung. A hang guard only: generous,
+#: because on a saturated 2-core machine starting a torch process alone can take a minute (tests/stress.sh).
+STALL_S = 300.0
+
+
+def wait_until(ready, progress, what: str, stall_s: float = STALL_S, alive=lambda: True) -> None:
+    """Poll until ``ready()``; fail only when ``progress()`` (any comparable value: an iteration, a file count) has
+    not changed for ``stall_s`` seconds, or when ``alive()`` turns false first. Deadlines measured from the job's
+    own progress, not fixed seconds, so that a loaded machine slows the test down instead of failing it."""
+    import time
+
+    last, since = progress(), time.monotonic()
+    while not ready():
+        if not alive():
+            raise AssertionError(f"{what}: the job ended first")
+        now = progress()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > stall_s:
+            raise AssertionError(f"{what}: no progress in {stall_s:.0f} s (stuck at {last!r})")
+        time.sleep(0.05)
+
+
 def small_config(strategy: str = "dif_maml", iterations: int = 12, optim: str = "adam", **train) -> Config:
     """A fast float64 config: few iterations, a small test set, 2 tasks per agent (loop path)."""
     cfg = Config()
@@ -28,7 +51,6 @@ def small_config(strategy: str = "dif_maml", iterations: int = 12, optim: str = 
     cfg.train = replace(TrainConfig(), iterations=iterations, eval_every=max(iterations // 2, 1), log_every=4,
                         dtype="float64", save_models=False, **train)
     return validate(cfg)
-
 
 
 def schedule_for(cfg: Config, topology):

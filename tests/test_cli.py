@@ -16,7 +16,7 @@ PARAMS = 1761  # 1-40-40-1 MLP: 40 + 40 + 1600 + 40 + 40 + 1
 PAPER6_DEGREES = [1, 1, 4, 2, 3, 1]
 
 
-def train(args: list[str], nproc: int | None = None, timeout: float = 300, cwd: Path = REPO,
+def train(args: list[str], nproc: int | None = None, timeout: float = 900, cwd: Path = REPO,
           **env_vars: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable]
     if nproc is not None:  # torchrun, from this interpreter's environment
@@ -146,7 +146,9 @@ def test_bad_input_is_one_line_error(tmp_path, case):
                                   "processes_checked_first", "unknown_task", "zero_lr", "negative_alpha",
                                   "missing_node", "weights_not_doubly_stochastic", "schedule_with_centralized",
                                   "negative_seed", "continue_with_centralized", "departure_without_continue",
-                                  "departure_of_unknown_agent"])
+                                  "departure_of_unknown_agent", "every_agent_departs", "departure_after_the_end",
+                                  "departure_twice", "topk_keeping_every_entry", "ratio_below_one_entry",
+                                  "resample_without_edges", "combine_every_beyond_iterations"])
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     """The entry point's checks (``train.prepare``: hydra's compose API on the command line's overrides, then
     the run's context), case by case: each refusal is one line naming what to change, and nothing is created.
@@ -156,8 +158,12 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     errors for unknown keys and bad values; a directory, non-UTF-8 bytes or ragged rows in the user's files; a
     mistyped huge node id listing a million components; 50,000 agents ending in a MemoryError; and 8000 agents
     in one process computing dense spectra for minutes before the process count was checked; and the config's
-    own validation (values out of range, options that do not combine). (The exit status and the printing of
-    these lines are the CLI's, checked by the subprocess test above.)"""
+    own validation (values out of range, options that do not combine). Also settings that would run uselessly:
+    departures of every agent (a ZeroDivisionError in the summary after training, or under torchrun exit 0 with
+    nothing written), a top-k "compression" sending more bytes than the full state, a ratio keeping less than
+    one entry (consensus step ~0: no averaging), resample rounds with no edge on average, and combine_every
+    beyond the last iteration (never combines). (The exit status and the printing of these lines are the CLI's,
+    checked by the subprocess test above.)"""
     from dif_maml_dist.runtime import ProcessEnv
     from dif_maml_dist.train import prepare
 
@@ -196,6 +202,21 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
                                        "add runtime.on_peer_failure=continue"),
         "departure_of_unknown_agent": (["runtime=simulate", "runtime.on_peer_failure=continue",
                                         "runtime.departures=[[6,5]]"], "names agent 6, but the topology has 6"),
+        "every_agent_departs": (["runtime=simulate", "runtime.on_peer_failure=continue", "topology=ring",
+                                 "topology.num_agents=3", "runtime.departures=[[0,5],[1,6],[2,7]]"],
+                                "runtime.departures lists every one of the 3 agents; at least one agent must stay"),
+        "departure_after_the_end": (["runtime=simulate", "runtime.on_peer_failure=continue", "train.iterations=10",
+                                     "runtime.departures=[[1,11]]"], "1 <= iteration <= train.iterations (10)"),
+        "departure_twice": (["runtime=simulate", "runtime.on_peer_failure=continue",
+                             "runtime.departures=[[1,3],[1,5]]"], "names an agent twice"),
+        "topk_keeping_every_entry": (["runtime=simulate", "compression=topk", "compression.ratio=1"],
+                                     "at least the 7044 bytes of the full state: use compression=none"),
+        "ratio_below_one_entry": (["runtime=simulate", "compression=randk", "compression.ratio=1e-9"],
+                                  "compression.ratio=1e-09 keeps less than one of the model's 1761 entries"),
+        "resample_without_edges": (["runtime=simulate", "topology.schedule=resample", "topology.active_prob=1e-9"],
+                                   "topology.active_prob=1e-09 keeps less than one of the graph's 6 edges"),
+        "combine_every_beyond_iterations": (["runtime=simulate", "train.iterations=10", "strategy.combine_every=11"],
+                                            "strategy.combine_every=11 is above train.iterations=10"),
         "run_dir_empty": (["hydra.run.dir="], "hydra.run.dir is empty"),
         "run_dir_is_file": ([f"hydra.run.dir={a_file}"], "is a file: choose a directory path"),
         "run_dir_below_file": ([f"hydra.run.dir={a_file / 'run'}"], f"is below {a_file}, which is a file"),
@@ -221,6 +242,36 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     message = str(refused.value)
     assert expect in message and "\n" not in message and len(message) < 400, message
     assert not run_dir.exists() and sorted(os.listdir(REPO)) == cwd_before
+
+
+def test_run_dir_whose_parent_is_not_writable_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """hydra.run.dir below a folder this user cannot write into: one line naming the folder, before any check
+    that builds the graph or the data and before anything is written. Catches a refusal that came only as a
+    PermissionError traceback from hydra or the lock, after the checks had passed.
+
+    Permission bits do not stop root (the tests may run as root), and ``os.access`` then reports the folder as
+    writable, as it is: there the test stands in for a read-only mount by making ``os.access`` answer as it would
+    on one (EROFS), so that the check itself is exercised either way."""
+    from dif_maml_dist.runtime import ProcessEnv
+    from dif_maml_dist.train import prepare
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):  # root
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked and mode & os.W_OK
+                            else real(p, mode, **kw))
+    run_dir = locked / "runs" / "a"
+    try:
+        with pytest.raises(ValueError) as refused:
+            prepare(["runtime=simulate", f"hydra.run.dir={run_dir}"], ProcessEnv())
+    finally:
+        locked.chmod(0o755)
+    message = str(refused.value)
+    assert message == (f"hydra.run.dir={run_dir} cannot be created: {locked} is not writable by this user; choose "
+                       f"a directory you can write to"), message
+    assert list(locked.iterdir()) == []
 
 
 def test_default_run_dir_holding_a_run_is_left_intact(tmp_path):
@@ -356,3 +407,44 @@ def test_float64_job_reproduces_the_implementation_before_the_rewrite(tmp_path):
         assert a["iteration"] == b["iteration"]
         for key in ("centroid_test_loss_pre", "centroid_test_loss_post", "disagreement"):
             assert a[key] == pytest.approx(b[key], **close)
+
+
+SWEEP = ["topology=ring", "topology.num_agents=3", "train.iterations=10", "train.eval_every=10", "task.eval_tasks=20",
+         "maml.final_adapt_steps=2"]
+
+
+def test_sweep_under_torchrun_runs_every_job(tmp_path):
+    """``-m`` under torchrun: two jobs, one after the other in the same three processes, each with its own
+    process group, run directory and summary. Catches every job forming its group under the same keys of
+    torchrun's store (the second job waited on the first one's peers and hung) and ranks of one job writing to
+    different folders (hydra's default sweep folder is named by the clock)."""
+    sweep_dir = tmp_path / "sweep"
+    proc = train(["-m", *SWEEP, "compression=topk,qsgd", f"hydra.sweep.dir={sweep_dir}"], nproc=3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, name in enumerate(["topk", "qsgd"]):
+        summary = json.loads((sweep_dir / str(job) / "summary.json").read_text())
+        assert summary["compression"]["name"] == name and summary["iterations"] == 10
+        assert (sweep_dir / str(job) / ".hydra" / "overrides.yaml").is_file()
+        assert not (sweep_dir / str(job) / ".lock").exists()
+
+
+def test_sweep_is_checked_like_a_single_run_before_anything_is_written(tmp_path):
+    """A sweep into a folder whose job 0 holds a finished run is refused in one line, and neither that run's
+    hydra record nor the sweep's ``multirun.yaml`` is rewritten (both said the new settings beside the old
+    models); an unknown group option among a sweep's values and ``hydra.run.dir`` with ``-m`` (ignored by hydra,
+    which wrote to ./multirun) are one line, exit 2 (hydra's multi-line error, exit 1)."""
+    sweep_dir = tmp_path / "sweep"
+    first = train(["-m", *SWEEP, "runtime=simulate", "compression=topk,qsgd", f"hydra.sweep.dir={sweep_dir}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file() and "logs" not in p.parts}
+    cases = {
+        "existing": (["compression=sign,randk", f"hydra.sweep.dir={sweep_dir}"], f"{sweep_dir / '0'} already holds"),
+        "bogus": (["compression=topk,bogus", f"hydra.sweep.dir={tmp_path / 'new'}"], "unknown compression 'bogus'"),
+        "run_dir": (["compression=topk,sign", f"hydra.run.dir={tmp_path / 'new'}"], "give hydra.sweep.dir=DIR"),
+    }
+    for name, (args, expect) in cases.items():
+        proc = train(["-m", *SWEEP, "runtime=simulate", *args], cwd=tmp_path)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0], (name, proc.stderr)
+        assert {p: p.read_bytes() for p in records} == records, name
+    assert not (tmp_path / "new").exists() and not (tmp_path / "multirun").exists()

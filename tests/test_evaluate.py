@@ -3,9 +3,15 @@ runs."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import shutil
+import struct
 import subprocess
 import sys
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,16 +93,51 @@ def test_api_adapt_equals_the_training_codes_adaptation_and_a_written_out_sgd_lo
     (["{run}", "--json", "{run}/summary.json"], "would overwrite the run's own files"),
     (["{run}", "--json", "{run}/models/x.json"], "would overwrite the run's own files"),
     (["{run}", "--tasks", "0"], "--tasks must be at least 1"),
+    (["{file}"], "is a file, not a run directory"),
+    (["{run}", "--json", "{missing}/x.json"], "does not exist; give --json a file in a writable folder"),
+    (["{run}", "--json", "{file}/x.json"], "is not a folder; give --json a file in a writable folder"),
+    pytest.param(["{run}", "--json", "/proc/x.json"], "/proc cannot be written",  # refused to root as well
+                 marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no Linux /proc")),
+    (["{run}", "--device", "gpu"], "--device gpu is not a device torch knows; use cpu or cuda"),
+    (["{run}", "--device", "meta"], "--device meta cannot evaluate; use cpu or cuda"),
+    (["{run}", "--tasks", "2000000000"], "--tasks must be at most 100000"),
+    (["{run}", "--steps", "100000"], "--steps must be at most 1000"),
+    (["{run}", "--seed", "-1"], "--seed must be a non-negative integer, got -1"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir, tmp_path, capsys, args, message):
-    """Each mistake ends in one line naming it, exit status 2, and no file written."""
+    """Each mistake ends in one line naming it, exit status 2, no file written and nothing evaluated (no table
+    printed). Catches tracebacks for an unknown or unusable device, a run path that is a file reported as missing,
+    a negative seed reported as a task-family failure, task or step counts without a bound (memory, hours), and
+    an output folder that is only found missing after the evaluation, losing it."""
     (tmp_path / "empty").mkdir()
-    args = [a.format(run=run_dir, missing=tmp_path / "nope", empty=tmp_path / "empty") for a in args]
+    (tmp_path / "file.txt").write_text("not a run")
+    args = [a.format(run=run_dir, missing=tmp_path / "nope", empty=tmp_path / "empty", file=tmp_path / "file.txt")
+            for a in args]
     before = sorted(p for p in run_dir.rglob("*"))
     assert evaluate_main(args) == 2
-    err = capsys.readouterr().err.strip()
+    captured = capsys.readouterr()
+    err = captured.err.strip()
     assert err.startswith("dif_maml_dist.evaluate: error: ") and message in err and "\n" not in err, err
+    assert captured.out == ""
     assert sorted(p for p in run_dir.rglob("*")) == before
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_default_output_in_a_read_only_run_folder_is_refused_before_evaluating(run_dir, tmp_path, capsys):
+    """A run folder that cannot be written (a shared, read-only copy) and no --json: one line naming the file and
+    --json, exit status 2, before any evaluation. Catches the table printed and the figures then lost in a
+    traceback when the default RUN/evaluation.json cannot be written."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("evaluation.json", "other.json"))
+    copy.chmod(0o555)
+    try:
+        assert evaluate_main([str(copy)]) == 2
+    finally:
+        copy.chmod(0o755)
+    captured = capsys.readouterr()
+    assert "cannot write" in captured.err and "--json" in captured.err and captured.out == "", captured
+    assert not (copy / "evaluation.json").exists()
 
 
 def test_a_run_without_models_is_refused(tmp_path, capsys):
@@ -129,6 +170,31 @@ def test_sinusoid_episodes_from_csv_give_the_figures_of_the_same_tasks_sampled_i
     assert mine["tasks"] == 5 and mine["episode_names"] == [f"task{t}" for t in range(5)]
     np.testing.assert_allclose(mine["models"]["centroid"]["loss"], internal["models"]["centroid"]["loss"],
                                rtol=1e-5)
+
+
+def test_sinusoid_csv_with_a_utf8_bom_reads_as_without(run_dir, tmp_path):
+    """An episode CSV saved with a UTF-8 byte-order mark (as spreadsheet programs save "CSV UTF-8") evaluates to
+    the figures of the same file without it. Catches the header read as ['\\ufeffsplit', 'x', 'y'] and refused."""
+    run = load_run(run_dir)
+    plain, marked = tmp_path / "plain", tmp_path / "bom"
+    plain.mkdir()
+    marked.mkdir()
+    _write_sinusoid_episode(plain / "task.csv", run.learner().tests.slice(0, 1))
+    (marked / "task.csv").write_bytes(b"\xef\xbb\xbf" + (plain / "task.csv").read_bytes())
+    assert (run.evaluate(["centroid"], steps=1, episodes=marked)["models"]
+            == run.evaluate(["centroid"], steps=1, episodes=plain)["models"])
+
+
+@pytest.mark.parametrize("value", ["nan", "1e400", "-inf"])
+def test_sinusoid_csv_with_a_non_finite_number_is_refused(run_dir, tmp_path, capsys, value):
+    """A CSV episode whose y is nan or overflows to infinity stops with one line naming the file and line, exit
+    status 2, nothing written. Catches non-finite points accepted and turned into nan/inf figures."""
+    (tmp_path / "ep").mkdir()
+    (tmp_path / "ep" / "a.csv").write_text(f"split,x,y\nsupport,0.5,1.0\nquery,0.5,{value}\n")
+    assert evaluate_main([str(run_dir), "--episodes", str(tmp_path / "ep"), "--json", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"a.csv:3: x and y must be finite numbers, got '0.5', '{value}'" in err and "\n" not in err, err
+    assert not (tmp_path / "x.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +243,15 @@ def test_omniglot_episodes_folder_gives_the_accuracy_of_the_same_episodes_sample
             np.testing.assert_allclose(mine["models"][name][key], internal["models"][name][key], rtol=1e-5)
 
 
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels (PIL judges the size on opening, before decoding)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+
+
 def _episode(root, support, query, image):
     for split, classes in (("support", support), ("query", query)):
         for c in classes:
@@ -190,10 +265,14 @@ def _episode(root, support, query, image):
     ("empty_class", "is empty: give it at least one image"),
     ("unreadable", "cannot decode Omniglot image"),
     ("query_only_class", "query class 'z' has no support folder"),
+    ("empty_query", "has no query images: give query/<class>/ folders"),
+    ("bomb", "over PIL's decompression-bomb limit"),
 ])
 def test_bad_episodes_are_one_line_exit_2(omniglot_run, tmp_path, capsys, case, message):
-    """A wrong class count for the model's head, an empty class folder, an unreadable image and a query class
-    absent from the support each stop with one line naming the folder or file, exit status 2."""
+    """A wrong class count for the model's head, an empty class folder, an unreadable image, a query class
+    absent from the support, an episode without query images and an image too large to decode safely each stop
+    with one line naming the folder or file, exit status 2. Catches the tracebacks of the last two (torch.stack
+    of nothing; PIL's DecompressionBombError)."""
     run_dir, data = omniglot_run
     png = next((data / "omniglot-py").rglob("*.png")).read_bytes()
     five = ["a", "b", "c", "d", "e"]
@@ -204,12 +283,39 @@ def test_bad_episodes_are_one_line_exit_2(omniglot_run, tmp_path, capsys, case, 
         (tmp_path / "e0" / "query" / "f").mkdir()
     elif case == "unreadable":
         _episode(tmp_path, five, five, b"not an image")
-    else:
+    elif case == "query_only_class":
         _episode(tmp_path, five, five + ["z"], png)
+    elif case == "empty_query":
+        _episode(tmp_path, five, [], png)
+        (tmp_path / "e0" / "query").mkdir()
+    else:
+        _episode(tmp_path, five, five, png)
+        (tmp_path / "e0" / "query" / "a" / "a.png").write_bytes(_png_claiming(30_000, 30_000))
     assert evaluate_main([str(run_dir), "--episodes", str(tmp_path), "--json", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_one_episode_writes_valid_json_and_prints_no_interval(omniglot_run, tmp_path, capsys, recwarn):
+    """A single episode has no spread over tasks: its accuracy's 95% half-width is null in the JSON (which must
+    stay valid JSON) and the table prints no interval, nor a warning about it. Catches '± nan%' printed, a bare
+    NaN written and torch's std() warning shown."""
+    run_dir, data = omniglot_run
+    png = next((data / "omniglot-py").rglob("*.png")).read_bytes()
+    _episode(tmp_path, "abcde", "abcde", png)
+    assert evaluate_main([str(run_dir), "--episodes", str(tmp_path), "--steps", "1",
+                          "--json", str(tmp_path / "x.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "nan" not in printed.lower() and "±" not in printed, printed
+    assert not [w for w in recwarn if "std()" in str(w.message)]
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    result = json.loads((tmp_path / "x.json").read_text(), parse_constant=no_constants)
+    assert result["models"]["centroid"]["accuracy_ci95"] == [None, None]
+    assert len(result["models"]["centroid"]["accuracy"]) == 2
 
 
 def test_report_overlays_two_runs_in_every_figure_labelled_by_what_differs(run_dir, tmp_path):
@@ -231,6 +337,92 @@ def test_report_overlays_two_runs_in_every_figure_labelled_by_what_differs(run_d
     assert report_main([str(run_dir), "--out", str(run_dir / "metrics")]) == 2  # never among a run's own files
     assert report_main([str(tmp_path), "--out", str(tmp_path / "r2")]) == 2  # not a run directory
     assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("out_is_a_file", "is a file; give --out a folder"),
+    ("no_metrics", "has no metrics/network.jsonl"),
+    ("different_tasks", "runs of different tasks cannot share one report"),
+    ("twice", "is given twice; give each run once"),
+    pytest.param("read_only_out", "cannot write into --out",
+                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")),
+    pytest.param("proc_out", "cannot write into --out /proc/report: /proc cannot be written",  # root too
+                 marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no Linux /proc")),
+])
+def test_report_refuses_bad_input_in_one_line_and_writes_nothing(run_dir, tmp_path, capsys, request, case,
+                                                                 message):
+    """``report`` with --out an existing file or a folder it cannot write, a run without its metrics/ folder, a
+    sinusoid and an Omniglot run together (losses of different scales on one axis), or one run given twice: one
+    line, exit status 2, nothing written. Catches the tracebacks of the --out cases and of the run without
+    metrics/ (raised after test_loss.png was already written), and mixed or identically labelled runs drawn
+    without complaint."""
+    pytest.importorskip("matplotlib", reason="the plots extra is not installed (pip install -e '.[dev]')")
+    from dif_maml_dist.report import main as report_main
+
+    out, runs = tmp_path / "report", [run_dir]
+    if case == "out_is_a_file":
+        out.write_text("keep me")
+    elif case == "no_metrics":
+        runs = [tmp_path / "run"]
+        shutil.copytree(run_dir, runs[0], ignore=shutil.ignore_patterns("metrics"))
+    elif case == "different_tasks":
+        runs = [run_dir, request.getfixturevalue("omniglot_run")[0]]
+    elif case == "twice":
+        runs = [run_dir, run_dir]
+    elif case == "proc_out":
+        out = Path("/proc/report")
+    else:
+        out.mkdir(mode=0o555)
+    assert report_main([*map(str, runs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dif_maml_dist.report: error: ") and message in err and "\n" not in err, err
+    if case == "out_is_a_file":
+        assert out.read_text() == "keep me"
+    elif case == "read_only_out":
+        assert not any(out.iterdir())
+    else:
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "report"])
+def test_help_is_plain_text(tool, capsys):
+    """``--help`` of both tools reads as plain text. Catches reStructuredText markup (``like this``) copied from
+    the module docstrings into the help."""
+    module = importlib.import_module(f"dif_maml_dist.{tool}")
+    with pytest.raises(SystemExit) as exited:
+        module.main(["--help"])
+    assert exited.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: ") and "``" not in printed, printed
+
+
+def test_report_legends_never_cover_data(run_dir, tmp_path, monkeypatch):
+    """In every figure of a report each legend lies outside every axes (where the curves and bars are) and inside
+    the saved figure. Catches legends placed over the data, as communication.png's covered its bars."""
+    pytest.importorskip("matplotlib", reason="the plots extra is not installed (pip install -e '.[dev]')")
+    from matplotlib.figure import Figure
+
+    from dif_maml_dist.report import main as report_main
+
+    save, legends_checked = Figure.savefig, {}
+
+    def checked_save(fig, path, *args, **kwargs):
+        fig.canvas.draw()  # the layout places the legends at draw time
+        renderer = fig.canvas.get_renderer()
+        legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            for ax in fig.axes:
+                assert not box.overlaps(ax.get_window_extent(renderer)), f"{path}: the legend covers the axes"
+            inside = fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+            assert inside, f"{path}: the legend is cut off"
+        legends_checked[Path(path).name] = len(legends)
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", checked_save)
+    assert report_main([str(run_dir), "--out", str(tmp_path / "report")]) == 0
+    assert all(legends_checked[name] == 1 for name in ("test_loss.png", "disagreement.png", "adaptation.png",
+                                                       "communication.png")), legends_checked
 
 
 def test_validation_keeps_the_centroid_of_the_iteration_with_the_best_validation_accuracy(tmp_path):

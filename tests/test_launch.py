@@ -97,3 +97,171 @@ def test_single_node_script_refuses_a_taken_port(tmp_path):
     assert proc.stderr.strip() == (f"launch: error: port {port} (MASTER_PORT) is already in use on this machine; "
                                    f"choose another MASTER_PORT")
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------- refusals before and under torchrun
+RING2 = ["topology=ring", "topology.num_agents=2"]
+LR_ERROR = "dif_maml_dist: error: optim.lr must be a positive number, got 0.0 (the meta step size mu)"
+
+
+def refused(name: str, args: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """A launch script that should stop at once; one that hangs (waiting in a rendezvous) is killed, with its
+    torchrun and workers, and fails the test."""
+    import signal
+
+    base = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NPROC_PER_NODE", "RDZV_ENDPOINT", "RUN_ID")}
+    proc = subprocess.Popen(["bash", str(REPO / "launch" / name), *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env=dict(base, TORCHRUN=TORCHRUN, PYTHONUNBUFFERED="1", **env))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{name} was still running after {timeout} s instead of refusing the launch:\n{err[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def launch_env(name: str, nproc: int, run_dir) -> dict:
+    """Settings of a launch of ``nproc`` agent processes, all on this machine, through launch script ``name``."""
+    if name == "single_node.sh":
+        return {"NPROC_PER_NODE": str(nproc), "RUN_DIR": str(run_dir)}
+    if name == "multi_node.sh":
+        return {"NNODES": "1", "NPROC_PER_NODE": str(nproc), "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+                "RUN_ID": "preflight", "RUN_DIR": str(run_dir)}
+    return {"NUM_AGENTS": str(nproc), "AGENT": "0", "MASTER": f"127.0.0.1:{free_port()}", "RUN_DIR": str(run_dir)}
+
+
+@pytest.mark.parametrize("name", ["single_node.sh", "multi_node.sh", "agent_node.sh"])
+def test_launch_scripts_report_a_config_mistake_in_one_line_with_exit_2(tmp_path, name):
+    """A config mistake given to a launch script: the project's one line, exit status 2, no run directory.
+
+    Catches the mistake reaching torchrun, which then adds its ~40-line ChildFailedError report and exits 1
+    whatever the worker's status (README promised 2)."""
+    proc = refused(name, [*RING2, "optim.lr=0"], **launch_env(name, 2, tmp_path / "run"))
+    assert (proc.returncode, proc.stderr.strip(), proc.stdout) == (2, LR_ERROR, "")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, env, expect", [
+    ("single_node.sh", {"NPROC_PER_NODE": "4"}, "NPROC_PER_NODE=4 starts 4 process(es)"),
+    ("multi_node.sh", {"NNODES": "2", "NPROC_PER_NODE": "2"}, "NNODES=2 x NPROC_PER_NODE=2 starts 4 process(es)"),
+    ("agent_node.sh", {"NUM_AGENTS": "4"}, "NUM_AGENTS=4 starts 4 process(es)"),
+])
+def test_launch_scripts_refuse_a_process_count_other_than_the_topologys(tmp_path, name, env, expect):
+    """The paper's 6-agent graph launched with 4 processes: one line naming the script's own setting, exit 2,
+    before torchrun starts.
+
+    Catches the count reaching torchrun: there every worker refuses it under torchrun's report (exit 1), and a
+    multi-node launch waits in a rendezvous for nodes that will never come."""
+    proc = refused(name, [], timeout=90, **{**launch_env(name, 4, tmp_path / "run"), **env})
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"dif_maml_dist: error: topology 'paper6' has 6 agents but {expect}: start 6 "
+                                   f"(or choose a topology with 4 agents, or runtime=simulate)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_preflight_prints_the_agent_count_and_writes_nothing(tmp_path):
+    """``python -m dif_maml_dist.preflight`` on a good config: the topology's agent count on stdout, nothing on
+    stderr, and no run directory (no lock, no hydra record).
+
+    Catches a pre-flight that takes the run directory (the job it precedes would then find it in use) or that
+    cannot be run on its own."""
+    proc = subprocess.run([sys.executable, "-m", "dif_maml_dist.preflight", "--nproc", "2", *RING2,
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "2\n", "")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("finished_run", [False, True], ids=["config-mistake", "dir-holds-a-run"])
+def test_torchrun_restarts_neither_repeat_nor_retry_a_refused_start(tmp_path, finished_run):
+    """torchrun --max-restarts=1 and a start refused for a user mistake: the message once, not once per attempt,
+    and the refusal stands in the restarted attempt.
+
+    Catches the restart printing the error again (config mistake) and, worse, the restart taking the run
+    directory of another, finished run for its own to resume, overwriting that run's summary (a restart skips
+    the check that the directory holds no run)."""
+    run = tmp_path / "run"
+    if finished_run:
+        run.mkdir()
+        (run / "summary.json").write_text('{"theirs": true}')
+    args = SHORT_RUN if finished_run else ["optim.lr=0"]
+    proc = subprocess.run([*TORCHRUN.split(), "--standalone", "--nproc-per-node=2", "--max-restarts=1", "-m",
+                           "dif_maml_dist.train", *RING2, *args, f"hydra.run.dir={run}"], cwd=REPO, text=True,
+                          capture_output=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("dif_maml_dist:")]
+    assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-3000:]
+    if finished_run:
+        assert "already holds a run" in ours[0]
+        assert [p.name for p in run.iterdir()] == ["summary.json"]
+        assert (run / "summary.json").read_text() == '{"theirs": true}'
+    else:
+        assert ours == [LR_ERROR] and not run.exists()
+
+
+# ------------------------------------------------------------------------------- experiment scripts' run folders
+def experiment(script_name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "launch" / script_name), *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=300)
+
+
+def summaries(runs) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(runs.rglob("summary.json"))]
+
+
+def compression(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return experiment("reproduce_compression.py", "--agents", "2", "--seeds", "0", "--only", "none", "--jobs", "1",
+                      "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *args)
+
+
+def test_reproduce_compression_runs_again_when_a_setting_changes(tmp_path):
+    """--iterations 3 after --iterations 2: a new run, and its figures in the table.
+
+    Catches run folders named by graph, setting and seed only, which made the second call report the first
+    call's 2-iteration figures as the 3-iteration ones, silently."""
+    first = compression(tmp_path, "--iterations", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = compression(tmp_path, "--iterations", "3")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert sorted(s["iterations"] for s in summaries(tmp_path / "runs")) == [2, 3]
+    again = compression(tmp_path, "--iterations", "3")  # unchanged settings: the finished run is reused
+    assert again.returncode == 0 and len(summaries(tmp_path / "runs")) == 2, again.stderr[-3000:]
+
+
+def test_reproduce_compression_retries_a_crashed_run_and_keeps_its_files(tmp_path):
+    """A run folder left without summary.json (a crashed or killed run): the next call runs it afresh, and the
+    crashed run's files are moved aside, not deleted.
+
+    Catches a crashed run's folder refusing every retry (the run directory already holds metrics), so that its
+    setting stayed without results for good."""
+    assert compression(tmp_path, "--iterations", "2").returncode == 0
+    (done,) = (tmp_path / "runs").rglob("summary.json")
+    done.unlink()  # as if the run had died before writing it
+    retry = compression(tmp_path, "--iterations", "2")
+    assert retry.returncode == 0, retry.stderr[-3000:]
+    assert (done.parent / "summary.json").is_file()
+    (aside,) = [p for p in done.parent.parent.iterdir() if p.is_dir() and p != done.parent]
+    assert (aside / "metrics" / "network.jsonl").is_file() and not (aside / "summary.json").exists()
+
+
+def test_reproduce_compression_exits_non_zero_when_a_run_fails(tmp_path):
+    """A run that fails (here: a ring of 0 agents, refused): the script's exit status is not 0.
+
+    Catches a failure reported only as a line among the runs' progress, with exit status 0, so that a
+    script or CI calling it took the missing results for a success."""
+    proc = experiment("reproduce_compression.py", "--agents", "0", "--seeds", "0", "--only", "none", "--jobs", "1",
+                      "--iterations", "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    assert "1 run(s) failed" in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
+
+
+def test_churn_study_runs_again_when_a_setting_changes(tmp_path):
+    """churn_study.py with --iterations 3 after --iterations 2: a new run, not the 2-iteration one.
+
+    Catches run folders named by agents, topology, fraction and seed only (the same bug as the compression
+    script's)."""
+    for iterations in ("2", "3"):
+        proc = experiment("churn_study.py", "--agents", "4", "--topology", "ring", "--iterations", iterations,
+                          "--fractions", "0", "--seeds", "0", "--threads", "1", "--runs", str(tmp_path / "runs"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(s["iterations"] for s in summaries(tmp_path / "runs")) == [2, 3]

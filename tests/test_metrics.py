@@ -185,3 +185,30 @@ def test_tensorboard_without_its_package_is_refused_in_one_line(monkeypatch):
         check_tensorboard(cfg)
     cfg.metrics.tensorboard = False
     check_tensorboard(cfg)
+
+
+def test_tensorboard_that_fails_to_import_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """A tensorboard package that is installed but raises on import (e.g. a protobuf it does not work with) is
+    found by the checks of ``train.prepare``, in one line naming the error and the fix, before the run directory
+    exists. Catches the check that only looked the package up (``find_spec``) and let the run start, to fail with
+    a traceback once the run folder and its metric streams were there."""
+    import sys
+
+    from dif_maml_dist.runtime import ProcessEnv
+    from dif_maml_dist.train import prepare
+
+    broken = tmp_path / "site" / "tensorboard"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise TypeError('Descriptors cannot be created directly')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in list(sys.modules):  # a tensorboard imported earlier in this process would hide the broken one
+        if name.split(".")[0] == "tensorboard" or name.startswith("torch.utils.tensorboard"):
+            monkeypatch.delitem(sys.modules, name)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError) as refused:
+        prepare(["runtime=simulate", "metrics.tensorboard=true", f"hydra.run.dir={run_dir}"], ProcessEnv())
+    message = str(refused.value)
+    assert message == ("metrics.tensorboard=true, but the tensorboard package fails to import (TypeError: "
+                       "Descriptors cannot be created directly): reinstall it (pip install -e '.[tensorboard]') or "
+                       "drop metrics.tensorboard"), message
+    assert not run_dir.exists()

@@ -3,6 +3,7 @@ real dataset from ../shared/data)."""
 
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from dif_maml_dist.tasks.omniglot import load_omniglot, split_classes
 
 from .helpers import REPO
 
-REAL_TARBALL = REPO.parent / "shared" / "data" / "omniglot-py.tar.gz"
+#: torchvision's Omniglot archive: $OMNIGLOT_TARBALL, or where this project's machines keep it (beside the checkout).
+REAL_TARBALL = Path(os.environ.get("OMNIGLOT_TARBALL") or REPO.parent / "shared" / "data" / "omniglot-py.tar.gz")
 
 
 def make_fixture(root: Path, layout: dict[str, dict[str, int]], drawings: int = 20) -> Path:
@@ -213,7 +215,7 @@ def test_class_split_is_seeded_and_disjoint():
     assert not set(a["train"]) & set(a["test"]) and not set(a["val"]) & set(a["test"])
 
 
-@pytest.mark.skipif(not REAL_TARBALL.is_file(), reason=f"real Omniglot not present at {REAL_TARBALL}")
+@pytest.mark.skipif(not REAL_TARBALL.is_file(), reason=f"real Omniglot not present at {REAL_TARBALL} (set OMNIGLOT_TARBALL)")
 def test_real_omniglot(tmp_path):
     """The real dataset (opt-in: runs where ../shared/data holds it, as on CI): 1623 characters of 50 alphabets,
     964 of them in images_background; 20-way 1-shot episodes drawn from the test split."""

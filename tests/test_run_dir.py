@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from dif_maml_dist import rundir
 
-from .helpers import REPO
+from .helpers import REPO, STALL_S, wait_until
 from .test_cli import train
 
 #: A lone agent (no torchrun: a one-agent network) that checkpoints: the cheapest run with checkpoints.
@@ -106,13 +105,51 @@ def test_resume_keeps_the_first_record_and_the_training_fields(finished, tmp_pat
     assert not (run_dir / rundir.LOCK_NAME).exists()
 
 
-def _run_until(args: list[str], ready) -> subprocess.Popen:
+def test_a_finished_run_shorter_than_checkpoint_every_is_extended_bit_for_bit(tmp_path):
+    """A 5-iteration run with train.checkpoint_every=10 (the default is 1000) ends with a checkpoint of its last
+    iteration, so train.resume=true train.iterations=15 extends it, and the result equals a straight 15-iteration
+    run bit for bit: the model, the records after 5 and the summary's figures. Catches a finished run without a
+    checkpoint ("no iteration has a checkpoint from every agent"), the bug that made resuming a short run fail."""
+    short, straight = tmp_path / "short", tmp_path / "straight"
+    for run_dir, iterations in ((short, 5), (straight, 15)):
+        proc = train([*LONE, f"train.iterations={iterations}", f"hydra.run.dir={run_dir}"])
+        assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (short / "checkpoints" / "agent0").iterdir()) == [
+        "iter00000005.pt", "iter00000005.pt.sha256"]
+    proc = train([*LONE, "train.resume=true", "train.iterations=15", f"hydra.run.dir={short}"])
+    assert proc.returncode == 0, proc.stderr
+    timing = {"wall_s", "compute_s", "exchange_s"}
+
+    def after_5(run_dir: Path, name: str) -> list[dict]:
+        lines = (run_dir / "metrics" / f"{name}.jsonl").read_text().splitlines()
+        return [{k: v for k, v in r.items() if k not in timing} for r in map(json.loads, lines) if r["iteration"] > 5]
+
+    for name in ("agent0", "network"):
+        assert [r["iteration"] for r in after_5(short, name)] == [10, 15]
+        assert after_5(short, name) == after_5(straight, name), name
+    import torch
+
+    for name in ("agent0", "centroid"):
+        a, b = (torch.load(d / "models" / f"{name}.pt", weights_only=True) for d in (straight, short))
+        assert all(torch.equal(a[n], b[n]) for n in a), name
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, short))
+    for key in ("centroid_test_loss", "centroid_adaptation_curve", "mean_final_test_loss", "disagreement"):
+        assert a[key] == b[key], key
+    assert a["agents"][0]["final_test_loss"] == b["agents"][0]["final_test_loss"]
+    assert b["resumed_from_iteration"] == 5 and a["resumed_from_iteration"] is None
+
+
+def _run_until(args: list[str], ready, progress) -> subprocess.Popen:
+    """The CLI started in the background and left running until ``ready()``; waits as long as ``progress()`` moves
+    (a loaded machine makes it slower, not a failure)."""
     proc = subprocess.Popen([sys.executable, "-m", "dif_maml_dist.train", *args], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for _ in range(1200):
-        if ready() or proc.poll() is not None:
-            break
-        time.sleep(0.1)
+    try:
+        wait_until(ready, progress, "the run never reached the point to interrupt it",
+                   alive=lambda: proc.poll() is None)
+    except AssertionError:
+        proc.kill()
+        raise AssertionError(proc.communicate()[1][-3000:]) from None
     return proc
 
 
@@ -121,10 +158,12 @@ def test_ctrl_c_stops_quietly_saying_where_to_continue(finished, tmp_path):
     status 130, no traceback (catches the KeyboardInterrupt tracebacks), and the lock released."""
     run_dir = copy_of(finished, tmp_path)
     saved = run_dir / "checkpoints" / "agent0"
+    records = run_dir / "metrics" / "agent0.jsonl"
     proc = _run_until([*LONE, "train.resume=true", "train.iterations=1000000", f"hydra.run.dir={run_dir}"],
-                      lambda: any(int(p.stem[4:]) >= 40 for p in saved.glob("iter*.pt")))
+                      lambda: any(int(p.stem[4:]) >= 40 for p in saved.glob("iter*.pt")),
+                      lambda: records.stat().st_size)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=STALL_S)  # a hang guard: the run stops at its next Python instruction
     line = one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), code=130)
     newest = max(int(p.stem[4:]) for p in saved.glob("iter*.pt"))
     assert newest >= 40 and f"newest checkpoint of every agent is iteration {newest}" in line, line
@@ -167,7 +206,8 @@ def test_a_run_directory_has_one_owner(tmp_path):
     stale and taken over; the lock is gone when the run ends."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    # Alive until killed below, however long the refused start takes on a loaded machine.
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     try:
         lock = {"job": "another", "pid": holder.pid, "host": os.uname().nodename, "since": "just now"}
         (run_dir / rundir.LOCK_NAME).write_text(json.dumps(lock))

@@ -124,3 +124,51 @@ def test_bad_communication_settings_are_refused(setting, message):
     with pytest.raises(ValueError, match=None) as err:
         validate(cfg)
     assert message in str(err.value)
+
+
+def _context(tmp_path, *overrides: str):
+    """The run's context as the entry point decides it (no lock, nothing written)."""
+    from dif_maml_dist.context import RunContext
+    from dif_maml_dist.runtime import ProcessEnv
+    from dif_maml_dist.train import compose
+
+    cfg, _ = compose(["runtime=simulate", *overrides])
+    return RunContext.build(cfg, ProcessEnv(), tmp_path / "run")
+
+
+def test_start_line_reports_the_schedules_mixing_rate_the_summary_reports(tmp_path, caplog):
+    """With topology.schedule=one_peer_exponential the start line's mixing rate is the schedule's per-round rate,
+    the very number the summary's mixing_rate_per_round holds (computed once), not the base graph's lambda_2
+    (paper6: 0.8642). Catches a start line announcing a rate the run does not have."""
+    import logging
+
+    from dif_maml_dist.outputs import communication, log_start
+
+    ctx = _context(tmp_path, "topology.schedule=one_peer_exponential")
+    with caplog.at_level(logging.INFO, logger="dif_maml_dist"):
+        log_start(ctx)
+    rate = communication(ctx.cfg, ctx.schedule)["mixing_rate_per_round"]
+    assert rate == pytest.approx(0.63, abs=0.01) and ctx.schedule.mixing() is ctx.schedule.mixing()
+    start = caplog.text
+    assert f"one_peer_exponential mixing rate per round = {rate:.4f}" in start, start
+    assert "effective lambda_2 = 0.8642" not in start
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dif_maml_dist"):
+        log_start(_context(tmp_path))
+    assert "effective lambda_2 = 0.8642" in caplog.text  # the static graph's rate is its lambda_2
+
+
+def test_one_peer_exponential_runs_on_a_disconnected_edge_list(tmp_path):
+    """The one-peer exponential schedule pairs agents by id alone and never uses the base graph's edges, so an
+    edge list whose graph is disconnected only says how many agents there are: accepted, and the graph every
+    round may use (its support) is connected. The static schedule on the same file is still refused. Catches a
+    refusal of a run that would have mixed perfectly well."""
+    f = tmp_path / "two.txt"
+    f.write_text("0 1\n2 3\n")
+    ctx = _context(tmp_path, "topology=edge_list", f"topology.edge_list={f}", "topology.schedule=one_peer_exponential")
+    assert ctx.topology.num_agents == 4 and nx.is_connected(ctx.schedule.support())
+    assert ctx.schedule.mixing()[0] < 1e-9  # K = 4, a power of two: one period averages exactly
+    with pytest.raises(ValueError, match="disconnected"):
+        _context(tmp_path, "topology=edge_list", f"topology.edge_list={f}")
+    with pytest.raises(ValueError, match="disconnected"):
+        _context(tmp_path, "topology=edge_list", f"topology.edge_list={f}", "topology.schedule=random_matching")

@@ -3,7 +3,8 @@
 Classification: ``DIR/<episode>/support/<class>/<image>`` and ``DIR/<episode>/query/<class>/<image>``, any image
 format PIL reads; an episode's class folders, in sorted order, are its labels 0..N-1, and every image is converted
 by the task family exactly as it converts its own (``family.image``). Regression (sinusoid): ``DIR/<episode>.csv``
-with a header ``split,x,y`` and rows whose split is ``support`` or ``query``.
+with a header ``split,x,y`` and rows whose split is ``support`` or ``query`` and whose x and y are finite numbers
+(UTF-8, with or without a byte-order mark).
 
 Every mistake is a ``ValueError`` naming the file or folder.
 """
@@ -11,6 +12,7 @@ Every mistake is a ``ValueError`` naming the file or folder.
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import torch
@@ -49,6 +51,9 @@ def _classes(folder: Path) -> dict[str, list[Path]]:
 
 def _classification_episode(episode: Path, family, n_way: int) -> TaskBatch:
     support, query = _classes(episode / "support"), _classes(episode / "query")
+    if not query:
+        raise ValueError(f"episode {episode} has no query images: give query/<class>/ folders with images of the "
+                         f"support classes")
     if len(support) != n_way:
         raise ValueError(f"episode {episode} has {len(support)} support classes but the model has {n_way} outputs "
                          f"(an {n_way}-way model): give it {n_way} class folders")
@@ -62,7 +67,7 @@ def _classification_episode(episode: Path, family, n_way: int) -> TaskBatch:
         images, ys = [], []
         for name, paths in classes.items():
             for path in paths:
-                images.append(family.image(path))
+                images.append(_image(family, path))
                 ys.append(labels[name])
         return torch.stack(images), torch.tensor(ys)
 
@@ -71,10 +76,20 @@ def _classification_episode(episode: Path, family, n_way: int) -> TaskBatch:
     return TaskBatch(xs[None], ys[None], xq[None], yq[None])
 
 
+def _image(family, path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        return family.image(path)
+    except Image.DecompressionBombError as err:  # not an OSError, so the families' decoders let it through
+        raise ValueError(f"image {path} is over PIL's decompression-bomb limit ({str(err).split(',')[0]}); "
+                         f"downscale it") from None
+
+
 def _regression_episode(path: Path) -> TaskBatch:
     rows: dict[str, list[tuple[float, float]]] = {"support": [], "query": []}
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets' "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"split", "x", "y"} <= set(reader.fieldnames):
                 raise ValueError(f"{path}: expected a header with columns split,x,y, got {reader.fieldnames}")
@@ -83,9 +98,13 @@ def _regression_episode(path: Path) -> TaskBatch:
                 if split not in rows:
                     raise ValueError(f"{path}:{line}: split must be support or query, got {split!r}")
                 try:
-                    rows[split].append((float(row["x"]), float(row["y"])))
+                    point = float(row["x"]), float(row["y"])
+                    finite = all(map(math.isfinite, point))  # float() takes "nan", "inf" and overflows like 1e400
                 except (TypeError, ValueError):
-                    raise ValueError(f"{path}:{line}: x and y must be numbers, got {row['x']!r}, {row['y']!r}") from None
+                    finite = False
+                if not finite:
+                    raise ValueError(f"{path}:{line}: x and y must be finite numbers, got {row['x']!r}, {row['y']!r}")
+                rows[split].append(point)
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
     for split, points in rows.items():
