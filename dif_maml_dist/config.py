@@ -214,9 +214,13 @@ class RuntimeConfig:
     #: test tasks gathered and adapted at once in evaluation (bounds memory); None: by device, the task family's
     #: CPU figure (sinusoid 1000, Omniglot 8, MiniImagenet 2), 8 times that on a GPU
     eval_chunk: Optional[int] = None
-    #: simulator, vectorised engine: agents per vmap call; None: by device, 256 on the CPU (measured: cache-bound
-    #: above), every agent at once on a GPU
+    #: simulator, vectorised engine: agents per vmap call; None: by device, on the CPU half the agents, at least
+    #: 32 and at most 256 (measured: cache-bound above), every agent at once on a GPU
     agent_chunk: Optional[int] = None
+    #: simulator, vectorised engine on the CPU: threads computing chunks of agents side by side, each with one
+    #: intra-op thread; None: every core this process may use. Results do not depend on it (each chunk is
+    #: computed alone), unlike runtime.threads
+    chunk_threads: Optional[int] = None
     #: what the agents do when one of them dies or does not answer within timeout_s. stop: the run fails (every
     #: agent stops; torchrun --max-restarts restarts all from the newest common checkpoint). continue: its
     #: neighbours drop it and the others go on; weights are recomputed locally, the network's figures come from
@@ -409,7 +413,7 @@ def validate(cfg: Config) -> Config:
             raise ValueError(f"runtime.eval_timeout_s={r.eval_timeout_s:g} is shorter than runtime.timeout_s="
                              f"{r.timeout_s:g}: an evaluation waits for other agents' work, not for one message; "
                              f"give at least {r.timeout_s:g} (or null: sized to the evaluation)")
-    for key in ("eval_chunk", "agent_chunk"):
+    for key in ("eval_chunk", "agent_chunk", "chunk_threads"):
         if getattr(r, key) is not None:
             _positive(getattr(r, key), f"runtime.{key}")
     if r.backend == "nccl" and r.device == "cpu":

@@ -21,8 +21,10 @@ either continues the other's checkpoint.
 from __future__ import annotations
 
 import copy
+import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -45,11 +47,30 @@ from .transport import ring_all_reduce_bytes
 
 #: Below this density a sparse matrix product is used for the combine (large, sparse graphs).
 _SPARSE_BELOW = 0.25
-#: Agents per vmap call in the vectorised engine on the CPU (measured: 250 agents per call beat 1000 and 50 on a
-#: 2-core CPU); on a GPU, every agent at once (``runtime.agent_chunk`` overrides both).
-_CPU_AGENT_CHUNK = 256
+#: Agents per vmap call in the vectorised engine on the CPU: half the network, so that two cores have a chunk each,
+#: within these bounds (250 agents per call beat 1000 and 50 on a 2-core CPU; below 32 a second chunk gains
+#: nothing); on a GPU, every agent at once (``runtime.agent_chunk`` overrides both). It depends on the network
+#: only, never on the machine: the chunks are what the results depend on.
+_CPU_AGENT_CHUNK = (32, 256)
 #: Agents per evaluation call: their vmap shares the family's ``eval_chunk`` budget of adapted models in flight.
 _EVAL_AGENT_CHUNK = 8
+
+
+def _chunk_pool(threads: Optional[int], num_agents: int, chunk: int) -> Optional[ThreadPoolExecutor]:
+    """Threads that compute the vectorised engine's chunks of agents side by side (``runtime.chunk_threads``;
+    None: every core this process may use), or None where one thread would do.
+
+    Each thread runs one intra-op thread, so that a chunk's arithmetic, and with it the result, is the same whatever
+    the number of threads; and since each chunk is a thread's whole job, a thread descheduled by other work on the
+    machine delays its own chunk only. OpenMP's intra-op threads instead meet at a barrier in every operation: on
+    a busy machine each waits for a descheduled sibling (``benchmarks/bench_simulator_threads.py``)."""
+    chunks = -(-num_agents // chunk)
+    threads = min(chunks, threads or len(os.sched_getaffinity(0)))
+    if threads <= 1:
+        return None
+    # The intra-op thread count is per thread (OpenMP's): set in each worker, or it would use every core.
+    return ThreadPoolExecutor(threads, thread_name_prefix="agent-chunks", initializer=torch.set_num_threads,
+                              initargs=(1,))
 
 
 class _RoundPlans:
@@ -132,7 +153,11 @@ class Simulation:
         self.num_agents, self.agent_ids = k, tuple(range(k))
         self.device, self.dtype = torch.device(device), getattr(torch, cfg.train.dtype)
         self.vectorize = vectorize
-        self.agent_chunk = cfg.runtime.agent_chunk or (_CPU_AGENT_CHUNK if self.device.type == "cpu" else k)
+        low, high = _CPU_AGENT_CHUNK
+        self.agent_chunk = cfg.runtime.agent_chunk or (min(high, max(low, -(-k // 2))) if self.device.type == "cpu"
+                                                       else k)
+        self._chunk_pool = _chunk_pool(cfg.runtime.chunk_threads, k, self.agent_chunk) if (
+            vectorize and self.device.type == "cpu") else None
         self.learner = Learner.build(cfg, self.device, self.dtype, family)
         self.layout = self.learner.layout
         self.compute_seconds = self.exchange_seconds = 0.0
@@ -270,8 +295,12 @@ class Simulation:
             # In chunks of agents: one vmap over a thousand agents is 3x slower than four over 250 (cache).
             views = self.layout.split(self.params.detach())
             c = self.agent_chunk
-            parts = [self._meta_gradients(tuple(v[i:i + c] for v in views), *(t[i:i + c] for t in stacked.tensors()))
-                     for i in range(0, self.num_agents, c)]
+            chunks = [(tuple(v[i:i + c] for v in views), *(t[i:i + c] for t in stacked.tensors()))
+                      for i in range(0, self.num_agents, c)]
+            if self._chunk_pool is None:
+                parts = [self._meta_gradients(*chunk) for chunk in chunks]
+            else:
+                parts = list(self._chunk_pool.map(lambda chunk: self._meta_gradients(*chunk), chunks))
             grads = torch.cat([self.layout.join(g) for g, _ in parts])
             losses = torch.cat([v for _, v in parts])
             self.params.grad = grads
