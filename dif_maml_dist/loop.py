@@ -156,8 +156,8 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
     """Train from ``cohort.iteration`` (0, or where a checkpoint left off) to ``cfg.train.iterations``; evaluate at
     the start, every ``eval_every`` and at the end; log every ``log_every``; checkpoint every
     ``checkpointer.every`` and at the end. ``sinks[i]`` receives local agent ``i``'s records, ``network_sink`` the
-    root's network records. With ``train.validate``: ``best`` is the best centroid so far (of the run being resumed, the same on
-    every process), and ``on_best`` (the root's) is called with each new best."""
+    root's network records. With ``train.validate``: ``best`` is the best centroid so far (of the run being
+    resumed, the same on every process), and ``on_best`` (the root's) is called with each new best."""
     cfg = cohort.cfg
     tr, m = cfg.train, cfg.maml
     local = range(len(cohort.agent_ids))

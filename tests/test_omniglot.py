@@ -215,7 +215,8 @@ def test_class_split_is_seeded_and_disjoint():
     assert not set(a["train"]) & set(a["test"]) and not set(a["val"]) & set(a["test"])
 
 
-@pytest.mark.skipif(not REAL_TARBALL.is_file(), reason=f"real Omniglot not present at {REAL_TARBALL} (set OMNIGLOT_TARBALL)")
+@pytest.mark.skipif(not REAL_TARBALL.is_file(),
+                    reason=f"real Omniglot not present at {REAL_TARBALL} (set OMNIGLOT_TARBALL)")
 def test_real_omniglot(tmp_path):
     """The real dataset (opt-in: runs where ../shared/data holds it, as on CI): 1623 characters of 50 alphabets,
     964 of them in images_background; 20-way 1-shot episodes drawn from the test split."""

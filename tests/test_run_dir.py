@@ -142,8 +142,11 @@ def test_a_finished_run_shorter_than_checkpoint_every_is_extended_bit_for_bit(tm
 def _run_until(args: list[str], ready, progress) -> subprocess.Popen:
     """The CLI started in the background and left running until ``ready()``; waits as long as ``progress()`` moves
     (a loaded machine makes it slower, not a failure)."""
+    # SIGINT as a terminal delivers it: a shell starts background jobs (a test run started with `&`, a CI
+    # runner) with SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "dif_maml_dist.train", *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_until(ready, progress, "the run never reached the point to interrupt it",
                    alive=lambda: proc.poll() is None)
