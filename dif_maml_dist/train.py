@@ -119,13 +119,10 @@ def compose(overrides: list[str], sweep_job: Optional[int] = None) -> tuple[Conf
     check_group_choices(parse_overrides(overrides))
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
-            if sweep_job is None:
-                node = hydra_compose("config", overrides=overrides, return_hydra_config=True)
-                run_dir = str(node.hydra.run.dir)
-            else:
-                node = hydra_compose("config", overrides=[*overrides, f"hydra.job.num={sweep_job}"],
-                                     return_hydra_config=True)
-                run_dir = str(Path(node.hydra.sweep.dir) / str(node.hydra.sweep.subdir))
+            job = [] if sweep_job is None else [f"hydra.job.num={sweep_job}"]
+            node = hydra_compose("config", overrides=[*overrides, *job], return_hydra_config=True)
+            run_dir = str(node.hydra.run.dir if sweep_job is None else
+                          Path(node.hydra.sweep.dir) / str(node.hydra.sweep.subdir))
             with open_dict(node):
                 del node["hydra"]
             return from_omegaconf(node), run_dir
@@ -154,6 +151,9 @@ def check(overrides: list[str], env: ProcessEnv) -> RunContext:
     if env.under_torchrun and not explicit and os.environ.get("TORCHELASTIC_RUN_ID", "") in _NO_RUN_ID:
         raise UsageError("torchrun gave this job no run id, so its ranks cannot agree on a run directory: "
                          f"pass --rdzv-id=NAME to torchrun, or {names_dir}=DIR")
+    if env.sweep_job is not None and cfg.train.resume:
+        raise UsageError("train.resume=true cannot continue a sweep as a whole: continue each job on its own, "
+                         "with train.resume=true hydra.run.dir=SWEEP_DIR/<job number> and the job's overrides")
     resuming = cfg.train.resume or env.restart_count > 0
     if not resuming:
         rundir.check_fresh(run_dir)
@@ -223,9 +223,6 @@ def prepare_sweep(overrides: list[str], env: ProcessEnv) -> dict[int, RunContext
         raise UsageError(_one_line(err)) from None
     contexts = {}
     for number, job in enumerate(jobs):
-        if compose(job, number)[0].train.resume:
-            raise UsageError("train.resume=true cannot continue a sweep as a whole: continue each job on its own, "
-                             "with train.resume=true hydra.run.dir=SWEEP_DIR/<job number> and the job's overrides")
         try:
             contexts[number] = check(job, replace(env, sweep_job=number))
         except ValueError as err:
