@@ -24,15 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
-from dif_maml_dist import maml, models  # noqa: E402
-from dif_maml_dist.config import CompressionConfig, Config  # noqa: E402
-from dif_maml_dist.flat import FlatLayout  # noqa: E402
-from dif_maml_dist.gossip import FullStateGossip, make_gossip  # noqa: E402
-from dif_maml_dist.topology import CombinePlan  # noqa: E402
-from dif_maml_dist.transport import nbytes  # noqa: E402
-
 from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
+
+from dif_maml_dist.comm.transport import nbytes  # noqa: E402
+from dif_maml_dist.config import CompressionConfig, Config  # noqa: E402
+from dif_maml_dist.gossip.schemes import FullStateGossip, make_gossip  # noqa: E402
+from dif_maml_dist.graphs.weights import CombinePlan  # noqa: E402
+from dif_maml_dist.learning import maml, models  # noqa: E402
+from dif_maml_dist.learning.flat import FlatLayout  # noqa: E402
 
 SETTINGS = {"none": {}, "topk 10%": {"name": "topk", "ratio": 0.1}, "topk 1%": {"name": "topk", "ratio": 0.01},
             "randk 10%": {"name": "randk", "ratio": 0.1}, "qsgd 4 bit": {"name": "qsgd", "bits": 4},

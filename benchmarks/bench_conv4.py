@@ -25,12 +25,17 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from dif_maml_dist import seeding
-from dif_maml_dist.maml import (TaskBatch, adaptation_curves, adaptation_curves_loop, make_loss, meta_gradient_loop,
-                                meta_gradient_vmap)
-from dif_maml_dist.models import Conv4, functional, reset_parameters
+from dif_maml_dist.learning.maml import (
+    TaskBatch,
+    adaptation_curves,
+    adaptation_curves_loop,
+    make_loss,
+    meta_gradient_loop,
+    meta_gradient_vmap,
+)
+from dif_maml_dist.learning.models import Conv4, functional, reset_parameters
 from dif_maml_dist.tasks.miniimagenet import MiniImagenetFamily
 from dif_maml_dist.tasks.omniglot import OmniglotFamily
-
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "task"
 FAMILIES = {"omniglot": (1, OmniglotFamily.eval_chunk), "miniimagenet": (3, MiniImagenetFamily.eval_chunk)}

@@ -1,7 +1,7 @@
 """Time one MAML meta-gradient, per-task loop vs torch.func vmap, across meta-batch sizes.
 
 The sinusoid learner of the paper: MLP 1-40-40-1, float32, 10 support + 10 query points per task, one inner
-SGD step with alpha = 0.01. For every meta-batch size both paths of ``dif_maml_dist.maml`` are first checked to
+SGD step with alpha = 0.01. For every meta-batch size both paths of ``dif_maml_dist.learning.maml`` are first checked to
 agree (``torch.allclose``), then timed side by side: blocks of calls are interleaved between the paths and the
 median of the per-call times over the blocks is reported. The last lines give the measured crossover (the
 smallest meta-batch from which vmap is faster) and compare it with the config default ``maml.vmap_min_tasks``.
@@ -24,15 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, whe
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _cpu_share
 
 import torch  # noqa: E402
+from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
 
 from dif_maml_dist import seeding  # noqa: E402
-from dif_maml_dist.agent import build_model, initial_params  # noqa: E402
 from dif_maml_dist.config import Config  # noqa: E402
-from dif_maml_dist.maml import AUTO_VMAP_FROM, make_loss, meta_gradient_loop, meta_gradient_vmap  # noqa: E402
-from dif_maml_dist.models import functional  # noqa: E402
-from dif_maml_dist.tasks import SinusoidTasks  # noqa: E402
-
-from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
+from dif_maml_dist.engine.agent import initial_params  # noqa: E402
+from dif_maml_dist.learning.maml import AUTO_VMAP_FROM, make_loss, meta_gradient_loop, meta_gradient_vmap  # noqa: E402
+from dif_maml_dist.learning.models import functional  # noqa: E402
+from dif_maml_dist.tasks import (
+    SinusoidTasks,  # noqa: E402
+    task_family,  # noqa: E402
+)
 
 SIZES = (1, 2, 3, 4, 5, 8, 25, 100)
 PATHS = {"loop": meta_gradient_loop, "vmap": meta_gradient_vmap}
@@ -108,7 +110,7 @@ def main(argv=None) -> None:
     sizes = sorted(set(args.sizes))
 
     cfg = Config()
-    fm = functional(build_model(cfg))
+    fm = functional(task_family(cfg).build_model())
     layout = fm.layout
     loss = make_loss(fm.forward)  # the MLP's forward is exact under vmap too
     flat = layout.split(initial_params(cfg, 0, torch.float32, torch.device("cpu")))

@@ -33,11 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _cpu_share
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
 from torch import nn  # noqa: E402
 
-from dif_maml_dist import maml, models  # noqa: E402
-
-from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
+from dif_maml_dist.learning import maml, models  # noqa: E402
 
 TOLERANCE = 1e-6  # float64 relative difference above which a method counts as disagreeing
 PROBE_CALLS = 3

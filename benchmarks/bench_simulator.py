@@ -14,9 +14,10 @@ import time
 
 import torch
 
-from dif_maml_dist.config import Config, TopologyConfig, validate
-from dif_maml_dist.simulate import Simulation
-from dif_maml_dist.topology import build_topology
+from dif_maml_dist.config import Config, TopologyConfig
+from dif_maml_dist.engine.simulator import Simulation
+from dif_maml_dist.graphs.topology import build_topology
+from dif_maml_dist.run.validate import validate
 
 
 def iterations_per_second(k: int, vectorize: bool, meta_batch: int, budget_s: float,

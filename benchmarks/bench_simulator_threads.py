@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Measures one configuration in a fresh process (torch's thread pool is per process) and prints it/s as JSON.
 _MEASURE = r"""
 import json, sys, time, torch
-from dif_maml_dist.config import Config, TopologyConfig, validate
-from dif_maml_dist.simulate import Simulation
-from dif_maml_dist.topology import build_topology
+from dif_maml_dist.config import Config, TopologyConfig
+from dif_maml_dist.run.validate import validate
+from dif_maml_dist.engine.simulator import Simulation
+from dif_maml_dist.graphs.topology import build_topology
 k, vectorize, threads, budget = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), float(sys.argv[4])
 chunk_threads = int(sys.argv[5]) or None
 torch.set_num_threads(threads)

@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from .evaluate import plain, unwritable
-from .outputs import RUN_OWN_DIRS
+from dif_maml_dist.run.files import unwritable
+from dif_maml_dist.run.launch import plain
+from dif_maml_dist.run.outputs import RUN_OWN_DIRS
 
 EXIT_USAGE = 2
 #: Config fields that differ between runs but say nothing about the experiment (where it ran, where it wrote).
@@ -224,8 +225,8 @@ def _communication(plt, runs: Sequence[RunData], path: Path) -> None:
 def _topology(plt, run: RunData, path: Path) -> bool:
     import networkx as nx
 
-    from .config import TopologyConfig
-    from .topology import build_topology, strategy_weights
+    from dif_maml_dist.config import TopologyConfig
+    from dif_maml_dist.graphs.topology import build_topology, strategy_weights
 
     if run.num_agents > _DRAW_UP_TO:
         return False

@@ -36,11 +36,11 @@ def one_run(job: tuple[str, str, int, int, int]) -> dict:
     optim, strategy, seed, iterations, eval_every = job
     import torch
 
-    from dif_maml_dist.config import Config, validate
-    from dif_maml_dist.loop import run_loop
-    from dif_maml_dist.metrics import ListSink
-    from dif_maml_dist.simulate import Simulation
-    from dif_maml_dist.topology import build_topology, strategy_weights
+    from dif_maml_dist.config import Config
+    from dif_maml_dist.engine.loop import ListSink, run_loop
+    from dif_maml_dist.engine.simulator import Simulation
+    from dif_maml_dist.graphs.topology import build_topology, strategy_weights
+    from dif_maml_dist.run.validate import validate
 
     torch.set_num_threads(1)
     cfg = Config(seed=seed)

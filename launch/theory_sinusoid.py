@@ -26,10 +26,12 @@ import networkx as nx
 import numpy as np
 import torch
 
-from dif_maml_dist.config import Config, TopologyConfig, validate
-from dif_maml_dist.metrics import centroid_and_disagreement
-from dif_maml_dist.simulate import Simulation
-from dif_maml_dist.topology import build_topology, metropolis_weights, mixing_rate, strategy_weights
+from dif_maml_dist.config import Config, TopologyConfig
+from dif_maml_dist.engine.figures import centroid_and_disagreement
+from dif_maml_dist.engine.simulator import Simulation
+from dif_maml_dist.graphs.topology import build_topology, strategy_weights
+from dif_maml_dist.graphs.weights import metropolis_weights, mixing_rate
+from dif_maml_dist.run.validate import validate
 
 
 def config(optim: str, lr: float, seed: int, init: str = "shared") -> Config:

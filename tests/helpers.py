@@ -6,7 +6,8 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
-from dif_maml_dist.config import Config, MamlConfig, TaskConfig, TrainConfig, validate
+from dif_maml_dist.config import Config, MamlConfig, TaskConfig, TrainConfig
+from dif_maml_dist.run.validate import validate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,8 +56,8 @@ def small_config(strategy: str = "dif_maml", iterations: int = 12, optim: str = 
 
 def schedule_for(cfg: Config, topology):
     """The graphs of every round for ``cfg``'s strategy and schedule over ``topology`` (as ``train.py`` builds it)."""
-    from dif_maml_dist.schedules import build_schedule
-    from dif_maml_dist.topology import strategy_weights
+    from dif_maml_dist.graphs.schedules import build_schedule
+    from dif_maml_dist.graphs.topology import strategy_weights
 
     return build_schedule(cfg.topology, cfg.seed, topology.graph, strategy_weights(cfg.strategy.name, topology))
 
@@ -64,7 +65,7 @@ def schedule_for(cfg: Config, topology):
 def simulated_states(cfg: Config, schedule, iterations: int, vectorize: bool = True, with_bytes: bool = False):
     """Final ``[K, P]`` parameters of the in-process simulator after ``iterations`` lock-step iterations
     (``schedule``: a GraphSchedule or a static weight matrix), and each agent's bytes if asked."""
-    from dif_maml_dist.simulate import Simulation
+    from dif_maml_dist.engine.simulator import Simulation
 
     sim = Simulation(cfg, schedule, vectorize=vectorize)
     for _ in range(iterations):
@@ -79,7 +80,7 @@ def reference_meta_gradient(module, flat, batch, alpha: float, steps: int, first
     The reference the meta-gradient paths are checked against."""
     import torch
 
-    from dif_maml_dist.flat import FlatLayout
+    from dif_maml_dist.learning.flat import FlatLayout
 
     layout = FlatLayout.of(module)
     w = flat.detach().clone().requires_grad_(True)
@@ -118,3 +119,13 @@ def spawn_within(fn, args: tuple, nprocs: int, seconds: float, hang: str) -> Non
             for proc in ctx.processes:
                 proc.kill()
             raise AssertionError(hang)
+
+
+def run_agent(agent, transport, sink=None, network_sink=None, progress: bool = False, checkpointer=None):
+    """Train ``agent`` as one process of the network, as a torchrun worker's loop does (every agent must run this
+    together: evaluation steps contain collectives)."""
+    from dif_maml_dist.engine.cohorts import AgentCohort
+    from dif_maml_dist.engine.loop import run_loop
+
+    return run_loop(AgentCohort(agent, transport), None if sink is None else [sink], network_sink, progress,
+                    checkpointer)

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from dif_maml_dist.agent import Agent, AgentCohort, AgentState, initial_params, run_agent
-from dif_maml_dist.learner import Learner
-from dif_maml_dist.combine import combine
+from dif_maml_dist.comm.transport import InMemoryTransport
 from dif_maml_dist.config import TopologyConfig
-from dif_maml_dist.topology import build_topology, combine_plan, strategy_weights
-from dif_maml_dist.transport import InMemoryTransport
-
-from .helpers import combine_dense, schedule_for, simulated_states, small_config
+from dif_maml_dist.engine.agent import Agent, AgentState, initial_params, networked_agent
+from dif_maml_dist.engine.cohorts import AgentCohort
+from dif_maml_dist.engine.learner import Learner
+from dif_maml_dist.gossip.combine import combine
+from dif_maml_dist.graphs.topology import build_topology, strategy_weights
+from dif_maml_dist.graphs.weights import combine_plan
+from tests.helpers import combine_dense, run_agent, schedule_for, simulated_states, small_config
 
 PAPER6 = build_topology(TopologyConfig(name="paper6"))
 
@@ -42,7 +43,7 @@ def run_threads(cfg, weights):
 
     def body(rank):
         try:
-            agent = Agent(cfg, rank, k).connect(schedule_for(cfg, PAPER6), transports[rank])
+            agent = networked_agent(cfg, rank, k, schedule_for(cfg, PAPER6), transports[rank])
             agents[rank] = agent
             results[rank] = run_agent(agent, transports[rank])
         except BaseException as err:  # surfaced below; a dead thread would otherwise just hang its peers
@@ -133,7 +134,7 @@ def test_agent_state_round_trip_resumes_identically():
     cfg = small_config("noncooperative", iterations=8)
 
     def fresh():
-        return Agent(cfg, 2, 6).connect(schedule_for(cfg, PAPER6), None)
+        return networked_agent(cfg, 2, 6, schedule_for(cfg, PAPER6), None)
 
     straight = fresh()
     for _ in range(8):
@@ -178,7 +179,7 @@ def _run_paper6_threads(tamper, checkpointer=None) -> list:
     errors = [None] * k
 
     def body(rank):
-        agent = Agent(cfg, rank, k).connect(schedule_for(cfg, PAPER6), transports[rank])
+        agent = networked_agent(cfg, rank, k, schedule_for(cfg, PAPER6), transports[rank])
         tamper(agent)
         try:
             run_agent(agent, transports[rank], checkpointer=None if checkpointer is None else checkpointer(agent))

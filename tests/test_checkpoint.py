@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from dif_maml_dist import checkpoint
-from dif_maml_dist.metrics import JsonlSink
-
-from .helpers import small_config
+from dif_maml_dist.run import checkpoint
+from dif_maml_dist.run.sinks import JsonlSink
+from tests.helpers import small_config
 
 WEIGHTS = np.full((3, 3), 1 / 3)
 

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from dif_maml_dist.membership import Membership, churn_plan, components, round_weights
-from dif_maml_dist.topology import combine_plan, metropolis_weights
-
-from .helpers import small_config, wait_until
-from .test_cli import train
+from dif_maml_dist.graphs.membership import Membership, churn_plan, components, round_weights
+from dif_maml_dist.graphs.weights import combine_plan, metropolis_weights
+from tests.helpers import small_config, wait_until
+from tests.test_cli import train
 
 PAPER6 = [(0, 2), (1, 2), (2, 3), (2, 4), (3, 4), (4, 5)]  # the paper's graph (DESIGN.md), not read from the code
 
@@ -105,8 +104,8 @@ def test_simulator_departures_freeze_the_departed_and_both_engines_agree():
 
     Catches a departed agent that keeps adapting or mixing, a departure applied one iteration off, and an
     engine that ignores the schedule."""
-    from dif_maml_dist.simulate import Simulation
-    from dif_maml_dist.topology import build_topology
+    from dif_maml_dist.engine.simulator import Simulation
+    from dif_maml_dist.graphs.topology import build_topology
 
     cfg = small_config(iterations=12)
     cfg.runtime.on_peer_failure = "continue"
@@ -190,8 +189,8 @@ def test_simulator_summary_has_the_component_figures_summarize_computes(tmp_path
     component of the surviving graph, its agents, their disagreement and their centroid's test figures, as a
     torchrun run's summary does (summarize.py), and the figures are what summarize's computation gives for the
     survivors' final models. Catches a simulator summary that reports the split but not how each part did."""
-    from dif_maml_dist.learner import Learner
-    from dif_maml_dist.summarize import component_figures, context_of
+    from dif_maml_dist.engine.learner import Learner
+    from dif_maml_dist.run.summary import component_figures, context_of
 
     run_dir = tmp_path / "sim"
     proc = train(["runtime=simulate", "runtime.vectorize=false", "runtime.threads=1", "train.iterations=8",
@@ -231,7 +230,7 @@ def test_run_directory_lock_is_gone_when_rank_0_left_and_the_others_finished(tmp
 def _fault_injection():
     import importlib.util
 
-    from .helpers import REPO
+    from tests.helpers import REPO
 
     spec = importlib.util.spec_from_file_location("fault_injection", REPO / "launch" / "fault_injection.py")
     module = importlib.util.module_from_spec(spec)
@@ -306,8 +305,8 @@ def test_continue_mode_refuses_a_torchrun_node_that_restarts_all_its_agents_toge
 
     Catches a launch that would deadlock after its first failure (every agent waiting 2 x timeout_s, then failing
     again, restart after restart)."""
-    from dif_maml_dist.context import LaunchError, check_launch
-    from dif_maml_dist.runtime import ProcessEnv
+    from dif_maml_dist.comm.process import ProcessEnv
+    from dif_maml_dist.run.context import LaunchError, check_launch
 
     cfg = small_config()
     cfg.runtime.on_peer_failure = "continue"
@@ -326,7 +325,7 @@ def test_accounting_merges_the_views_and_knows_the_planned_departures(tmp_path):
 
     Catches a summary written before an agent that came back has finished (it would be left out), and one that
     never gets written when a departed agent's neighbours all left as well."""
-    from dif_maml_dist.summarize import accounting
+    from dif_maml_dist.run.summary import accounting
 
     (tmp_path / "agents").mkdir()
     seen_leaving = {"agent": 3, "round": 4, "iteration": 5, "how": "no message"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import REPO
+from tests.helpers import REPO
 
 PARAMS = 1761  # 1-40-40-1 MLP: 40 + 40 + 1600 + 40 + 40 + 1
 PAPER6_DEGREES = [1, 1, 4, 2, 3, 1]
@@ -164,8 +164,8 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     one entry (consensus step ~0: no averaging), resample rounds with no edge on average, and combine_every
     beyond the last iteration (never combines). (The exit status and the printing of these lines are the CLI's,
     checked by the subprocess test above.)"""
-    from dif_maml_dist.runtime import ProcessEnv
-    from dif_maml_dist.train import prepare
+    from dif_maml_dist.comm.process import ProcessEnv
+    from dif_maml_dist.run.launch import prepare
 
     cwd_before = sorted(os.listdir(REPO))
     a_file = tmp_path / "a_file"
@@ -244,34 +244,31 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     assert not run_dir.exists() and sorted(os.listdir(REPO)) == cwd_before
 
 
-def test_run_dir_whose_parent_is_not_writable_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+def test_run_dir_whose_parent_is_not_writable_is_refused_before_anything_is_written(tmp_path):
     """hydra.run.dir below a folder this user cannot write into: one line naming the folder, before any check
     that builds the graph or the data and before anything is written. Catches a refusal that came only as a
     PermissionError traceback from hydra or the lock, after the checks had passed.
 
-    Permission bits do not stop root (the tests may run as root), and ``os.access`` then reports the folder as
-    writable, as it is: there the test stands in for a read-only mount by making ``os.access`` answer as it would
-    on one (EROFS), so that the check itself is exercised either way."""
-    from dif_maml_dist.runtime import ProcessEnv
-    from dif_maml_dist.train import prepare
+    Permission bits do not stop root (the tests may run as root): there the folder is /proc, which nobody can
+    write into, and which a check of the permission bits (``os.access``) would have let through."""
+    from dif_maml_dist.comm.process import ProcessEnv
+    from dif_maml_dist.run.launch import prepare
 
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    if os.access(locked, os.W_OK):  # root
-        real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked and mode & os.W_OK
-                            else real(p, mode, **kw))
+    if os.geteuid() == 0:
+        locked = Path("/proc")
     run_dir = locked / "runs" / "a"
     try:
         with pytest.raises(ValueError) as refused:
             prepare(["runtime=simulate", f"hydra.run.dir={run_dir}"], ProcessEnv())
     finally:
-        locked.chmod(0o755)
+        (tmp_path / "locked").chmod(0o755)
     message = str(refused.value)
     assert message == (f"hydra.run.dir={run_dir} cannot be created: {locked} is not writable by this user; choose "
                        f"a directory you can write to"), message
-    assert list(locked.iterdir()) == []
+    assert not (locked / "runs").exists() and list((tmp_path / "locked").iterdir()) == []
 
 
 def test_default_run_dir_holding_a_run_is_left_intact(tmp_path):
@@ -306,7 +303,7 @@ def test_omniglot_task_runs_through_the_cli(tmp_path):
 
     Catches: labels cast to float on their way to the device, a family not wired into the runtime, and missing
     accuracy figures."""
-    from .test_omniglot import make_fixture
+    from tests.test_omniglot import make_fixture
 
     make_fixture(tmp_path / "data", {"images_background": {"A": 15, "B": 10}, "images_evaluation": {"C": 5}})
     run_dir = tmp_path / "run"
@@ -336,7 +333,7 @@ def test_miniimagenet_fixture_under_torchrun_six_agents(tmp_path):
 
     Catches the RGB family not wired into the per-process runtime (model input channels, 84x84 feature size, the
     mmap-loaded cache shared by six ranks) and missing per-agent figures."""
-    from .test_miniimagenet import pickle_fixture
+    from tests.test_miniimagenet import pickle_fixture
 
     pickle_fixture(tmp_path / "data", "train", classes=6, per_class=4)
     pickle_fixture(tmp_path / "data", "test", classes=5, per_class=4, first=6)
@@ -360,7 +357,7 @@ def test_bad_dataset_is_one_line_error(tmp_path, case):
     naming the file or the class count and what to change, no run directory left behind.
 
     Catches tracebacks from deep inside the data pipeline and half-created run directories."""
-    from .test_miniimagenet import pickle_fixture
+    from tests.test_miniimagenet import pickle_fixture
 
     data = tmp_path / "data"
     pickle_fixture(data, "train", classes=6, per_class=4)

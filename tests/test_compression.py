@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import math
 
+import networkx as nx
 import numpy as np
 import pytest
 import torch
 
 from dif_maml_dist import seeding
-from dif_maml_dist.compression import QSGD, RandK, ScaledSign, TopK, pack_bits, unpack_bits
 from dif_maml_dist.config import CompressionConfig, Config
-from dif_maml_dist.gossip import ChocoGossip, FullStateGossip, gossip_round, make_gossip
-from dif_maml_dist.schedules import GraphSchedule, static_schedule
-from dif_maml_dist.topology import PAPER6_EDGES, metropolis_weights
-
-import networkx as nx
+from dif_maml_dist.gossip.compression import QSGD, RandK, ScaledSign, TopK, pack_bits, unpack_bits
+from dif_maml_dist.gossip.schemes import ChocoGossip, FullStateGossip, gossip_round, make_gossip
+from dif_maml_dist.graphs.schedules import GraphSchedule, static_schedule
+from dif_maml_dist.graphs.topology import PAPER6_EDGES
+from dif_maml_dist.graphs.weights import metropolis_weights
 
 P = 1001  # not a multiple of 8: the packed formats need their padding
 

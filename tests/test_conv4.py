@@ -8,11 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dif_maml_dist import seeding
-from dif_maml_dist.flat import FlatLayout
-from dif_maml_dist.maml import TaskBatch, adaptation_curves, adaptation_curves_loop, make_loss, meta_gradient
-from dif_maml_dist.models import BatchStatNorm2d, Conv4, functional, reset_parameters
-
-from .helpers import reference_meta_gradient
+from dif_maml_dist.learning.flat import FlatLayout
+from dif_maml_dist.learning.maml import TaskBatch, adaptation_curves, adaptation_curves_loop, make_loss, meta_gradient
+from dif_maml_dist.learning.models import BatchStatNorm2d, Conv4, functional, reset_parameters
+from tests.helpers import reference_meta_gradient
 
 
 def test_batch_stat_norm_equals_torch_batch_norm_in_training_mode():

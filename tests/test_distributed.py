@@ -11,14 +11,14 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from dif_maml_dist.agent import Agent, run_agent
-from dif_maml_dist.combine import combine
+from dif_maml_dist.comm.process import ProcessEnv, distributed
+from dif_maml_dist.comm.transport import TorchDistTransport
 from dif_maml_dist.config import TopologyConfig
-from dif_maml_dist.runtime import ProcessEnv, distributed
-from dif_maml_dist.topology import build_topology, combine_plan, strategy_weights
-from dif_maml_dist.transport import TorchDistTransport
-
-from .helpers import combine_dense, free_port, schedule_for, simulated_states, small_config
+from dif_maml_dist.engine.agent import networked_agent
+from dif_maml_dist.gossip.combine import combine
+from dif_maml_dist.graphs.topology import build_topology, strategy_weights
+from dif_maml_dist.graphs.weights import combine_plan
+from tests.helpers import combine_dense, free_port, run_agent, schedule_for, simulated_states, small_config
 
 STRATEGIES = ("dif_maml", "centralized", "noncooperative")
 ITERS = 50
@@ -74,7 +74,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for strategy in STRATEGIES:
             cfg = small_config(strategy, iterations=ITERS)
             fresh = TorchDistTransport(cfg0.runtime.timeout_s)  # its own byte counter, same process group
-            agent = Agent(cfg, rank, 6).connect(schedule_for(cfg, PAPER6), fresh)
+            agent = networked_agent(cfg, rank, 6, schedule_for(cfg, PAPER6), fresh)
             result = run_agent(agent, fresh)
             out[strategy] = {"params": agent.state.params, "bytes": result.agents[0]["bytes_sent"],
                              "network": None if result.network is None else
@@ -82,7 +82,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for name in VARIANTS:
             cfg = variant_config(name)
             counting = CountingTransport(cfg0.runtime.timeout_s)
-            agent = Agent(cfg, rank, 6).connect(schedule_for(cfg, PAPER6), counting)
+            agent = networked_agent(cfg, rank, 6, schedule_for(cfg, PAPER6), counting)
             result = run_agent(agent, counting)
             out[name] = {"params": agent.state.params, "bytes": result.agents[0]["bytes_sent"],
                          "handed": counting.handed}

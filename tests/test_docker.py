@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import REPO, free_port
+from tests.helpers import REPO, free_port
 
 DOCKER = REPO / "docker"
 

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 
 from dif_maml_dist import load_run
 from dif_maml_dist.evaluate import main as evaluate_main
-from dif_maml_dist.maml import adaptation_curves_loop
-
-from .helpers import REPO
+from dif_maml_dist.learning.maml import adaptation_curves_loop
+from tests.helpers import REPO
 
 
 def _sinusoid_run(path, *overrides):
@@ -143,8 +142,9 @@ def test_default_output_in_a_read_only_run_folder_is_refused_before_evaluating(r
 def test_a_run_without_models_is_refused(tmp_path, capsys):
     """A run directory whose models are missing (unfinished, or train.save_models=false) says so."""
     (tmp_path / "run" / ".hydra").mkdir(parents=True)
-    from dif_maml_dist.config import Config
     from omegaconf import OmegaConf
+
+    from dif_maml_dist.config import Config
 
     OmegaConf.save(OmegaConf.structured(Config), tmp_path / "run" / ".hydra" / "config.yaml")
     assert evaluate_main([str(tmp_path / "run")]) == 2
@@ -200,7 +200,7 @@ def test_sinusoid_csv_with_a_non_finite_number_is_refused(run_dir, tmp_path, cap
 @pytest.fixture(scope="module")
 def omniglot_run(tmp_path_factory):
     """A short Omniglot run on a generated fixture in the real folder layout (5 test characters)."""
-    from .test_omniglot import make_fixture
+    from tests.test_omniglot import make_fixture
 
     base = tmp_path_factory.mktemp("omniglot")
     make_fixture(base / "data", {"images_background": {"Alpha": 6, "Beta": 6}, "images_evaluation": {"Gamma": 6}})
@@ -432,7 +432,7 @@ def test_validation_keeps_the_centroid_of_the_iteration_with_the_best_validation
     maximum), and summary.json's best_centroid test figures are that file's figures on the final test set.
     Catches a best kept by the wrong metric or the last improvement missed, a saved file that is not the
     selected model, and test figures of the final model reported as the best's."""
-    from .test_omniglot import PROTOCOL_LAYOUT, make_fixture
+    from tests.test_omniglot import PROTOCOL_LAYOUT, make_fixture
 
     make_fixture(tmp_path / "data", PROTOCOL_LAYOUT)
     run_dir = tmp_path / "run"

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import torch
 
-from dif_maml_dist.agent import Agent, run_agent
+from dif_maml_dist.comm.process import ProcessEnv, distributed
+from dif_maml_dist.comm.transport import PeerError
 from dif_maml_dist.config import TopologyConfig
-from dif_maml_dist.runtime import ProcessEnv, distributed
-from dif_maml_dist.topology import build_topology
-from dif_maml_dist.transport import PeerError
-
-from .helpers import REPO, free_port, schedule_for, small_config, spawn_within
+from dif_maml_dist.engine.agent import networked_agent
+from dif_maml_dist.graphs.topology import build_topology
+from tests.helpers import REPO, free_port, run_agent, schedule_for, small_config, spawn_within
 
 TIMEOUT_S = 6.0
 #: Start-up's own timeout, far longer than TIMEOUT_S: a wait that ends near TIMEOUT_S used the right timeout, one
@@ -56,7 +55,7 @@ def _hung_peer_worker(rank: int, port: int, out_dir: str) -> None:
                     return real_exchange(messages)
 
                 transport.exchange = exchange
-            agent = Agent(cfg, rank, 4).connect(schedule_for(cfg, ring), transport)
+            agent = networked_agent(cfg, rank, 4, schedule_for(cfg, ring), transport)
             try:
                 run_agent(agent, transport)
             except PeerError as err:
@@ -177,7 +176,7 @@ def test_resume_continues_a_run_bit_identically_and_refuses_another_runs_checkpo
     Catches a resume that restarts from scratch or from the wrong iteration, state missing from checkpoints
     (optimizer moments, RNG, the compressed combine's copies), and a resume that clobbers the run it could not
     continue."""
-    from .test_cli import train
+    from tests.test_cli import train
 
     common = ["topology=ring", "topology.num_agents=3", "train.dtype=float64", "train.checkpoint_every=5",
               "train.eval_every=5", "task.eval_tasks=20", "maml.final_adapt_steps=1", "compression=qsgd",

@@ -12,14 +12,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dif_maml_dist.agent import Agent
+from dif_maml_dist.comm.process import ProcessEnv, distributed
+from dif_maml_dist.comm.transport import PeerError
 from dif_maml_dist.config import TopologyConfig
-from dif_maml_dist.runtime import ProcessEnv, distributed
-from dif_maml_dist.simulate import Simulation
-from dif_maml_dist.topology import build_topology, strategy_weights
-from dif_maml_dist.transport import PeerError
-
-from .helpers import free_port, schedule_for, small_config, spawn_within
+from dif_maml_dist.engine.agent import networked_agent
+from dif_maml_dist.engine.simulator import Simulation
+from dif_maml_dist.graphs.topology import build_topology, strategy_weights
+from tests.helpers import free_port, schedule_for, small_config, spawn_within
 
 CUDA = torch.cuda.is_available()
 GPUS = torch.cuda.device_count() if CUDA else 0
@@ -54,7 +53,7 @@ def _shared_gpu_worker(rank: int, port: int, out_dir: str) -> None:
     cfg.runtime.device, cfg.runtime.backend, cfg.runtime.timeout_s = "cuda", "gloo", 120
     device = torch.device("cuda", 0)
     with distributed(cfg.runtime, ProcessEnv.from_environ(), device, "gloo") as transport:
-        agent = Agent(cfg, rank, 3, device).connect(schedule_for(cfg, RING3), transport)
+        agent = networked_agent(cfg, rank, 3, schedule_for(cfg, RING3), transport, device)
         for _ in range(10):
             agent.step()
         torch.save(agent.state.params.detach().cpu(), os.path.join(out_dir, f"rank{rank}.pt"))
@@ -87,7 +86,7 @@ def _nccl_worker(rank: int, world: int, port: int, out_dir: str, hang: bool) -> 
             result["received"] = {p: got[p].cpu() for p in got}
             result["gathered"] = transport.all_gather_object(rank)
             topo = build_topology(TopologyConfig(name="ring", num_agents=world))
-            agent = Agent(cfg, rank, world, device).connect(schedule_for(cfg, topo), transport)
+            agent = networked_agent(cfg, rank, world, schedule_for(cfg, topo), transport, device)
             for _ in range(3):
                 agent.step()
             result["finite"] = bool(torch.isfinite(agent.state.params).all())
@@ -140,8 +139,8 @@ def test_deterministic_gpu_training_repeats_and_resumes_bit_for_bit():
     an agent restored from a mid-run state_dict continues exactly as the straight run (what resume-equality
     means on a GPU). Catches nondeterministic kernels (atomics in backward) left on under the flag, and loop
     state missing from a checkpoint on the GPU (the task stream, optimizer moments)."""
-    from dif_maml_dist.runtime import configure_process
-    from dif_maml_dist.transport import InMemoryTransport
+    from dif_maml_dist.comm.process import configure_process
+    from dif_maml_dist.comm.transport import InMemoryTransport
 
     cfg = small_config("noncooperative", iterations=10)
     cfg.runtime.deterministic = True
@@ -150,7 +149,7 @@ def test_deterministic_gpu_training_repeats_and_resumes_bit_for_bit():
         one = build_topology(TopologyConfig(name="ring", num_agents=1))
 
         def agent():
-            return Agent(cfg, 0, 1, "cuda").connect(schedule_for(cfg, one), InMemoryTransport.network(1)[0])
+            return networked_agent(cfg, 0, 1, schedule_for(cfg, one), InMemoryTransport.network(1)[0], "cuda")
 
         straight, again, resumed = agent(), agent(), agent()
         for _ in range(10):

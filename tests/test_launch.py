@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from .helpers import REPO, free_port
+from tests.helpers import REPO, free_port
 
 TORCHRUN = f"{sys.executable} -m torch.distributed.run"
 SHORT_RUN = ["train.iterations=20", "train.eval_every=10", "train.log_every=5", "task.eval_tasks=50",

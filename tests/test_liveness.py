@@ -12,9 +12,8 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from dif_maml_dist.liveness import LocalProgressBoard, PeerError, RoundWaiter, StoreProgressBoard, stall_report
-
-from .helpers import wait_until
+from dif_maml_dist.comm.liveness import LocalProgressBoard, PeerError, RoundWaiter, StoreProgressBoard, stall_report
+from tests.helpers import wait_until
 
 
 def test_stall_report_names_the_neighbour_behind_or_the_laggard_further_away():
@@ -179,7 +178,7 @@ def test_peer_watch_waits_for_a_neighbour_that_waits_and_gives_up_on_one_that_st
 
     Catches the cascade this guards against (an agent giving up on a neighbour that merely waits: the whole
     chain's waits expire together and the network falls apart), and a watch that waits forever for a stopped peer."""
-    from dif_maml_dist.liveness import PeerWatch
+    from dif_maml_dist.comm.liveness import PeerWatch
 
     now = [0.0]
     beats = {1: (10, 0), 2: (10, 0), 3: (10, 0)}

@@ -5,18 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dif_maml_dist import seeding
 from dif_maml_dist.config import TaskConfig
-import torch.nn.functional as F
-
-from dif_maml_dist.flat import FlatLayout
-from dif_maml_dist.maml import (TaskBatch, adaptation_curves, adaptation_curves_loop, choose_path,
-                                make_loss, meta_gradient, meta_gradient_loop)
-from dif_maml_dist.models import MLP, functional
+from dif_maml_dist.learning.flat import FlatLayout
+from dif_maml_dist.learning.maml import (
+    TaskBatch,
+    adaptation_curves,
+    adaptation_curves_loop,
+    choose_path,
+    make_loss,
+    meta_gradient,
+    meta_gradient_loop,
+)
+from dif_maml_dist.learning.models import MLP, functional
 from dif_maml_dist.tasks import SinusoidTasks
-
-from .helpers import reference_meta_gradient
+from tests.helpers import reference_meta_gradient
 
 #: every way to get a meta-gradient: the loop, vmap over the whole batch, and vmap in chunks of 2 tasks
 PATHS = [("loop", None), ("vmap", None), ("vmap", 2)]

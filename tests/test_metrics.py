@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dif_maml_dist.metrics import JsonlSink
+from dif_maml_dist.run.sinks import JsonlSink
 
 
 def _train(it: int, loss: float) -> dict:
@@ -148,7 +148,7 @@ def test_tensorboard_event_files_hold_every_agents_and_the_networks_records(tmp_
 
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
                                       reason="the tensorboard package is not installed (pip install -e '.[dev]')")
-    from .helpers import REPO
+    from tests.helpers import REPO
 
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "dif_maml_dist.train", "runtime=simulate", "runtime.threads=1",
@@ -174,7 +174,7 @@ def test_tensorboard_without_its_package_is_refused_in_one_line(monkeypatch):
     import importlib.util
 
     from dif_maml_dist.config import Config
-    from dif_maml_dist.context import check_tensorboard
+    from dif_maml_dist.run.context import check_tensorboard
 
     cfg = Config()
     cfg.metrics.tensorboard = True
@@ -194,8 +194,8 @@ def test_tensorboard_that_fails_to_import_is_refused_before_anything_is_written(
     a traceback once the run folder and its metric streams were there."""
     import sys
 
-    from dif_maml_dist.runtime import ProcessEnv
-    from dif_maml_dist.train import prepare
+    from dif_maml_dist.comm.process import ProcessEnv
+    from dif_maml_dist.run.launch import prepare
 
     broken = tmp_path / "site" / "tensorboard"
     broken.mkdir(parents=True)

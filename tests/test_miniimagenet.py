@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dif_maml_dist.config import Config, validate
+from dif_maml_dist.config import Config
+from dif_maml_dist.run.validate import validate
 from dif_maml_dist.tasks.miniimagenet import MiniImagenetFamily, load_miniimagenet
 
 

@@ -14,8 +14,7 @@ from PIL import Image
 
 from dif_maml_dist.tasks.episodes import FewShotEpisodes
 from dif_maml_dist.tasks.omniglot import load_omniglot, split_classes
-
-from .helpers import REPO
+from tests.helpers import REPO
 
 #: torchvision's Omniglot archive: $OMNIGLOT_TARBALL, or where this project's machines keep it (beside the checkout).
 REAL_TARBALL = Path(os.environ.get("OMNIGLOT_TARBALL") or REPO.parent / "shared" / "data" / "omniglot-py.tar.gz")
@@ -180,8 +179,9 @@ def test_lazy_test_set_and_chunked_evaluation_match_eager_ones(tmp_path):
     the same seed, and Learner.evaluate gives the same figures whether it gathers 3 tasks at a time or all 10.
 
     Catches evaluation chunks that skip, repeat or reorder tasks, and a confidence interval computed per chunk."""
-    from dif_maml_dist.learner import Learner
-    from dif_maml_dist.config import Config, validate
+    from dif_maml_dist.config import Config
+    from dif_maml_dist.engine.learner import Learner
+    from dif_maml_dist.run.validate import validate
 
     make_fixture(tmp_path, LAYOUT)
     images = load_omniglot(tmp_path, progress=False).images
@@ -238,7 +238,8 @@ PROTOCOL_LAYOUT = {"images_background": {"Alpha": 3, "Beta": 3, "Delta": 3, "Eps
 
 
 def _family(root, **task):
-    from dif_maml_dist.config import Config, validate
+    from dif_maml_dist.config import Config
+    from dif_maml_dist.run.validate import validate
     from dif_maml_dist.tasks.omniglot import OmniglotFamily
 
     cfg = Config()
@@ -292,7 +293,8 @@ def test_background_evaluation_split_refuses_bad_settings_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"^task.split=background_evaluation needs both halves of Omniglot, but "
                                          r"images_evaluation holds no characters"):
         _family(tmp_path / "half", split="background_evaluation")
-    from dif_maml_dist.config import Config, validate
+    from dif_maml_dist.config import Config
+    from dif_maml_dist.run.validate import validate
 
     cfg = Config()
     cfg.task.split = "background_evaluation"

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import zipfile
 
-from .helpers import REPO
+from tests.helpers import REPO
 
 
 def test_wheel_carries_every_hydra_config(tmp_path):

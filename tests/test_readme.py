@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from .helpers import REPO
+from tests.helpers import REPO
 
 
 def test_readme_samples_match_what_the_code_prints():

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dif_maml_dist import rundir
-
-from .helpers import REPO, STALL_S, wait_until
-from .test_cli import train
+from dif_maml_dist.run import rundir
+from tests.helpers import REPO, STALL_S, wait_until
+from tests.test_cli import train
 
 #: A lone agent (no torchrun: a one-agent network) that checkpoints: the cheapest run with checkpoints.
 LONE = ["topology=ring", "topology.num_agents=1", "task.eval_tasks=20", "maml.final_adapt_steps=2",
@@ -190,7 +189,7 @@ def test_a_resume_that_fails_rewrites_no_record(finished, tmp_path):
         p.unlink()
     (run_dir / "summary.json").unlink()
     before = snapshot(run_dir)
-    diverge_at_15 = ("import dif_maml_dist.agent as a\n"
+    diverge_at_15 = ("import dif_maml_dist.engine.agent as a\n"
                      "adapt = a.Agent.adapt\n"
                      "a.Agent.adapt = lambda self: adapt(self) * (float('nan') if self.state.iteration >= 14 else 1)")
     proc = train_injected(diverge_at_15, [*LONE, "train.resume=true", "train.iterations=20",
@@ -243,7 +242,7 @@ def test_full_disk_is_named_in_one_line(tmp_path):
     """Disk full while writing a checkpoint (injected: ENOSPC from the write): one line naming the disk's run
     directory and what to do, exit status 3, no traceback (catches the traceback rank 0 printed)."""
     run_dir = tmp_path / "run"
-    disk_full = ("import errno, dif_maml_dist.checkpoint as c\n"
+    disk_full = ("import errno, dif_maml_dist.run.checkpoint as c\n"
                  "def full(*a, **k):\n"
                  "    raise OSError(errno.ENOSPC, 'No space left on device', str(a[0]))\n"
                  "c._write_synced = full")

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dif_maml_dist.config import Config, RuntimeConfig, validate
-from dif_maml_dist.learner import GPU_EVAL_CHUNK_FACTOR, eval_chunk_for
-from dif_maml_dist.runtime import configure_process, group_timeout_s, nccl_environment
+from dif_maml_dist.comm.process import configure_process, group_timeout_s, nccl_environment
+from dif_maml_dist.config import Config, RuntimeConfig
+from dif_maml_dist.engine.learner import GPU_EVAL_CHUNK_FACTOR, eval_chunk_for
+from dif_maml_dist.run.validate import validate
 
 
 def test_the_process_group_timeout_is_the_exchange_timeout_on_gloo_and_a_later_backstop_on_nccl():

@@ -8,10 +8,12 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from dif_maml_dist.config import Config, validate
-from dif_maml_dist.gossip import combine_round
-from dif_maml_dist.schedules import GraphSchedule, exponential_partner
-from dif_maml_dist.topology import PAPER6_EDGES, metropolis_weights, mixing_rate
+from dif_maml_dist.config import Config
+from dif_maml_dist.gossip.rounds import combine_round
+from dif_maml_dist.graphs.schedules import GraphSchedule, exponential_partner
+from dif_maml_dist.graphs.topology import PAPER6_EDGES
+from dif_maml_dist.graphs.weights import metropolis_weights, mixing_rate
+from dif_maml_dist.run.validate import validate
 
 GRAPHS = {"paper6": nx.Graph(PAPER6_EDGES), "ring16": nx.cycle_graph(16), "ring7": nx.cycle_graph(7)}
 
@@ -128,9 +130,9 @@ def test_bad_communication_settings_are_refused(setting, message):
 
 def _context(tmp_path, *overrides: str):
     """The run's context as the entry point decides it (no lock, nothing written)."""
-    from dif_maml_dist.context import RunContext
-    from dif_maml_dist.runtime import ProcessEnv
-    from dif_maml_dist.train import compose
+    from dif_maml_dist.comm.process import ProcessEnv
+    from dif_maml_dist.run.context import RunContext
+    from dif_maml_dist.run.launch import compose
 
     cfg, _ = compose(["runtime=simulate", *overrides])
     return RunContext.build(cfg, ProcessEnv(), tmp_path / "run")
@@ -142,7 +144,7 @@ def test_start_line_reports_the_schedules_mixing_rate_the_summary_reports(tmp_pa
     (paper6: 0.8642). Catches a start line announcing a rate the run does not have."""
     import logging
 
-    from dif_maml_dist.outputs import communication, log_start
+    from dif_maml_dist.run.outputs import communication, log_start
 
     ctx = _context(tmp_path, "topology.schedule=one_peer_exponential")
     with caplog.at_level(logging.INFO, logger="dif_maml_dist"):

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from dif_maml_dist import simulate
 from dif_maml_dist.config import TopologyConfig
-from dif_maml_dist.loop import run_loop
-from dif_maml_dist.metrics import ListSink, figures
-from dif_maml_dist.simulate import Simulation
-from dif_maml_dist.topology import build_topology, strategy_weights
-
-from .helpers import small_config
+from dif_maml_dist.engine import simulator as simulate
+from dif_maml_dist.engine.figures import figures
+from dif_maml_dist.engine.loop import ListSink, run_loop
+from dif_maml_dist.engine.simulator import Simulation
+from dif_maml_dist.graphs.topology import build_topology, strategy_weights
+from tests.helpers import small_config
 
 PAPER6 = build_topology(TopologyConfig(name="paper6"))
 
@@ -100,7 +99,7 @@ def test_simulation_runs_the_shared_schedule():
 def test_saved_agent_model_holds_that_agent_only(tmp_path):
     """A simulator agent's parameters are views into one [agents, P] tensor; its model file must hold its own
     P numbers, not the whole stack (torch.save writes a view's storage: 1000 agents once made 1000 files of 7 MB)."""
-    from dif_maml_dist.metrics import save_tensors_atomic
+    from dif_maml_dist.run.files import save_tensors_atomic
 
     cfg = small_config("dif_maml", iterations=1)
     sim = Simulation(cfg, build_topology(TopologyConfig(name="ring", num_agents=40)).weights)

@@ -1,7 +1,7 @@
 """The simulator checkpoints and resumes: a run stopped (Ctrl-C, or finished short) and continued with
 train.resume=true equals the uninterrupted run bit for bit, in both engines, with the torchrun path's refusals.
 
-Runs go through ``train.execute`` in this process (the run directory, metric streams, checkpoints and summary of a
+Runs go through ``run.recipes.simulated`` in this process (the run directory, metric streams, checkpoints and summary of a
 real run, without a subprocess per run): sinusoid, 4 agents, float64, one intra-op thread.
 """
 
@@ -14,16 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dif_maml_dist import checkpoint, rundir, train
-from dif_maml_dist.config import validate
-from dif_maml_dist.context import RunContext
-from dif_maml_dist.loop import BestCentroid
-from dif_maml_dist.runtime import ProcessEnv
-from dif_maml_dist.simulate import Simulation
-from dif_maml_dist.topology import build_topology
-
-from .helpers import schedule_for, small_config
-from .test_run_dir import snapshot
+from dif_maml_dist.comm.process import ProcessEnv
+from dif_maml_dist.engine.loop import BestCentroid
+from dif_maml_dist.engine.simulator import Simulation
+from dif_maml_dist.graphs.topology import build_topology
+from dif_maml_dist.run import checkpoint, recipes, rundir
+from dif_maml_dist.run.context import RunContext
+from dif_maml_dist.run.validate import validate
+from tests.helpers import schedule_for, small_config
+from tests.test_run_dir import snapshot
 
 ENGINES = pytest.mark.parametrize("vectorize", [True, False], ids=["vectorized", "per_agent"])
 #: what differs between two runs of the same arithmetic: time, and the config's train.iterations/resume
@@ -70,7 +69,7 @@ def config(vectorize: bool, iterations: int, resume: bool = False, departures: b
 
 
 def run(cfg, run_dir: Path) -> dict:
-    return train.execute(RunContext.build(cfg, ProcessEnv(), run_dir))
+    return recipes.simulated(RunContext.build(cfg, ProcessEnv(), run_dir))
 
 
 def records(run_dir: Path, name: str, after: int) -> list[dict]:
@@ -116,10 +115,10 @@ def test_interrupted_or_extended_simulation_equals_an_uninterrupted_one(vectoriz
     monkeypatch.setattr(Simulation, "step", interrupted)
     ctx = RunContext.build(config(vectorize, 12), ProcessEnv(), stopped)
     with pytest.raises(KeyboardInterrupt):
-        train.execute(ctx)
+        recipes.simulated(ctx)
     monkeypatch.undo()
     capsys.readouterr()
-    train._interrupted(ctx)
+    recipes._interrupted(ctx)
     assert capsys.readouterr().err == (
         f"dif_maml_dist: interrupted; the newest checkpoint of the simulator is iteration 8 in "
         f"{stopped / 'checkpoints'}: continue with train.resume=true hydra.run.dir={stopped}\n")
@@ -223,9 +222,9 @@ def test_refused_simulator_resumes_change_nothing(finished, tmp_path, capsys):
 
     never = tmp_path / "never"
     ctx = RunContext.build(config(True, 8, checkpoint_every=0), ProcessEnv(), never)
-    train.execute(ctx)
+    recipes.simulated(ctx)
     capsys.readouterr()
-    train._interrupted(ctx)
+    recipes._interrupted(ctx)
     assert capsys.readouterr().err == (f"dif_maml_dist: interrupted; no checkpoint of the simulator was written, so "
                                        f"the run in {never} cannot be continued (train.checkpoint_every sets how "
                                        f"often they are)\n")

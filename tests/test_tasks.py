@@ -82,7 +82,7 @@ def test_few_shot_configs_carry_the_papers_settings(name, strategy):
     """Each task config, composed by hydra under each strategy with a data root, validates and holds the paper's
     hyper-parameters. Catches a config that drifted from the paper or that a strategy override cannot compose
     with."""
-    from dif_maml_dist.train import compose
+    from dif_maml_dist.run.launch import compose
 
     cfg, _ = compose([f"task={name}", f"strategy={strategy}", "data.root=/data"])  # as the entry point does
     t, m = cfg.task, cfg.maml

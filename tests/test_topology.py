@@ -6,11 +6,20 @@ import networkx as nx
 import numpy as np
 import pytest
 
+import dif_maml_dist.graphs.memory as memory
+import dif_maml_dist.graphs.topology as topology
+import dif_maml_dist.graphs.weights as weights
 from dif_maml_dist.config import TopologyConfig
-import dif_maml_dist.topology as topology
-from dif_maml_dist.topology import (build_topology, check_size, check_weights, combine_plan, is_primitive,
-                                    max_degree_weights, metropolis_weights, mixing_rate, num_agents_of,
-                                    strategy_weights)
+from dif_maml_dist.graphs.memory import check_size
+from dif_maml_dist.graphs.topology import build_topology, num_agents_of, strategy_weights
+from dif_maml_dist.graphs.weights import (
+    check_weights,
+    combine_plan,
+    is_primitive,
+    max_degree_weights,
+    metropolis_weights,
+    mixing_rate,
+)
 
 # The paper's graph, Metropolis rule worked out by hand from a_lk = 1/max(n_k, n_l), n = degree + 1:
 # n = [2, 2, 5, 3, 4, 2]; diagonal = 1 - (sum of the column's other entries).
@@ -215,13 +224,13 @@ def test_mixing_rate_above_the_cap_is_none_without_decomposing(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("an eigendecomposition ran above the cap")
 
-    monkeypatch.setattr(topology, "EXACT_SPECTRUM_MAX_AGENTS", 5)
+    monkeypatch.setattr(weights, "EXACT_SPECTRUM_MAX_AGENTS", 5)
     monkeypatch.setattr(np.linalg, "eigvals", forbidden)
     monkeypatch.setattr(np.linalg, "eigvalsh", forbidden)
     topo = build_topology(TopologyConfig(name="ring", num_agents=6))  # checks still run, combinatorially
     assert topo.lambda2 is None
     assert mixing_rate(np.eye(6)) is None
-    monkeypatch.setattr(topology, "EXACT_SPECTRUM_MAX_AGENTS_NONSYMMETRIC", 4)
+    monkeypatch.setattr(weights, "EXACT_SPECTRUM_MAX_AGENTS_NONSYMMETRIC", 4)
     assert mixing_rate(_birkhoff(np.random.default_rng(2), 5, 2)) is None  # non-symmetric: the lower cap
     monkeypatch.undo()
     assert mixing_rate(np.eye(6)) == pytest.approx(1.0)
@@ -230,7 +239,7 @@ def test_mixing_rate_above_the_cap_is_none_without_decomposing(monkeypatch):
 def test_memory_refusal_before_any_dense_allocation(monkeypatch):
     """K whose K x K matrices cannot fit is refused in one line before the graph or A is built: catches the
     MemoryError traceback (50,000 agents tried to allocate 20 GB). The machine's memory is faked small."""
-    monkeypatch.setattr(topology, "physical_memory_bytes", lambda: 2 ** 30)
+    monkeypatch.setattr(memory, "physical_memory_bytes", lambda: 2 ** 30)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("built the graph or weights before the size check")
@@ -247,7 +256,7 @@ def test_memory_refusal_before_any_dense_allocation(monkeypatch):
     with pytest.raises(ValueError, match="at least 1 agent"):
         check_size(0)
     monkeypatch.undo()
-    real = topology.physical_memory_bytes()
+    real = memory.physical_memory_bytes()
     assert real is None or real > 2 ** 20
 
 

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 from torch import Tensor, nn
 
-from ..maml import TaskBatch
-from .miniimagenet import MiniImagenetFamily
-from .omniglot import OmniglotFamily
-from .sinusoid import SinusoidFamily, SinusoidTasks
+from dif_maml_dist.learning.maml import TaskBatch
+from dif_maml_dist.tasks.miniimagenet import MiniImagenetFamily
+from dif_maml_dist.tasks.omniglot import OmniglotFamily
+from dif_maml_dist.tasks.sinusoid import SinusoidFamily, SinusoidTasks
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from dif_maml_dist.config import Config
 
 
 class TaskSet(Protocol):

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..maml import TaskBatch
+from dif_maml_dist.learning.maml import TaskBatch
 
 SHARING_MODES = ("same", "disjoint_classes")  #: every dataset; Omniglot adds "alphabets"
 

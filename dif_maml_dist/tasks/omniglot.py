@@ -17,11 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import seeding
-from ..config import Config
-from ..models import Conv4
-from .cache import exclusive, load_or_build, source_fingerprint
-from .episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
+from dif_maml_dist import seeding
+from dif_maml_dist.config import Config
+from dif_maml_dist.learning.models import Conv4
+from dif_maml_dist.tasks.cache import exclusive, load_or_build, source_fingerprint
+from dif_maml_dist.tasks.episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
 DRAWINGS_PER_CHARACTER = 20

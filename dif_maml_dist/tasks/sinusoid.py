@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import seeding
-from ..config import Config, TaskConfig
-from ..maml import TaskBatch
-from ..models import MLP
+from dif_maml_dist import seeding
+from dif_maml_dist.config import Config, TaskConfig
+from dif_maml_dist.learning.maml import TaskBatch
+from dif_maml_dist.learning.models import MLP
 
 
 class SinusoidTasks:

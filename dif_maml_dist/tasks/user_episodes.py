@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..maml import TaskBatch
+from dif_maml_dist.learning.maml import TaskBatch
 
 
 def read_episodes(root: Path, family, n_way: int | None) -> dict[str, TaskBatch]:

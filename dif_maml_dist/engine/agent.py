@@ -1,0 +1,196 @@
+"""One agent: sample tasks -> meta-gradient -> local optimizer step (Adapt) -> exchange -> Combine.
+
+The agent receives its Combine step (a ``gossip.combiners.Combiner``), which talks to a ``comm`` transport; it
+never sees ``torch.distributed``: the same code runs as a torchrun process, as a thread over the in-memory
+transport, and in tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from dif_maml_dist import seeding
+from dif_maml_dist.comm.liveness import PeerError
+from dif_maml_dist.config import Config, OptimConfig
+from dif_maml_dist.engine.learner import Learner
+from dif_maml_dist.gossip.combiners import Combiner, make_combiner
+from dif_maml_dist.graphs.schedules import GraphSchedule
+from dif_maml_dist.learning.flat import FlatLayout
+from dif_maml_dist.learning.maml import choose_path, meta_gradient
+from dif_maml_dist.learning.models import reset_parameters
+from dif_maml_dist.tasks import TaskFamily, task_family
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ agent state
+#: ``optim=NAME`` -> the agent's local optimizer over its flat parameters (config validation reads the names)
+OPTIMIZERS: dict[str, Callable[[OptimConfig, Tensor], torch.optim.Optimizer]] = {
+    "adam": lambda cfg, params: torch.optim.Adam([params], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps),
+    "sgd": lambda cfg, params: torch.optim.SGD([params], lr=cfg.lr, momentum=cfg.momentum),
+}
+
+
+def make_optimizer(cfg: OptimConfig, params: Tensor) -> torch.optim.Optimizer:
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"unknown optim {cfg.name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[cfg.name](cfg, params)
+
+
+@dataclass
+class AgentState:
+    """Everything that evolves in an agent's training step; ``state_dict`` round-trips it exactly."""
+
+    iteration: int
+    params: Tensor  #: flat parameter vector, the agent's w_{k,i}
+    optimizer: torch.optim.Optimizer  #: local only, never combined
+    rng: torch.Generator  #: the agent's task stream
+
+    def state_dict(self) -> dict[str, Any]:
+        # A snapshot: optimizer.state_dict() holds references to the live moment tensors.
+        return {"iteration": self.iteration, "params": self.params.detach().clone(),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "rng": self.rng.get_state()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.params.copy_(sd["params"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.rng.set_state(sd["rng"])
+        self.iteration = int(sd["iteration"])
+
+
+def initial_params(cfg: Config, agent: int, dtype: torch.dtype, device: torch.device,
+                   family: Optional[TaskFamily] = None) -> Tensor:
+    """PyTorch's default initialisation, drawn from a seeded stream: shared by all agents, or per agent.
+
+    Pass the caller's ``family`` when it has one: building a family may load a dataset.
+    """
+    keys = (seeding.INIT,) if cfg.train.init == "shared" else (seeding.INIT, agent)
+    model = (family or task_family(cfg)).build_model()
+    reset_parameters(model, seeding.generator(cfg.seed, *keys))
+    return FlatLayout.of(model).flatten(dict(model.named_parameters())).detach().to(device=device, dtype=dtype)
+
+
+class InitialModels:
+    """Every agent's initial model, a function of the seed, so that any agent can compute any other's (the
+    compression copies of a neighbour's state start from its initial model). Computed once per distinct model."""
+
+    def __init__(self, cfg: Config, dtype: torch.dtype, device: torch.device | str, family: TaskFamily):
+        self.cfg, self.dtype, self.device, self.family = cfg, dtype, torch.device(device), family
+        self._made: dict[int, Tensor] = {}
+
+    def __call__(self, agent: int) -> Tensor:
+        """Agent ``agent``'s initial flat parameters (a fresh tensor: the caller may change it)."""
+        key = 0 if self.cfg.train.init == "shared" else agent
+        if key not in self._made:
+            self._made[key] = initial_params(self.cfg, agent, self.dtype, self.device, self.family)
+        return self._made[key].clone()
+
+
+# ------------------------------------------------------------------------------------------------------ agent
+class Agent:
+    """Agent ``rank`` of ``num_agents``; ``combiner`` decides the strategy."""
+
+    def __init__(self, cfg: Config, rank: int, num_agents: int, device: torch.device | str = "cpu",
+                 learner: Optional[Learner] = None, combiner: Optional[Combiner] = None,
+                 initial: Optional[InitialModels] = None):
+        """``learner``: share one (its dataset, its test sets) between agents of one process; built if not given.
+        ``combiner``: the Combine step :meth:`step` ends with (``gossip.combiners``; :func:`networked_agent`
+        builds it); without one the agent only adapts, and whoever drives it combines (the simulator).
+        ``initial``: the initial models, when the caller has them (shared with the combiner's copies)."""
+        self.cfg, self.rank, self.num_agents = cfg, rank, num_agents
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, cfg.train.dtype)
+        self.learner = learner or Learner.build(cfg, self.device, self.dtype)
+        self.layout = self.learner.layout
+        self.tasks = self.learner.family.sampler(rank, num_agents)
+        self.initial = initial or InitialModels(cfg, self.dtype, self.device, self.learner.family)
+        params = self.initial(rank)
+        self.state = AgentState(0, params, make_optimizer(cfg.optim, params),
+                                seeding.generator(cfg.seed, seeding.TASKS, rank))
+        m = cfg.maml
+        self.meta_grad_path = choose_path(m.meta_grad_path, self.learner.model.kind, cfg.task.meta_batch,
+                                          m.vmap_min_tasks)
+        self.combiner = combiner
+        self.compute_seconds = 0.0  #: time in sampling + meta-gradient + optimizer step
+        self.exchange_seconds = 0.0  #: time in the combine step (communication included)
+
+    def _sync(self) -> None:
+        # Kernels are asynchronous: compute_s / exchange_s are device times only if the host waits for them here,
+        # which costs two synchronisations per iteration; by default the GPU runs ahead (runtime.time_phases).
+        if self.device.type == "cuda" and self.cfg.runtime.time_phases:
+            torch.cuda.synchronize(self.device)
+
+    def adapt(self) -> Tensor:
+        """Adapt: sample tasks, meta-gradient, local optimizer step; ``state.params`` then holds phi_{k,i}.
+
+        Returns the (detached) mean meta-training loss of the task batch.
+        """
+        m, st = self.cfg.maml, self.state
+        t0 = time.perf_counter()
+        batch = self.tasks.sample(st.rng, self.cfg.task.meta_batch).to_device(self.device, self.dtype)
+        learner = self.learner
+        grads, loss = meta_gradient(self.meta_grad_path, learner.loss, learner.batched_loss,
+                                    self.layout.split(st.params), batch, m.inner_lr, m.inner_steps, m.first_order,
+                                    m.vmap_chunk, learner.query_loss)
+        st.params.grad = self.layout.join(grads)
+        st.optimizer.step()
+        st.params.grad = None
+        self._sync()
+        self.compute_seconds += time.perf_counter() - t0
+        return loss
+
+    def set_combined(self, combined: Tensor) -> None:
+        """Combine's result becomes w_{k,i} (after a local step, ``strategy.combine_every``, it is phi itself, the
+        parameters as they are); the iteration is complete."""
+        if combined is not self.state.params:
+            with torch.no_grad():
+                self.state.params.copy_(combined)
+        self.state.iteration += 1
+
+    def step(self) -> Tensor:
+        """One Dif-MAML iteration (Adapt, then Combine through the combiner); returns the meta-training loss."""
+        loss = self.adapt()
+        t1 = time.perf_counter()
+        try:
+            combined = self.combiner(self.state.params, self.state.iteration + 1)
+        except PeerError as err:
+            raise PeerError(f"agent {self.rank}, iteration {self.state.iteration + 1}: {err} "
+                            f"[runtime.timeout_s={self.cfg.runtime.timeout_s:g}]", err.peer) from None
+        self.set_combined(combined)
+        self._sync()
+        self.exchange_seconds += time.perf_counter() - t1
+        return loss
+
+    def named_params(self, params: Optional[Tensor] = None) -> dict[str, Tensor]:
+        return self.layout.unflatten(self.state.params if params is None else params)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The agent's whole loop state: ``AgentState``, its combiner's (compression copies), its time counters."""
+        return {**self.state.state_dict(), "compute_s": self.compute_seconds, "exchange_s": self.exchange_seconds,
+                "combiner": self.combiner.state_dict() if self.combiner is not None else {}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Continue from ``state_dict``'s output: the next iteration is the one after it."""
+        self.state.load_state_dict(sd)
+        if self.combiner is not None:
+            self.combiner.load_state_dict(sd.get("combiner", {}))
+        self.compute_seconds, self.exchange_seconds = float(sd["compute_s"]), float(sd["exchange_s"])
+
+
+def networked_agent(cfg: Config, rank: int, num_agents: int, schedule: GraphSchedule, transport: Any,
+                    device: torch.device | str = "cpu", learner: Optional[Learner] = None) -> Agent:
+    """Agent ``rank`` combining through ``transport`` on the graphs of ``schedule``, as ``cfg.strategy`` and
+    ``cfg.compression`` say (``gossip.combiners.make_combiner``)."""
+    device = torch.device(device)
+    learner = learner or Learner.build(cfg, device, getattr(torch, cfg.train.dtype))
+    initial = InitialModels(cfg, learner.dtype, device, learner.family)
+    combiner = make_combiner(cfg, schedule, rank, transport, initial)
+    return Agent(cfg, rank, num_agents, device, learner, combiner, initial)

@@ -1,0 +1,134 @@
+"""A task family bound to a device and dtype: the model as pure functions, its losses, and the shared test tasks;
+what an agent (or the simulator) trains and evaluates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from dif_maml_dist.config import Config
+from dif_maml_dist.engine.figures import Curves, figures
+from dif_maml_dist.learning.flat import FlatLayout
+from dif_maml_dist.learning.maml import (
+    LossFn,
+    TaskBatch,
+    adaptation_curves,
+    adaptation_curves_loop,
+    choose_path,
+    make_loss,
+)
+from dif_maml_dist.learning.models import FunctionalModel, functional
+from dif_maml_dist.tasks import TaskFamily, TaskSet, task_family
+
+#: A GPU holds this many times the CPU's test tasks in flight (the task families' ``eval_chunk`` is a CPU figure).
+GPU_EVAL_CHUNK_FACTOR = 8
+
+
+def concat_curves(parts: list[Curves], dim: int, with_metric: bool) -> Curves:
+    """Curves of consecutive task slices as one (tasks along ``dim``)."""
+    losses = torch.cat([p[0] for p in parts], dim=dim)
+    return losses, torch.cat([p[1] for p in parts], dim=dim) if with_metric else None
+
+
+def eval_chunk_for(configured: Optional[int], family_chunk: int, device: torch.device) -> int:
+    """Test tasks in flight in evaluation: ``runtime.eval_chunk`` if given, else the family's CPU figure, scaled
+    up on a GPU."""
+    if configured is not None:
+        return configured
+    return family_chunk * (GPU_EVAL_CHUNK_FACTOR if device.type == "cuda" else 1)
+
+
+@dataclass
+class Learner:
+    """A task family bound to a device and dtype: what an agent (or the simulator) trains and evaluates."""
+
+    family: TaskFamily
+    model: FunctionalModel
+    loss: LossFn  #: ``loss(params, x, y)``, one task at a time (the per-task loop)
+    query_loss: LossFn  #: the same, for where it is differentiated once only (the per-task loop's query loss)
+    batched_loss: LossFn  #: the same, exact under vmap (the vmap path, the simulator)
+    tests: TaskSet  #: the shared test tasks of the final figures (TaskBatch on the device, or a lazy EpisodeSet)
+    eval_tasks: int  #: the first eval_tasks of ``tests`` are evaluated during training
+    device: torch.device
+    dtype: torch.dtype
+    eval_chunk: int  #: test tasks gathered and adapted at once (``runtime.eval_chunk``, by device by default)
+    validation: Optional[TaskSet] = None  #: with train.validate: task.eval_tasks tasks of the validation characters
+
+    @property
+    def layout(self) -> FlatLayout:
+        return self.model.layout
+
+    @classmethod
+    def build(cls, cfg: Config, device: torch.device, dtype: torch.dtype,
+              family: Optional[TaskFamily] = None) -> "Learner":
+        """``family``: the task family, if the caller has built it already (building one may load a dataset)."""
+        family = family or task_family(cfg)
+        model = functional(family.build_model().to(device=device, dtype=dtype))
+        t = cfg.task
+        # One seeded stream: the periodic test set is the first eval_tasks tasks of the final one.
+        tests = family.eval_set(cfg.seed, max(t.final_eval_tasks or t.eval_tasks, t.eval_tasks))
+        if isinstance(tests, TaskBatch):
+            tests = tests.to(device, dtype)  # small enough to live on the device for the whole run
+        crit = family.criterion
+        chunk = eval_chunk_for(cfg.runtime.eval_chunk, family.eval_chunk, device)
+        validation = family.val_set(cfg.seed, t.eval_tasks) if cfg.train.validate else None
+        return cls(family, model, make_loss(model.forward, crit), make_loss(model.first_order_forward, crit),
+                   make_loss(model.batched_forward, crit), tests, t.eval_tasks, device, dtype, chunk, validation)
+
+    @property
+    def eval_path(self) -> str:
+        """How test tasks are adapted: vmap over a chunk of tasks, or one task at a time (the same choice as the
+        meta-gradient's ``auto``, at the chunk size)."""
+        return choose_path("auto", self.model.kind, self.eval_chunk)
+
+    def num_tests(self, final: bool, validation: bool = False) -> int:
+        """How many tasks an evaluation adapts: the periodic test prefix, the final test set, or the validation
+        tasks."""
+        if validation:
+            assert self.validation is not None, "train.validate is off"
+            return len(self.validation)
+        return len(self.tests) if final else self.eval_tasks
+
+    def curves(self, params: Tensor, inner_lr: float, max_steps: int, start: int, stop: int,
+               over_agents: bool = False, validation: bool = False) -> Curves:
+        """Per-task test loss (and metric) after 0..max_steps adaptation steps on test tasks ``start:stop`` (or
+        validation tasks): ``[tasks, max_steps+1]``, or ``[agents, tasks, max_steps+1]`` for stacked ``[agents, P]``
+        params (``over_agents``)."""
+        tasks = self.validation if validation else self.tests
+        if over_agents and self.eval_path == "loop":
+            parts = [self.curves(p, inner_lr, max_steps, start, stop, validation=validation) for p in params]
+            return (torch.stack([p[0] for p in parts]),
+                    None if self.family.metric is None else torch.stack([p[1] for p in parts]))
+        chunk, parts = self.eval_chunk, []
+        if over_agents:  # the vmap holds agents x tasks adapted models at once: keep that product bounded
+            chunk = max(1, chunk // params.shape[0])
+        if start >= stop:  # more ranks than test tasks: this one has none
+            empty = params.new_zeros((*params.shape[:-1], 0, max_steps + 1))
+            return empty, (empty if self.family.metric is not None else None)
+        for i in range(start, stop, chunk):  # gathered a chunk at a time: see tasks.episodes.EpisodeSet
+            parts.append(self.curves_on(tasks.slice(i, min(i + chunk, stop)), params, inner_lr, max_steps,
+                                        over_agents, chunk))
+        return concat_curves(parts, 1 if over_agents else 0, self.family.metric is not None)
+
+    def curves_on(self, batch: TaskBatch, params: Tensor, inner_lr: float, max_steps: int, over_agents: bool = False,
+                  chunk: Optional[int] = None) -> Curves:
+        """:meth:`curves` on any tasks of this family (e.g. a user's own episodes), held in memory."""
+        batch, views, fam = batch.to_device(self.device, self.dtype), self.layout.split(params), self.family
+        if self.eval_path == "loop":
+            return adaptation_curves_loop(self.model.first_order_forward, fam.criterion, views, batch, inner_lr,
+                                          max_steps, fam.metric)
+        return adaptation_curves(self.model.batched_forward, fam.criterion, views, batch, inner_lr, max_steps,
+                                 fam.metric, chunk=chunk or self.eval_chunk, over_agents=over_agents)
+
+    def test_curves(self, params: Tensor, inner_lr: float, max_steps: int, final: bool = False,
+                    over_agents: bool = False) -> Curves:
+        """:meth:`curves` over the whole periodic test set, or (``final``) the final one."""
+        return self.curves(params, inner_lr, max_steps, 0, self.num_tests(final), over_agents)
+
+    def evaluate(self, params: Tensor, inner_lr: float, max_steps: int, final: bool = False) -> dict[str, list[float]]:
+        """Test figures of ``params`` after 0..max_steps adaptation steps on the shared test tasks: mean ``loss``,
+        and where the family has a metric, mean ``accuracy`` with its 95% confidence half-width over tasks."""
+        return figures(self.test_curves(params, inner_lr, max_steps, final))

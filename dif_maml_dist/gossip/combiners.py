@@ -1,0 +1,133 @@
+"""An agent's Combine step as one object, the :class:`Combiner` the agent receives: what the strategy does with
+the Adapt step's output ``phi`` at the end of each iteration.
+
+- :class:`NeighborCombiner` (``dif_maml``): this agent's gossip scheme (``schemes.py``) over the transport, on
+  the graph of each round (``graphs/schedules.py``);
+- :class:`MeanCombiner` (``centralized``): an all-reduce mean, ``A = 11^T/K``;
+- :class:`NoCombiner` (``noncooperative``): ``A = I``, nothing is sent;
+- ``tolerant.TolerantCombiner`` (``dif_maml`` with ``runtime.on_peer_failure=continue``): the full-state combine
+  over the neighbours still alive.
+
+Which iterations combine is ``rounds.combine_round``'s to say.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Protocol
+
+import networkx as nx
+from torch import Tensor
+
+from dif_maml_dist.comm.transport import Transport
+from dif_maml_dist.config import Config
+from dif_maml_dist.gossip.rounds import combine_round
+from dif_maml_dist.gossip.schemes import Gossip, make_gossip
+from dif_maml_dist.graphs.membership import Membership
+from dif_maml_dist.graphs.schedules import GraphSchedule
+
+
+class Combiner(Protocol):
+    """One agent's Combine step (module doc). The agent calls it once per iteration and checkpoints its state."""
+
+    def __call__(self, phi: Tensor, iteration: int) -> Tensor:
+        """The combined state ``w`` for iteration ``iteration`` (1-based) from this agent's ``phi``; ``phi`` itself
+        in a local step (``strategy.combine_every``)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None: ...
+
+    def rejoin(self, params: Tensor) -> Optional[int]:
+        """A restarted agent's way back into the running network: the neighbours' current state copied into
+        ``params``, and the iteration to continue from; ``None`` for a combiner with nobody to ask."""
+
+    def view(self, graph: nx.Graph) -> dict:
+        """This agent's view of who took part (``Membership.view``), for its summary."""
+
+
+class _EveryoneStays:
+    """The part of the protocol for combiners whose network never changes: nobody departs, nobody rejoins."""
+
+    members: Membership
+
+    def rejoin(self, params: Tensor) -> Optional[int]:
+        return None
+
+    def view(self, graph: nx.Graph) -> dict:
+        return self.members.view(graph)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        pass
+
+
+class NeighborCombiner(_EveryoneStays):
+    """Dif-MAML in one process: this agent's gossip over the transport, on the schedule's graph of each round."""
+
+    def __init__(self, agent: int, schedule: GraphSchedule, gossip: Gossip, transport: Transport, every: int = 1):
+        self.agent, self.schedule, self.gossip, self.transport, self.every = agent, schedule, gossip, transport, every
+        self.members = Membership(agent, schedule.num_agents)
+
+    def __call__(self, phi: Tensor, iteration: int) -> Tensor:
+        r = combine_round(iteration, self.every)
+        if r is None:
+            return phi
+        plan = self.schedule.plan(r, self.agent)
+        return self.gossip.merge(phi, self.transport.exchange(self.gossip.outgoing(phi, plan, r)), plan, r)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.gossip.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.gossip.load_state_dict(sd)
+
+
+class MeanCombiner(_EveryoneStays):
+    """Centralized baseline: ``A = 11^T/K``, an all-reduce mean over every agent (every ``every``-th iteration)."""
+
+    def __init__(self, agent: int, num_agents: int, transport: Transport, every: int = 1):
+        self.transport, self.every = transport, every
+        self.members = Membership(agent, num_agents)
+
+    def __call__(self, phi: Tensor, iteration: int) -> Tensor:
+        return phi if combine_round(iteration, self.every) is None else self.transport.all_reduce_mean(phi)
+
+
+class NoCombiner(_EveryoneStays):
+    """Non-cooperative baseline: ``A = I``, nothing is sent (``incarnation``: this process's start, for its
+    view)."""
+
+    def __init__(self, agent: int, num_agents: int, incarnation: int = 0):
+        self.members = Membership(agent, num_agents, incarnation)
+
+    def __call__(self, phi: Tensor, iteration: int) -> Tensor:
+        return phi
+
+
+def _dif_maml(cfg: Config, schedule: GraphSchedule, agent: int, transport: Any,
+              initial: Callable[[int], Tensor]) -> Combiner:
+    if cfg.runtime.on_peer_failure == "continue":
+        from dif_maml_dist.gossip.tolerant import TolerantCombiner
+
+        members = Membership(agent, schedule.num_agents, transport.incarnation)
+        return TolerantCombiner(agent, schedule, transport, members, cfg.strategy.combine_every)
+    return NeighborCombiner(agent, schedule, make_gossip(cfg, agent, initial), transport, cfg.strategy.combine_every)
+
+
+#: strategy name -> its combiner, as ``make_combiner`` builds it (config validation reads the names from here)
+STRATEGIES: dict[str, Callable[..., Combiner]] = {
+    "dif_maml": _dif_maml,
+    "centralized": lambda cfg, schedule, agent, transport, initial: MeanCombiner(
+        agent, schedule.num_agents, transport, cfg.strategy.combine_every),
+    "noncooperative": lambda cfg, schedule, agent, transport, initial: NoCombiner(
+        agent, schedule.num_agents, getattr(transport, "incarnation", 0)),
+}
+
+
+def make_combiner(cfg: Config, schedule: GraphSchedule, agent: int, transport: Any,
+                  initial: Callable[[int], Tensor]) -> Combiner:
+    """Agent ``agent``'s combine step for ``cfg.strategy`` over ``transport`` (a ``comm.Transport``; with
+    ``runtime.on_peer_failure=continue``, a ``comm.TolerantTransport``); ``initial(l)``: agent l's initial model."""
+    return STRATEGIES[cfg.strategy.name](cfg, schedule, agent, transport, initial)
