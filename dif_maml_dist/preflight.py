@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                                 args.launch or f"--nproc {args.nproc}")
         ctx = launch.check(args.overrides, env)
     except ValueError as err:
-        launch.fail(err, rank=0)
+        launch.fail(err, env)
     print(ctx.topology.num_agents)
 
 

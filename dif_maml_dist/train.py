@@ -51,7 +51,7 @@ def _hydra_main(node: DictConfig) -> None:
         try:
             ctx = RunContext.build(validate(from_omegaconf(node)), env, Path(HydraConfig.get().runtime.output_dir))
         except ValueError as err:
-            fail(err, env.rank)
+            fail(err, env)
     assert Path(HydraConfig.get().runtime.output_dir).resolve() == ctx.run_dir.resolve(), (
         HydraConfig.get().runtime.output_dir, ctx.run_dir)
     if not _SWEEP:
@@ -61,7 +61,7 @@ def _hydra_main(node: DictConfig) -> None:
     try:
         lock = own(ctx)
     except ValueError as err:
-        fail(err, ctx.env.rank)
+        fail(err, ctx.env)
     code = 0
     try:
         run(ctx)
@@ -83,14 +83,14 @@ def main() -> None:
             try:
                 _LAUNCH = prepare(overrides, env)
             except ValueError as err:
-                fail(err, env.rank)
+                fail(err, env)
             if env.rank == 0 and _LAUNCH.ctx.resuming:  # its own record, beside the first start's
                 sys.argv.append(f"hydra.output_subdir={resume_record_dir(_LAUNCH.ctx.run_dir)}")
         elif all(flag in MULTIRUN_FLAGS for flag in flags):
             try:
                 _SWEEP.update(prepare_sweep([arg for arg in overrides if arg not in MULTIRUN_FLAGS], env))
             except ValueError as err:
-                fail(err, env.rank)
+                fail(err, env)
         # Hydra's other flags (--help, --cfg, ...) are left to hydra. Only rank 0 writes hydra's records.
         if env.rank != 0:
             sys.argv.append("hydra.output_subdir=null")

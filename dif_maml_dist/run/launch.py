@@ -15,9 +15,10 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NoReturn, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf, open_dict
@@ -73,14 +74,32 @@ def say(message: str) -> None:
     print(f"dif_maml_dist: {message}", file=sys.stderr, flush=True)
 
 
-def fail(err: BaseException, rank: int, exit_code: int = EXIT_USAGE) -> None:
-    # Every rank fails the same way on a config error; only rank 0 says so, so the message appears once. The
-    # others wait a moment before leaving: torchrun stops the whole job at the first worker that exits, and
-    # would otherwise kill rank 0 before it has spoken.
-    if rank != 0:
-        time.sleep(5)
-    else:
+#: How long a torchrun rank waits for rank 0 to have said why the job stops: rank 0 meets the same mistake at the
+#: same point of the same checks. Past it the rank's mistake is taken to be its own (e.g. no GPU on its node).
+SAID_WAIT_S = 120.0
+
+
+def fail(err: BaseException, env: ProcessEnv, exit_code: int = EXIT_USAGE) -> NoReturn:
+    """Leave with ``exit_code`` after one line saying ``err``, once per job.
+
+    Every rank of a torchrun job meets a config mistake the same way; only rank 0 says it, and the others leave
+    once it has (a key rank 0 sets in torchrun's store): torchrun stops the whole job at the first worker that
+    exits, and would otherwise kill rank 0 before it has spoken. A rank that rank 0 does not confirm in time
+    says its own mistake itself."""
+    said = f"{env.store_namespace}/said/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{env.restart_count}"
+    if not env.under_torchrun or env.rank == 0:
         say(f"error: {err}")
+        store = agent_store() if env.under_torchrun else None
+        if store is not None:
+            store.set(said, "1")
+        sys.exit(exit_code)
+    store = agent_store()
+    try:
+        if store is None:
+            raise TimeoutError
+        store.wait([said], timedelta(seconds=SAID_WAIT_S))
+    except (TimeoutError, RuntimeError):  # torch's DistStoreError is a RuntimeError
+        say(f"error: agent {env.rank}: {err}")
     sys.exit(exit_code)
 
 

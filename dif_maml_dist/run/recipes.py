@@ -201,9 +201,9 @@ def run(ctx: RunContext) -> None:
     try:
         simulated(ctx) if ctx.cfg.runtime.mode == "simulate" else networked(ctx)
     except checkpoint.ResumeError as err:  # found by every rank together (e.g. resuming another run's checkpoints)
-        fail(err, rank)
+        fail(err, ctx.env)
     except FloatingPointError as err:  # agreed by every rank: said once
-        fail(err, rank, exit_code=EXIT_FAILED)
+        fail(err, ctx.env, exit_code=EXIT_FAILED)
     except PeerError as err:  # this rank's own view of the network: every rank says it
         say(f"error: {err}{disk_hint(ctx.run_dir)}")
         sys.exit(EXIT_FAILED)
