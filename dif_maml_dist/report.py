@@ -13,6 +13,8 @@ differs in their configs, e.g. ``strategy=centralized`` against ``strategy=dif_m
 Every input is checked before anything is written: runs of different tasks (their losses are not on one scale),
 a run given twice, a run without its ``metrics/`` records, and an ``--out`` that is a file or cannot be written
 are each refused in one line with exit status 2. Needs matplotlib (the ``plots`` extra); without it, likewise.
+
+Size: one small function per figure, all reading the same loaded runs.
 """
 
 from __future__ import annotations

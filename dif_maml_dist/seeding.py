@@ -1,12 +1,29 @@
-"""Independent, reproducible random streams derived from one master seed."""
+"""Independent, reproducible random streams derived from one master seed, and the one registry of their names.
+
+A stream is named by the keys that follow the seed: its :class:`Stream` number first, then whatever tells its
+draws apart (an agent, a round). Numbers never repeat: numpy's seed sequences pad their entropy with zeros, so
+``(seed, 4)`` and ``(seed, 4, 0)`` are the same stream, and two streams that shared a number would share draws
+whatever keys followed. Results depend on these numbers: add new ones, never change one.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from enum import IntEnum, unique
 
-# Stream names: keep them stable, since results depend on them.
-TASKS, INIT, EVAL, VALIDATION = 1, 2, 3, 4
+import numpy as np
+
+
+@unique  # a repeated number is an error at import, not an alias
+class Stream(IntEnum):
+    """Every random stream of a run (the further keys each one takes in brackets)."""
+
+    TASKS = 1  #: an agent's training tasks (agent)
+    INIT = 2  #: the initial models (none when shared; agent when per agent)
+    EVAL = 3  #: the shared test tasks
+    VALIDATION = 4  #: Omniglot's validation tasks
+    MIXING = 5  #: the random starts from which a random schedule's mixing rate is measured
+    COMPRESSION = 6  #: randk's indices and qsgd's rounding (sender, round)
+    SCHEDULE = 7  #: a random schedule's graph of each round (round)
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -15,8 +32,15 @@ def derive_seed(seed: int, *keys: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1]))
 
 
-def generator(seed: int, *keys: int) -> torch.Generator:
+def numpy_generator(seed: int, *keys: int) -> np.random.Generator:
+    """A numpy ``Generator`` for the stream named by ``keys`` (for code without torch: the graphs)."""
+    return np.random.default_rng([seed, *keys])
+
+
+def generator(seed: int, *keys: int):
     """A CPU ``torch.Generator`` seeded for the stream named by ``keys``."""
+    import torch  # here, so that the graphs (numpy only) can use this module without torch
+
     g = torch.Generator()
     g.manual_seed(derive_seed(seed, *keys))
     return g

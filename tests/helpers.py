@@ -129,3 +129,25 @@ def run_agent(agent, transport, sink=None, network_sink=None, progress: bool = F
 
     return run_loop(AgentCohort(agent, transport), None if sink is None else [sink], network_sink, progress,
                     checkpointer)
+
+
+class LocalProgressBoard:
+    """A progress board for agents in one process (``comm.liveness.ProgressBoard``): a shared dict."""
+
+    def __init__(self, shared=None, rank: int = 0):
+        self.shared = {} if shared is None else shared
+        self.rank = rank
+        self.shared.setdefault(rank, 0)
+
+    def advance(self, round: int) -> None:
+        self.shared[self.rank] = round
+
+    def positions(self) -> dict:
+        return dict(self.shared)
+
+
+def figures_of(learner, params, inner_lr: float, max_steps: int, final: bool = False) -> dict:
+    """``params``' test figures after 0..max_steps adaptation steps on the learner's shared test tasks."""
+    from dif_maml_dist.engine.figures import figures
+
+    return figures(learner.test_curves(params, inner_lr, max_steps, final))

@@ -48,3 +48,18 @@ def test_only_comm_uses_torch_distributed():
     assert offenders == [], f"torch.distributed imported outside comm/: {offenders}"
     # the check itself sees an import when there is one
     assert "torch.distributed" in _imports(PACKAGE / "comm" / "process.py")
+
+
+#: Above this many lines a module says why it is one module (a paragraph starting "Size:" in its docstring).
+LONG_MODULE_LINES = 300
+
+
+def test_long_modules_say_why():
+    """A module that grows past ~300 lines either splits by job or states why it is one: catches the flat
+    folder's slow growth into files that hold several concerns (issue 24)."""
+    unexplained = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > LONG_MODULE_LINES and "\nSize: " not in (ast.get_docstring(ast.parse(text)) or ""):
+            unexplained.append(f"{path.relative_to(PACKAGE)} ({text.count(chr(10))} lines)")
+    assert unexplained == [], f"modules over {LONG_MODULE_LINES} lines with no 'Size:' reason: {unexplained}"

@@ -47,9 +47,9 @@ class CountingTransport(TorchDistTransport):
         super().__init__(timeout_s)
         self.handed = 0
 
-    def exchange(self, messages):
+    def exchange(self, messages, round):
         self.handed += sum(m.numel() * m.element_size() for m in messages.values())
-        return super().exchange(messages)
+        return super().exchange(messages, round)
 PAPER6 = build_topology(TopologyConfig(name="paper6"))
 
 
@@ -66,7 +66,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     with distributed(cfg0.runtime, ProcessEnv.from_environ(), torch.device("cpu")) as transport:
         plan = combine_plan(PAPER6.weights, rank)
         phi = _phi()
-        received = transport.exchange({p: phi[rank] for p in plan.neighbors})
+        received = transport.exchange({p: phi[rank] for p in plan.neighbors}, 0)
         out["received_from"] = sorted(received)
         out["received_ok"] = all(torch.equal(received[l], phi[l]) for l in received)
         out["combined"] = combine(plan, phi[rank], received)

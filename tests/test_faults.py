@@ -111,7 +111,7 @@ def _slow_evaluation_worker(rank: int, port: int, out_dir: str) -> None:
     result: dict = {}
     try:
         with distributed(cfg.runtime, ProcessEnv.from_environ(), torch.device("cpu")) as transport:
-            transport.exchange({1 - rank: torch.zeros(3)})  # a training round, as before an evaluation
+            transport.exchange({1 - rank: torch.zeros(3)}, 0)  # a training round, as before an evaluation
             # An evaluation whose shares take 6 s and 12 s: the fast agent waits 6 s > timeout_s in the gather, well
             # within timeout_s + 4 x its own 6 s of work (23 s to spare for the two processes' skew under load).
             time.sleep(6 if rank == 0 else 12)

@@ -82,7 +82,7 @@ def _nccl_worker(rank: int, world: int, port: int, out_dir: str, hang: bool) -> 
                          dump_dir=Path(out_dir) / "flight_recorder") as transport:
             result["backend"] = transport.backend
             peers = [p for p in range(world) if p != rank]
-            got = transport.exchange({p: torch.full((5,), float(rank), device=device) for p in peers})
+            got = transport.exchange({p: torch.full((5,), float(rank), device=device) for p in peers}, 0)
             result["received"] = {p: got[p].cpu() for p in got}
             result["gathered"] = transport.all_gather_object(rank)
             topo = build_topology(TopologyConfig(name="ring", num_agents=world))

@@ -12,8 +12,8 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from dif_maml_dist.comm.liveness import LocalProgressBoard, PeerError, RoundWaiter, StoreProgressBoard, stall_report
-from tests.helpers import wait_until
+from dif_maml_dist.comm.liveness import PeerError, RoundWaiter, StoreProgressBoard, stall_report
+from tests.helpers import LocalProgressBoard, wait_until
 
 
 def test_stall_report_names_the_neighbour_behind_or_the_laggard_further_away():
@@ -79,8 +79,7 @@ def test_blocking_waits_wait_on_every_work_with_the_timeout_and_name_the_failed_
     (which waited on nccl's one work only and blamed the lowest-numbered neighbour) and waits without a bound."""
     board = LocalProgressBoard({0: 6, 2: 6, 4: 5}, rank=1)
     waiter, _ = _waiter(True, board)
-    for _ in range(6):
-        waiter.enter()
+    waiter.enter(5)  # combination round 5: the sixth round entered
     per_op = [GlooWork(), GlooWork(), GlooWork(), GlooWork(fails=True)]
     with pytest.raises(PeerError, match=r"^no message from agent 4 \(Timed out waiting 6000ms for recv "
                                         r"operation to complete\); stopped advancing: agent 4 at round 5; this "
@@ -103,16 +102,16 @@ def test_nonblocking_rounds_stay_in_flight_and_a_stalled_one_names_who_stopped_a
     forever, and a deadline counted from the wrong moment."""
     board = LocalProgressBoard({0: 2, 1: 0, 2: 1}, rank=1)
     waiter, clock = _waiter(False, board)
-    waiter.enter()
+    waiter.enter(0)
     first = NcclWork(done=True)
     waiter.post([first], [0, 0, 2, 2])
     assert first.waited and len(waiter._pending) == 1  # in flight: not polled yet
-    waiter.enter()
+    waiter.enter(1)
     stuck = NcclWork(done=False)
     waiter.post([stuck], [0, 0, 2, 2])  # settles round 1 (complete), keeps round 2 in flight
     assert len(waiter._pending) == 1 and clock.now == 0.0
     clock.now = 1.0
-    waiter.enter()
+    waiter.enter(2)
     posted_at = clock.now
     with pytest.raises(PeerError, match=r"^no message from agent 2 \(round 2 not complete after 6 s\); stopped "
                                         r"advancing: agent 2 at round 1; this agent is at round 2$") as failed:
@@ -126,12 +125,12 @@ def test_nonblocking_drain_settles_every_round_and_a_backend_error_is_a_peer_err
     (nccl's watchdog aborted the communicator) becomes a PeerError naming the round's peers, not a raw
     RuntimeError. Catches evaluation collectives started while exchanges are still unchecked."""
     waiter, _ = _waiter(False)
-    for _ in range(2):
-        waiter.enter()
+    for r in range(2):
+        waiter.enter(r)
         waiter.post([NcclWork()], [3, 3])
     waiter.drain()
     assert not waiter._pending
-    waiter.enter()
+    waiter.enter(2)
     waiter.post([NcclWork(error=True)], [3, 3, 5, 5])
     with pytest.raises(PeerError, match=r"^no message from one of agents 3, 5 \(NCCL communicator was aborted "
                                         r"on rank 1\)$"):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from dif_maml_dist.tasks.episodes import FewShotEpisodes
 from dif_maml_dist.tasks.omniglot import load_omniglot, split_classes
-from tests.helpers import REPO
+from tests.helpers import REPO, figures_of
 
 #: torchvision's Omniglot archive: $OMNIGLOT_TARBALL, or where this project's machines keep it (beside the checkout).
 REAL_TARBALL = Path(os.environ.get("OMNIGLOT_TARBALL") or REPO.parent / "shared" / "data" / "omniglot-py.tar.gz")
@@ -202,7 +202,7 @@ def test_lazy_test_set_and_chunked_evaluation_match_eager_ones(tmp_path):
     figures = []
     for chunk in (3, 10):
         learner.eval_chunk = chunk
-        figures.append(learner.evaluate(params, 0.4, 2, final=True))
+        figures.append(figures_of(learner, params, 0.4, 2, final=True))
     for key in ("loss", "accuracy", "accuracy_ci95"):
         np.testing.assert_allclose(figures[0][key], figures[1][key], rtol=1e-12, atol=1e-15)
 

@@ -57,9 +57,9 @@ def test_eval_set_is_shared_and_seeded():
 def test_agent_streams_are_independent_and_reproducible():
     """Different agents get different tasks from one master seed; the same agent gets the same tasks again."""
     cfg = TaskConfig()
-    s0 = SinusoidTasks(cfg, 0, 6).sample(seeding.generator(0, seeding.TASKS, 0), 3)
-    s0b = SinusoidTasks(cfg, 0, 6).sample(seeding.generator(0, seeding.TASKS, 0), 3)
-    s1 = SinusoidTasks(cfg, 1, 6).sample(seeding.generator(0, seeding.TASKS, 1), 3)
+    s0 = SinusoidTasks(cfg, 0, 6).sample(seeding.generator(0, seeding.Stream.TASKS, 0), 3)
+    s0b = SinusoidTasks(cfg, 0, 6).sample(seeding.generator(0, seeding.Stream.TASKS, 0), 3)
+    s1 = SinusoidTasks(cfg, 1, 6).sample(seeding.generator(0, seeding.Stream.TASKS, 1), 3)
     assert torch.equal(s0.support_x, s0b.support_x)
     assert not torch.equal(s0.support_x, s1.support_x)
 

@@ -11,6 +11,9 @@ form a new group with a neighbour under a new tag. No collective over all agents
 Cost: one gloo context (a socket pair and its threads) per edge end, i.e. ``degree`` per agent instead of one
 full mesh of ``K - 1`` pairs; start-up forms the edges one after the other in the global edge order (ascending
 ``(u, v)``), which cannot deadlock since every agent waits for its edges in that same order.
+
+Size: the exchange, the forming of edges and the welcome handshake share one per-edge state (groups, threads
+forming, answered joins) and must change together.
 """
 
 from __future__ import annotations

@@ -44,21 +44,6 @@ class ProgressBoard(Protocol):
         """The last published round of every agent that has published one (empty when the channel is gone)."""
 
 
-class LocalProgressBoard:
-    """A board for agents in one process (threads over the in-memory transport, tests): a shared dict."""
-
-    def __init__(self, shared: Optional[dict[int, int]] = None, rank: int = 0):
-        self.shared = {} if shared is None else shared
-        self.rank = rank
-        self.shared.setdefault(rank, 0)
-
-    def advance(self, round: int) -> None:
-        self.shared[self.rank] = round
-
-    def positions(self) -> dict[int, int]:
-        return dict(self.shared)
-
-
 class StoreProgressBoard:
     """Progress in a torch.distributed key-value store (torchrun's rendezvous store), one key per agent.
 
@@ -220,12 +205,13 @@ class RoundWaiter:
                  sleep: Callable[[float], None] = time.sleep):
         self.rank, self.timeout_s, self.board, self.blocking = rank, timeout_s, board, blocking
         self.in_flight, self.clock, self.sleep = in_flight, clock, sleep
-        self.round = 0  #: training rounds entered by this agent
+        self.round = 0  #: training rounds entered by this agent: the current combination round + 1
         self._pending: deque[_Posted] = deque()
 
-    def enter(self) -> int:
-        """A new round starts: count it and publish it (before its messages are posted)."""
-        self.round += 1
+    def enter(self, round: int) -> int:
+        """Combination round ``round`` (0-based, as its owner ``gossip.rounds.combine_round`` numbers it) starts:
+        publish it as rounds entered (before its messages are posted)."""
+        self.round = round + 1
         if self.board is not None:
             self.board.advance(self.round)
         return self.round

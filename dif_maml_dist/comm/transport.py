@@ -41,17 +41,19 @@ class Transport(ABC):
         self.bytes_sent = 0  #: training payload handed to the network by this agent so far
 
     @abstractmethod
-    def exchange(self, messages: Mapping[int, Tensor]) -> dict[int, Tensor]:
+    def exchange(self, messages: Mapping[int, Tensor], round: int) -> dict[int, Tensor]:
         """Send ``messages[p]`` to each peer ``p`` and receive one message from each, of the same shape and dtype
-        as the one sent to it (both ends of an edge send the same kind of payload).
+        as the one sent to it (both ends of an edge send the same kind of payload), in combination round
+        ``round`` (``gossip.rounds.combine_round``: its one owner; the transport only reports it).
 
         Every peer must call ``exchange`` with a message for this agent in the same round (the round's graph is
         undirected), otherwise the call waits until the timeout. The bytes of the messages are counted.
         """
 
     @abstractmethod
-    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
-        """Mean of ``tensor`` over all agents (a new tensor; the input is left unchanged)."""
+    def all_reduce_mean(self, tensor: Tensor, round: int) -> Tensor:
+        """Mean of ``tensor`` over all agents in combination round ``round`` (a new tensor; the input is left
+        unchanged)."""
 
     @abstractmethod
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -90,7 +92,7 @@ class InMemoryTransport(Transport):
         hub = _Hub(world_size, timeout_s)
         return [cls(hub, r) for r in range(world_size)]
 
-    def exchange(self, messages: Mapping[int, Tensor]) -> dict[int, Tensor]:
+    def exchange(self, messages: Mapping[int, Tensor], round: int) -> dict[int, Tensor]:
         hub = self.hub
         with hub.cond:
             for p, message in messages.items():
@@ -114,7 +116,7 @@ class InMemoryTransport(Transport):
         self.hub.barrier.wait()
         return out
 
-    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
+    def all_reduce_mean(self, tensor: Tensor, round: int) -> Tensor:
         self._count_all_reduce(tensor)
         parts = self._gather(tensor.detach().clone())
         out = torch.zeros_like(tensor)
@@ -172,10 +174,10 @@ class TorchDistTransport(Transport):
             t = t.cpu()
         return t.contiguous()
 
-    def exchange(self, messages: Mapping[int, Tensor]) -> dict[int, Tensor]:
+    def exchange(self, messages: Mapping[int, Tensor], round: int) -> dict[int, Tensor]:
         if not messages:
             return {}
-        self.waiter.enter()
+        self.waiter.enter(round)
         staged: dict[int, Tensor] = {}  # by id: the full-state exchange sends one tensor to every peer
         for m in messages.values():
             if id(m) not in staged:
@@ -197,9 +199,9 @@ class TorchDistTransport(Transport):
         self._since = self.clock()
         return {p: r.to(messages[p].device) for p, r in recv.items()}
 
-    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
+    def all_reduce_mean(self, tensor: Tensor, round: int) -> Tensor:
         self._count_all_reduce(tensor)
-        self.waiter.enter()
+        self.waiter.enter(round)
         buf = self._wire(tensor).clone()
         try:
             work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=True)

@@ -72,7 +72,7 @@ def initial_params(cfg: Config, agent: int, dtype: torch.dtype, device: torch.de
 
     Pass the caller's ``family`` when it has one: building a family may load a dataset.
     """
-    keys = (seeding.INIT,) if cfg.train.init == "shared" else (seeding.INIT, agent)
+    keys = (seeding.Stream.INIT,) if cfg.train.init == "shared" else (seeding.Stream.INIT, agent)
     model = (family or task_family(cfg)).build_model()
     reset_parameters(model, seeding.generator(cfg.seed, *keys))
     return FlatLayout.of(model).flatten(dict(model.named_parameters())).detach().to(device=device, dtype=dtype)
@@ -114,7 +114,7 @@ class Agent:
         self.initial = initial or InitialModels(cfg, self.dtype, self.device, self.learner.family)
         params = self.initial(rank)
         self.state = AgentState(0, params, make_optimizer(cfg.optim, params),
-                                seeding.generator(cfg.seed, seeding.TASKS, rank))
+                                seeding.generator(cfg.seed, seeding.Stream.TASKS, rank))
         m = cfg.maml
         self.meta_grad_path = choose_path(m.meta_grad_path, self.learner.model.kind, cfg.task.meta_batch,
                                           m.vmap_min_tasks)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from dif_maml_dist.config import Config
-from dif_maml_dist.engine.figures import Curves, figures
+from dif_maml_dist.engine.figures import Curves
 from dif_maml_dist.learning.flat import FlatLayout
 from dif_maml_dist.learning.maml import (
     LossFn,
@@ -127,8 +127,3 @@ class Learner:
                     over_agents: bool = False) -> Curves:
         """:meth:`curves` over the whole periodic test set, or (``final``) the final one."""
         return self.curves(params, inner_lr, max_steps, 0, self.num_tests(final), over_agents)
-
-    def evaluate(self, params: Tensor, inner_lr: float, max_steps: int, final: bool = False) -> dict[str, list[float]]:
-        """Test figures of ``params`` after 0..max_steps adaptation steps on the shared test tasks: mean ``loss``,
-        and where the family has a metric, mean ``accuracy`` with its 95% confidence half-width over tasks."""
-        return figures(self.test_curves(params, inner_lr, max_steps, final))

@@ -1,6 +1,9 @@
 """The training schedule, shared by every way of running agents: one agent per process (torchrun), or all
 agents in one process (the simulator). Both drive a :class:`Cohort` — the agents this process owns — through the
 same iterations, evaluations, records and final figures, so their outputs have one format.
+
+Size: the schedule is one function read top to bottom (train, log, evaluate, select the best, finish), with the
+protocols it drives beside it; split, its order would have to be read across files.
 """
 
 from __future__ import annotations

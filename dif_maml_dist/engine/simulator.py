@@ -16,6 +16,9 @@ Two engines:
 
 Both engines checkpoint the same state (:meth:`Simulation.state_dict`, per-agent quantities stacked by agent), so
 either continues the other's checkpoint.
+
+Size: both engines in one class, because they share the state, checkpoints, departures and evaluation, and are
+compared with each other bit for bit.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 from torch import Tensor
 
 from dif_maml_dist import seeding
-from dif_maml_dist.comm.transport import ring_all_reduce_bytes
+from dif_maml_dist.comm.transport import nbytes, ring_all_reduce_bytes
 from dif_maml_dist.config import Config
 from dif_maml_dist.engine.agent import Agent, InitialModels, initial_params, make_optimizer
 from dif_maml_dist.engine.figures import Curves
@@ -40,6 +43,7 @@ from dif_maml_dist.engine.learner import Learner
 from dif_maml_dist.engine.loop import BestCentroid
 from dif_maml_dist.gossip.rounds import combine_round
 from dif_maml_dist.gossip.schemes import gossip_round, make_gossip
+from dif_maml_dist.gossip.tolerant import header_bytes
 from dif_maml_dist.graphs.membership import declared_degrees, round_weights
 from dif_maml_dist.graphs.schedules import GraphSchedule, static_schedule
 from dif_maml_dist.graphs.weights import CombinePlan, combine_plan
@@ -163,7 +167,7 @@ class Simulation:
         self.layout = self.learner.layout
         self.compute_seconds = self.exchange_seconds = 0.0
         self._iteration = 0
-        self._message_bytes = self.layout.numel * torch.empty((), dtype=self.dtype).element_size()
+        self._message_bytes = nbytes(torch.empty(self.layout.numel, dtype=self.dtype, device="meta"))  # a full state
         self.bytes_sent = [0] * k  #: what each agent would have handed to the network under torchrun
         self._mixers: dict[int, Tensor] = {}
         if vectorize:
@@ -171,7 +175,7 @@ class Simulation:
             self.params = torch.stack(inits)
             self.optimizer = make_optimizer(cfg.optim, self.params)
             self.tasks = [self.learner.family.sampler(a, k) for a in range(k)]
-            self.rngs = [seeding.generator(cfg.seed, seeding.TASKS, a) for a in range(k)]
+            self.rngs = [seeding.generator(cfg.seed, seeding.Stream.TASKS, a) for a in range(k)]
             m = cfg.maml
             self._meta_gradients = torch.vmap(batched_meta_gradient(self.learner.batched_loss, m.inner_lr,
                                                                     m.inner_steps, m.first_order, m.vmap_chunk))
@@ -188,7 +192,7 @@ class Simulation:
         self._frozen: dict[int, Tensor] = {}
         self._known: frozenset[int] = frozenset()  #: departed agents their neighbours have noticed (a round later)
         # continue mode's messages carry a header (round, degree, membership vector), as under torchrun
-        self._header_bytes = 8 * (2 + k) if cfg.runtime.on_peer_failure == "continue" else 0
+        self._header_bytes = header_bytes(k) if cfg.runtime.on_peer_failure == "continue" else 0
         #: the best centroid so far (train.validate; set by the caller's ``on_best``): kept here so that the
         #: checkpoints carry it
         self.best: Optional[BestCentroid] = None

@@ -75,7 +75,7 @@ class NeighborCombiner(_EveryoneStays):
         if r is None:
             return phi
         plan = self.schedule.plan(r, self.agent)
-        return self.gossip.merge(phi, self.transport.exchange(self.gossip.outgoing(phi, plan, r)), plan, r)
+        return self.gossip.merge(phi, self.transport.exchange(self.gossip.outgoing(phi, plan, r), r), plan, r)
 
     def state_dict(self) -> dict[str, Any]:
         return self.gossip.state_dict()
@@ -92,7 +92,8 @@ class MeanCombiner(_EveryoneStays):
         self.members = Membership(agent, num_agents)
 
     def __call__(self, phi: Tensor, iteration: int) -> Tensor:
-        return phi if combine_round(iteration, self.every) is None else self.transport.all_reduce_mean(phi)
+        r = combine_round(iteration, self.every)
+        return phi if r is None else self.transport.all_reduce_mean(phi, r)
 
 
 class NoCombiner(_EveryoneStays):

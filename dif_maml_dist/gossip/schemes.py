@@ -41,8 +41,6 @@ from dif_maml_dist.gossip.compression import Compressor, make_compressor
 from dif_maml_dist.graphs.schedules import GraphSchedule
 from dif_maml_dist.graphs.weights import CombinePlan
 
-_COMPRESS_STREAM = 6  #: stream name of the random compressors' draws: (seed, 6, sender, round)
-
 
 class Gossip(ABC):
     """One agent's side of a combination round (see the module doc)."""
@@ -86,7 +84,7 @@ class ChocoGossip(Gossip):
     def _gen(self, sender: int, r: int) -> Optional[torch.Generator]:
         # Each peer's message draws the same numbers (randk: the same indices): the seed is the sender's and the
         # round's, so the receiver can draw them too and nothing about them is sent.
-        return seeding.generator(self.seed, _COMPRESS_STREAM, sender, r) if self.compressor.random else None
+        return seeding.generator(self.seed, seeding.Stream.COMPRESSION, sender, r) if self.compressor.random else None
 
     def _decode(self, payload: Tensor, like: Tensor, sender: int, r: int) -> Tensor:
         return self.compressor.decode(payload, like.numel(), like.dtype, self._gen(sender, r)).to(like.device)
@@ -126,10 +124,9 @@ class ChocoGossip(Gossip):
 
 
 def consensus_steps(c: CompressionConfig) -> tuple[float, float]:
-    """``(gamma, zeta)`` for a compressor: the configured values, or defaults found stable on the sinusoid (6 agents,
-    6000 iterations: topk 10% diverged at gamma 1 and ran at 0.5, topk 1% diverged at 0.1 and ran at 0.05, randk 10%
-    failed at 0.2 and ran at 0.1, qsgd 2-bit diverged with zeta 1 and ran with 0.3). The consensus step must shrink
-    with the fraction of the state a message carries; the copies' step with the compressor's variance."""
+    """``(gamma, zeta)`` for a compressor: the configured values, or defaults found stable on the sinusoid
+    (docs/notes.md, "Consensus steps of compressed gossip"). The consensus step must shrink with the fraction of
+    the state a message carries; the copies' step with the compressor's variance."""
     auto_gamma = {"topk": min(1.0, 2.5 * c.ratio), "randk": min(1.0, c.ratio)}.get(c.name, 0.5)
     auto_zeta = {2: 0.3, 3: 0.5}.get(c.bits, 1.0) if c.name == "qsgd" else 1.0
     return (auto_gamma if c.gamma is None else c.gamma), (auto_zeta if c.zeta is None else c.zeta)

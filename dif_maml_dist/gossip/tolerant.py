@@ -20,6 +20,7 @@ from torch import Tensor
 
 from dif_maml_dist.comm.edges import TolerantTransport
 from dif_maml_dist.comm.liveness import PeerError
+from dif_maml_dist.comm.transport import nbytes
 from dif_maml_dist.gossip.combine import combine
 from dif_maml_dist.gossip.rounds import combine_round
 from dif_maml_dist.graphs.membership import Membership, churn_plan
@@ -27,8 +28,13 @@ from dif_maml_dist.graphs.schedules import GraphSchedule
 
 log = logging.getLogger(__name__)
 
-#: header layout: [round, declared degree, membership vector...]
+#: header layout: [round, declared degree, membership vector...], int64
 _ROUND, _DEGREE, _STATES = 0, 1, 2
+
+
+def header_bytes(num_agents: int) -> int:
+    """The bytes of the header every continue-mode message carries (what the simulator counts for it too)."""
+    return nbytes(torch.empty(_STATES + num_agents, dtype=torch.int64))
 
 
 class TolerantCombiner:
@@ -49,7 +55,9 @@ class TolerantCombiner:
         self.start: dict[int, int] = {}
 
     def _header(self, r: int, degree: int) -> Tensor:
-        return torch.tensor([r, degree, *self.membership.vector()], dtype=torch.int64)
+        header = torch.tensor([r, degree, *self.membership.vector()], dtype=torch.int64)
+        assert nbytes(header) == header_bytes(self.membership.num_agents)
+        return header
 
     def rejoin(self, params: Tensor) -> Optional[int]:
         """A restarted agent's re-entry: ask the neighbours, wait (at most twice ``runtime.timeout_s``) until one
@@ -126,7 +134,7 @@ class TolerantCombiner:
                 self.transport.drop(p)
         for p in failed:
             if members.is_live(p):
-                self.transport.report_departed(p, members.states[p] // 2)
+                self.transport.report_departed(p, members.incarnation_of(p))
         dropped_by = members.absorb(r, iteration, failed, {p: h[_STATES:].tolist() for p, h in headers.items()},
                                     waited)
         if dropped_by is not None:

@@ -133,9 +133,26 @@ class Membership:
     def is_live(self, peer: int) -> bool:
         return self.states[peer] % 2 == 0
 
+    def incarnation_of(self, peer: int) -> int:
+        """The start of ``peer`` this agent last heard of (0: its first)."""
+        return self.states[peer] // 2
+
+    @staticmethod
+    def merged(vectors: Iterable[Sequence[int]], num_agents: int) -> list[int]:
+        """Several agents' views merged, as messages merge them (element-wise maximum)."""
+        states = [0] * num_agents
+        for vector in vectors:
+            states = [max(a, b) for a, b in zip(states, vector)]
+        return states
+
+    @staticmethod
+    def departed_in(vector: Sequence[int]) -> list[int]:
+        """The agents a state vector (``vector()``, as recorded in an agent's final file) marks departed."""
+        return [p for p, s in enumerate(vector) if s % 2 == 1]
+
     @property
     def departed(self) -> list[int]:
-        return [p for p, s in enumerate(self.states) if s % 2 == 1]
+        return self.departed_in(self.states)
 
     def vector(self) -> list[int]:
         return list(self.states)

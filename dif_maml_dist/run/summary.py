@@ -32,6 +32,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 
 from dif_maml_dist.engine.figures import centroid_and_disagreement, figures
+from dif_maml_dist.graphs.membership import Membership
 from dif_maml_dist.run.files import save_tensors_atomic, write_json_atomic
 
 log = logging.getLogger("dif_maml_dist")
@@ -96,10 +97,8 @@ def accounting(run_dir: Path, num_agents: int, planned: Sequence[Sequence[int]] 
             finals[k] = json.loads(path.read_text())
     # The network's latest knowledge: the finished agents' membership vectors merged by maximum (an agent that
     # came back, and has not finished yet, is alive in it though a neighbour recorded its departure earlier).
-    states = [0] * num_agents
-    for rec in finals.values():
-        states = [max(a, b) for a, b in zip(states, rec.get("states", states))]
-    gone = {m for m, v in enumerate(states) if v % 2 == 1 and m not in finals}
+    states = Membership.merged((rec["states"] for rec in finals.values() if "states" in rec), num_agents)
+    gone = {m for m in Membership.departed_in(states) if m not in finals}
     departed: dict[int, dict] = {}
     for k, rec in sorted(finals.items()):
         for d in rec.get("departures", []):

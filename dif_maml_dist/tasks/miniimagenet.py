@@ -186,4 +186,4 @@ class MiniImagenetFamily:
             test = self._episodes(self.test, list(range(len(self.test.classes))), rotations=False)
         except ValueError as err:
             raise ValueError(f"MiniImagenet test split: {err}") from None
-        return test.episode_set(seeding.generator(seed, seeding.EVAL), num_tasks)
+        return test.episode_set(seeding.generator(seed, seeding.Stream.EVAL), num_tasks)

@@ -208,7 +208,7 @@ class OmniglotFamily:
     def eval_set(self, seed: int, num_tasks: int) -> EpisodeSet:
         t = self.cfg.task
         test = FewShotEpisodes(self.data.images, self.split["test"], t.n_way, t.k_shot, t.q_query, rotations=False)
-        return test.episode_set(seeding.generator(seed, seeding.EVAL), num_tasks)
+        return test.episode_set(seeding.generator(seed, seeding.Stream.EVAL), num_tasks)
 
     def val_set(self, seed: int, num_tasks: int) -> EpisodeSet:
         """Validation tasks from the validation characters (model selection; never trained or tested on)."""
@@ -217,4 +217,4 @@ class OmniglotFamily:
             val = FewShotEpisodes(self.data.images, self.split["val"], t.n_way, t.k_shot, t.q_query, rotations=False)
         except ValueError as err:
             raise ValueError(f"train.validate=true: the validation characters cannot make episodes: {err}") from None
-        return val.episode_set(seeding.generator(seed, seeding.VALIDATION), num_tasks)
+        return val.episode_set(seeding.generator(seed, seeding.Stream.VALIDATION), num_tasks)

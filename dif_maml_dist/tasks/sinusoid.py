@@ -62,7 +62,7 @@ class SinusoidTasks:
     def eval_set(cfg: TaskConfig, seed: int, num_tasks: int | None = None) -> TaskBatch:
         """The shared test tasks over the full amplitude range: identical on every agent for a given seed (a
         smaller ``num_tasks`` gives a prefix of a larger one)."""
-        return SinusoidTasks(cfg).sample(seeding.generator(seed, seeding.EVAL), num_tasks or cfg.eval_tasks)
+        return SinusoidTasks(cfg).sample(seeding.generator(seed, seeding.Stream.EVAL), num_tasks or cfg.eval_tasks)
 
 
 class SinusoidFamily:
