@@ -34,6 +34,7 @@ from dif_maml_dist.graphs.weights import (
     WEIGHT_RULES,
     CombinePlan,
     combine_plan,
+    max_degree_weights,
     metropolis_weights,
     mixing_rate,
 )
@@ -68,11 +69,13 @@ class GraphSchedule:
     active_prob: float = 0.5
     rule: Optional[Callable[[nx.Graph], np.ndarray]] = None
     _edges: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
+    _loops: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.name not in SCHEDULES:
             raise ValueError(f"unknown topology.schedule {self.name!r}; choose one of: {', '.join(SCHEDULES)}")
         object.__setattr__(self, "_edges", tuple(sorted(tuple(sorted(e)) for e in self.base.edges)))
+        object.__setattr__(self, "_loops", any(u == v for u, v in self._edges))
 
     @property
     def num_agents(self) -> int:
@@ -127,10 +130,29 @@ class GraphSchedule:
         return _round_weights(self, r)
 
     def plan(self, r: int, agent: int) -> CombinePlan:
-        """What ``agent`` needs of round ``r``'s matrix: its neighbours and their weights (its column)."""
+        """What ``agent`` needs of round ``r``'s matrix: its neighbours and their weights (its column).
+
+        A dynamic round's column is computed from the round's edges alone (O(K + E) once per round, cached, then
+        O(degree) per agent), never from the K x K matrix, with the very floating-point values ``weights(r)``
+        holds: the neighbour weights by the same expression, the self weight as ``1 - `` the neighbour weights
+        added one by one in ascending agent order, as the dense rule's column sum adds them. A custom ``rule``
+        (not Metropolis or maximum degree) or a base graph with self-loops falls back to the dense matrix."""
         if self.is_static:
             return _static_plan(self, agent)
-        return combine_plan(self.weights(r), agent)
+        kind = _LOCAL_RULES.get(self.rule)
+        if kind is None or self._loops:
+            return combine_plan(self.weights(r), agent)
+        adj = _round_adjacency(self, r)
+        peers = adj.peers[adj.indptr[agent]:adj.indptr[agent + 1]]
+        if kind == "metropolis":
+            n_k = adj.size[agent]
+            weights = tuple(float(1.0 / max(n_k, adj.size[l])) for l in peers)
+        else:  # max_degree: max_degree_weights' expression, on the round's graph
+            weights = (1.0 / (adj.max_degree + 1),) * len(peers)
+        total = 0.0
+        for w in weights:  # numpy's axis-0 sum of a C-ordered matrix adds row after row, zeros included
+            total += w
+        return CombinePlan(agent, float(1.0 - total), tuple(int(l) for l in peers), weights)
 
     def support(self) -> nx.Graph:
         """Every edge any round may use: the base graph, or the one-peer exponential pairs."""
@@ -145,7 +167,8 @@ class GraphSchedule:
     def mixing(self) -> tuple[Optional[float], str]:
         """How much one round contracts the disagreement, and how that was found: λ₂ of the static matrix; the
         period's product ``rho(prod A_r^T - 11^T/K)^(1/period)`` for the exponential schedule; for random ones,
-        the measured geometric-mean decay of ``||X - mean||`` over 200 rounds from random starts. ``None`` where
+        the measured geometric-mean decay of ``||X - mean||`` over 200 rounds from random starts, re-centred every
+        round (``_measured_rate``: what it estimates and how well). ``None`` where
         an exact spectrum would take too long (``topology.EXACT_SPECTRUM_MAX_AGENTS``). Computed once per
         schedule: the start line and the summary report the same number, and it may take O(K^3)."""
         return _mixing(self)
@@ -165,13 +188,34 @@ class GraphSchedule:
                 product = self.weights(r).T @ product
             rho = max(abs(np.linalg.eigvals(product - np.full((k, k), 1.0 / k))))
             return float(rho ** (1.0 / self.period)), f"period product over {self.period} rounds"
-        x = np.random.default_rng([self.seed, _MEASURE_STREAM]).standard_normal((k, _MEASURE_VECTORS))
+        return _measured_rate(self.weights, k, self.seed)
+
+
+def _measured_rate(weights: Callable[[int], np.ndarray], k: int, seed: int) -> tuple[float, str]:
+    """A random schedule's mixing rate per round: the geometric mean over rounds ``r = 0..199`` of the contraction
+    ``||P A_r^T X|| / ||X||`` (``P``: subtract the agents' average; Frobenius norm) of ``_MEASURE_VECTORS`` = 8
+    random starts ``X`` (standard normal, seeded by ``_MEASURE_STREAM``), re-centred and rescaled to norm 1 after
+    every round. For doubly stochastic rounds that is ``(||X_200 - mean|| / ||X_0 - mean||)^(1/200)`` in exact
+    arithmetic, the decay of the disagreement over 200 rounds; computed that way directly, the decay stalled where
+    rounding of the average it carries (~1e-16 of the start) leaked back into the disagreement, and a graph that
+    averages in a round or two reported ~0.69 instead of ~0. Accuracy: rounding adds ~1e-15 at most (a round that
+    averages exactly reports ~1e-16, or 0 if the disagreement vanishes exactly); otherwise it is a 200-round
+    sample of the asymptotic rate, low by a factor ``c^(1/200)`` where ``c`` is the starts' share along the
+    slowest direction (a few percent at most where that direction dominates within 200 rounds; a graph whose
+    slowest mode needs longer, e.g. a ring of hundreds, reports the faster early decay). O(200 K^2) work."""
+    x = np.random.default_rng([seed, _MEASURE_STREAM]).standard_normal((k, _MEASURE_VECTORS))
+    x -= x.mean(axis=0)
+    x /= np.linalg.norm(x)
+    log_decay = 0.0
+    for r in range(_MEASURE_ROUNDS):
+        x = weights(r).T @ x
         x -= x.mean(axis=0)
-        start = np.linalg.norm(x)
-        for r in range(_MEASURE_ROUNDS):
-            x = self.weights(r).T @ x
-        return float((np.linalg.norm(x - x.mean(axis=0)) / start) ** (1.0 / _MEASURE_ROUNDS)), \
-            f"measured decay over {_MEASURE_ROUNDS} rounds"
+        norm = np.linalg.norm(x)
+        if norm == 0.0:
+            return 0.0, f"measured decay: exact average after {r + 1} rounds"
+        log_decay += math.log(norm)
+        x /= norm
+    return math.exp(log_decay / _MEASURE_ROUNDS), f"measured decay over {_MEASURE_ROUNDS} rounds"
 
 
 @lru_cache(maxsize=8)
@@ -186,6 +230,33 @@ def _round_weights(schedule: GraphSchedule, r: int) -> np.ndarray:
     assert np.allclose(a.sum(axis=0), 1.0) and np.allclose(a.sum(axis=1), 1.0) and (a >= 0).all(), \
         f"round {r} of {schedule.name}: weights not doubly stochastic"
     return a
+
+
+#: The weight rules ``plan`` computes one column of without the matrix (``None``: Metropolis, the default). Keyed by
+#: the functions themselves, taken at import.
+_LOCAL_RULES = {None: "metropolis", metropolis_weights: "metropolis", max_degree_weights: "max_degree"}
+
+
+@dataclass(frozen=True)
+class _RoundAdjacency:
+    """Round ``r``'s graph as neighbour lists: agent k's peers are ``peers[indptr[k]:indptr[k + 1]]``, ascending."""
+
+    indptr: np.ndarray
+    peers: np.ndarray
+    size: np.ndarray  #: neighbourhood sizes ``n = 1 + degree`` (float64, as ``metropolis_weights`` has them)
+    max_degree: int
+
+
+@lru_cache(maxsize=8)
+def _round_adjacency(schedule: GraphSchedule, r: int) -> _RoundAdjacency:
+    # Cached: in the simulator every agent asks for the same round. O(K + E) memory, no K x K matrix.
+    e = np.array(schedule.edges(r), dtype=np.int64).reshape(-1, 2)
+    src, dst = np.concatenate((e[:, 0], e[:, 1])), np.concatenate((e[:, 1], e[:, 0]))
+    order = np.lexsort((dst, src))
+    degree = np.bincount(src, minlength=schedule.num_agents)
+    indptr = np.zeros(schedule.num_agents + 1, dtype=np.int64)
+    np.cumsum(degree, out=indptr[1:])
+    return _RoundAdjacency(indptr, dst[order], degree.astype(np.float64) + 1.0, int(degree.max(initial=0)))
 
 
 @lru_cache(maxsize=4096)
