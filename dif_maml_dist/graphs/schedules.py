@@ -29,6 +29,7 @@ import networkx as nx
 import numpy as np
 
 from dif_maml_dist.config import TopologyConfig
+from dif_maml_dist.seeding import Stream, numpy_generator
 from dif_maml_dist.graphs.weights import (
     EXACT_SPECTRUM_MAX_AGENTS_NONSYMMETRIC,
     WEIGHT_RULES,
@@ -41,8 +42,6 @@ from dif_maml_dist.graphs.weights import (
 
 #: ``topology.schedule=NAME``: how each round's graph is drawn from the base graph (config validation reads them)
 SCHEDULES = ("static", "one_peer_exponential", "random_matching", "resample")
-_SCHEDULE_STREAM = 4  #: stream name for the per-round draws (seeding.py's TASKS, INIT, EVAL are 1-3)
-_MEASURE_STREAM = 5  #: stream of the random starts a random schedule's mixing rate is measured from
 _NOT_COMPUTED = "not computed (too many agents for an exact spectrum, O(K^3))"
 _MEASURE_ROUNDS = 200  #: rounds over which a random schedule's mixing rate is measured
 _MEASURE_VECTORS = 8
@@ -95,7 +94,7 @@ class GraphSchedule:
         return None
 
     def _rng(self, r: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, _SCHEDULE_STREAM, r])
+        return numpy_generator(self.seed, Stream.SCHEDULE, r)
 
     def edges(self, r: int) -> tuple[tuple[int, int], ...]:
         """Round ``r``'s edges ``(u, v)`` with ``u < v``, ascending."""
@@ -194,7 +193,7 @@ class GraphSchedule:
 def _measured_rate(weights: Callable[[int], np.ndarray], k: int, seed: int) -> tuple[float, str]:
     """A random schedule's mixing rate per round: the geometric mean over rounds ``r = 0..199`` of the contraction
     ``||P A_r^T X|| / ||X||`` (``P``: subtract the agents' average; Frobenius norm) of ``_MEASURE_VECTORS`` = 8
-    random starts ``X`` (standard normal, seeded by ``_MEASURE_STREAM``), re-centred and rescaled to norm 1 after
+    random starts ``X`` (standard normal, seeded by ``seeding.Stream.MIXING``), re-centred and rescaled to norm 1 after
     every round. For doubly stochastic rounds that is ``(||X_200 - mean|| / ||X_0 - mean||)^(1/200)`` in exact
     arithmetic, the decay of the disagreement over 200 rounds; computed that way directly, the decay stalled where
     rounding of the average it carries (~1e-16 of the start) leaked back into the disagreement, and a graph that
@@ -203,7 +202,7 @@ def _measured_rate(weights: Callable[[int], np.ndarray], k: int, seed: int) -> t
     sample of the asymptotic rate, low by a factor ``c^(1/200)`` where ``c`` is the starts' share along the
     slowest direction (a few percent at most where that direction dominates within 200 rounds; a graph whose
     slowest mode needs longer, e.g. a ring of hundreds, reports the faster early decay). O(200 K^2) work."""
-    x = np.random.default_rng([seed, _MEASURE_STREAM]).standard_normal((k, _MEASURE_VECTORS))
+    x = numpy_generator(seed, Stream.MIXING).standard_normal((k, _MEASURE_VECTORS))
     x -= x.mean(axis=0)
     x /= np.linalg.norm(x)
     log_decay = 0.0
