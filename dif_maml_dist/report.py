@@ -8,7 +8,8 @@ differs in their configs, e.g. ``strategy=centralized`` against ``strategy=dif_m
 - ``disagreement.png``: (1/K) Σ‖w_k − w_c‖² against the iteration;
 - ``adaptation.png``: the final loss (accuracy) against the number of adaptation steps, centroid and mean agent;
 - ``communication.png``: bytes sent, and compute against exchange seconds, per agent;
-- ``topology.png`` (one per distinct graph): the graph with its combination weights.
+- ``topology.png`` (one per distinct graph): the graph with its combination weights, as summary.json recorded
+  them (never the config's edge-list file as it is now).
 
 Every input is checked before anything is written: runs of different tasks (their losses are not on one scale),
 a run given twice, a run without its ``metrics/`` records, and an ``--out`` that is a file or cannot be written
@@ -24,19 +25,20 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 from dif_maml_dist.run.files import unwritable
 from dif_maml_dist.run.launch import plain
-from dif_maml_dist.run.outputs import RUN_OWN_DIRS
+from dif_maml_dist.run.outputs import RECORD_WEIGHTS_UP_TO, RUN_OWN_DIRS
 
 EXIT_USAGE = 2
 #: Config fields that differ between runs but say nothing about the experiment (where it ran, where it wrote).
 _NOT_LABELS = ("data.root", "data.download", "runtime.threads", "runtime.timeout_s", "runtime.init_timeout_s",
                "runtime.eval_timeout_s", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
                "train.save_models", "metrics.tensorboard")
-#: Above this many agents the graph is drawn without weights, and above the second not at all.
-_LABEL_EDGES_UP_TO, _DRAW_UP_TO = 30, 400
+#: Above this many agents the graph is drawn without weights (summary.json records them up to there), and above
+#: the second not at all.
+_LABEL_EDGES_UP_TO, _DRAW_UP_TO = RECORD_WEIGHTS_UP_TO, 400
 #: What the figures and the table read from summary.json: checked up front, so no report is left half written.
 _SUMMARY_KEYS = ("config", "num_agents", "agents", "iterations", "edges", "strategy", "topology",
                  "centroid_test_loss", "mean_final_test_loss", "disagreement", "wall_seconds",
@@ -224,33 +226,49 @@ def _communication(plt, runs: Sequence[RunData], path: Path) -> None:
     _save_with_legend_below(plt, fig, path, *left.get_legend_handles_labels())  # one colour per run, both panels
 
 
+class Drawing(NamedTuple):
+    """What ``topology.png`` shows: the agents, the pairs that combine and, if labelled, each pair's weight."""
+
+    num_agents: int
+    edges: list[tuple[int, int]]
+    labels: Optional[dict[tuple[int, int], str]]
+
+
+def topology_to_draw(summary: dict[str, Any]) -> Drawing:
+    """The graph a run combined over, from its ``summary.json`` alone: never from the config's files, which may
+    have changed since. With recorded weights (``edge_weights``, up to ``RECORD_WEIGHTS_UP_TO`` agents), the
+    pairs that combine, labelled with their weights; without (more agents, or a summary written before the weights
+    were recorded), the pairs the strategy combines over, unlabelled: the recorded ``edges`` (dif_maml), every
+    pair (centralized: 11^T/K) or none (noncooperative)."""
+    k = summary["num_agents"]
+    if "edge_weights" in summary:
+        pairs = summary["edge_weights"]
+        labels = {(e[0], e[1]): "/".join(f"{w:.3f}" for w in e[2:]) for e in pairs}
+        return Drawing(k, [(e[0], e[1]) for e in pairs], labels if k <= _LABEL_EDGES_UP_TO else None)
+    if summary["strategy"] == "centralized":
+        edges = [(u, v) for u in range(k) for v in range(u + 1, k)]
+    elif summary["strategy"] == "noncooperative":
+        edges = []
+    else:
+        edges = [(u, v) for u, v in summary["edges"]]
+    return Drawing(k, edges, None)
+
+
 def _topology(plt, run: RunData, path: Path) -> bool:
     import networkx as nx
 
-    from dif_maml_dist.config import TopologyConfig
-    from dif_maml_dist.graphs.topology import build_topology, strategy_weights
-
     if run.num_agents > _DRAW_UP_TO:
         return False
-    try:
-        topo = build_topology(TopologyConfig(**run.config["topology"]))
-        weights = strategy_weights(run.config["strategy"]["name"], topo)
-    except (ValueError, OSError):  # e.g. an edge-list file that is no longer there: draw the recorded edges
-        topo, weights = None, None
+    drawing = topology_to_draw(run.summary)
     graph = nx.Graph()
-    graph.add_nodes_from(range(run.num_agents))
-    if weights is not None:  # the strategy's graph: centralized averages over everyone, noncooperative over no one
-        graph.add_edges_from((u, v) for u in range(run.num_agents) for v in range(u + 1, run.num_agents)
-                             if weights[u, v] > 0)
-    else:
-        graph.add_edges_from(map(tuple, run.summary["edges"]))
+    graph.add_nodes_from(range(drawing.num_agents))
+    graph.add_edges_from(drawing.edges)
     fig, ax = plt.subplots(figsize=(6, 5))
     pos = nx.spring_layout(graph, seed=0)
     nx.draw_networkx(graph, pos, ax=ax, node_color="#9ecae1", node_size=500 if run.num_agents <= 30 else 60,
                      with_labels=run.num_agents <= 60, font_size=9)
-    if weights is not None and run.num_agents <= _LABEL_EDGES_UP_TO:
-        nx.draw_networkx_edge_labels(graph, pos, ax=ax, font_size=7,
-                                     edge_labels={(u, v): f"{weights[u, v]:.3f}" for u, v in graph.edges})
+    if drawing.labels is not None:
+        nx.draw_networkx_edge_labels(graph, pos, ax=ax, font_size=7, edge_labels=drawing.labels)
     lam = run.summary.get("lambda2")
     ax.set_title(f"{run.summary['topology']} ({run.num_agents} agents), {run.summary['strategy']} weights"
                  + (f", λ₂ = {lam:.4f}" if isinstance(lam, (int, float)) else ""), fontsize=9)
@@ -301,7 +319,8 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
                 ("Communication and time per agent", "communication.png")]
     graphs: dict[str, RunData] = {}
     for run in runs:
-        graphs.setdefault(json.dumps([run.summary["edges"], run.summary["strategy"]]), run)
+        graphs.setdefault(json.dumps([run.summary["edges"], run.summary["strategy"], run.summary.get("edge_weights")]),
+                          run)
     for i, run in enumerate(graphs.values()):
         name = "topology.png" if len(graphs) == 1 else f"topology_{i}.png"
         if _topology(plt, run, out / name):

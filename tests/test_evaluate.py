@@ -425,6 +425,117 @@ def test_report_legends_never_cover_data(run_dir, tmp_path, monkeypatch):
                                                        "communication.png")), legends_checked
 
 
+_PATH_GRAPH, _OTHER_GRAPH = "0 1\n1 2\n2 3\n", "0 1\n0 2\n0 3\n1 2\n"
+
+
+@pytest.fixture(scope="module")
+def edge_list_run(tmp_path_factory):
+    """A finished 4-agent run on a path read from an edge-list file, with the combination matrix it used."""
+    from dif_maml_dist.config import TopologyConfig
+    from dif_maml_dist.graphs.topology import build_topology
+
+    folder = tmp_path_factory.mktemp("edge_list")
+    graph_file = folder / "graph.txt"
+    graph_file.write_text(_PATH_GRAPH)
+    used = build_topology(TopologyConfig(name="edge_list", edge_list=str(graph_file))).weights
+    run = _sinusoid_run(folder / "run", "topology=edge_list", f"topology.edge_list={graph_file}")
+    return run, graph_file, used
+
+
+def _capture_topology_drawing(monkeypatch) -> dict:
+    """What the report hands networkx for topology.png: the graph's edges and the edge labels, if any."""
+    import networkx as nx
+
+    drawn, draw, label = {}, nx.draw_networkx, nx.draw_networkx_edge_labels
+
+    def draw_graph(graph, *args, **kwargs):
+        drawn["nodes"] = set(graph.nodes)
+        drawn["edges"] = {tuple(sorted(e)) for e in graph.edges}
+        return draw(graph, *args, **kwargs)
+
+    def draw_labels(graph, *args, edge_labels=None, **kwargs):
+        drawn["labels"] = {tuple(sorted(e)): text for e, text in (edge_labels or {}).items()}
+        return label(graph, *args, edge_labels=edge_labels, **kwargs)
+
+    monkeypatch.setattr(nx, "draw_networkx", draw_graph)
+    monkeypatch.setattr(nx, "draw_networkx_edge_labels", draw_labels)
+    return drawn
+
+
+def test_report_draws_the_graph_and_weights_the_run_used_not_the_edge_list_file_as_it_is_now(
+        edge_list_run, tmp_path, monkeypatch):
+    """A run on ``topology=edge_list`` whose edge-list file is rewritten with another graph afterwards: summary.json
+    holds the weights of the matrix the run combined with (``edge_weights``, ``self_weights``), and topology.png
+    draws those edges labelled with those weights. Catches the report rebuilding the topology from the config's
+    file as it is now (the new graph and its weights drawn under the run's own lambda_2), and a summary that
+    records the edges but not the weights."""
+    pytest.importorskip("matplotlib", reason="the plots extra is not installed (pip install -e '.[dev]')")
+    from dif_maml_dist.report import main as report_main
+
+    run, graph_file, used = edge_list_run
+    graph_file.write_text(_OTHER_GRAPH)  # edited after the run
+    path_edges = [(0, 1), (1, 2), (2, 3)]
+    drawn = _capture_topology_drawing(monkeypatch)
+    out = tmp_path / "report"
+    assert report_main([str(run), "--out", str(out)]) == 0
+    assert (out / "topology.png").stat().st_size > 10_000
+    assert drawn["nodes"] == {0, 1, 2, 3} and drawn["edges"] == set(path_edges), drawn
+    assert drawn["labels"] == {(u, v): f"{used[u, v]:.3f}" for u, v in path_edges}, drawn
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["edges"] == [list(e) for e in path_edges]
+    assert summary["edge_weights"] == [[u, v, float(used[u, v])] for u, v in path_edges]
+    assert summary["self_weights"] == [float(used[k, k]) for k in range(4)]
+
+
+def test_report_draws_a_summary_written_before_weights_were_recorded_unlabelled(edge_list_run, tmp_path,
+                                                                                monkeypatch):
+    """A summary.json without ``edge_weights`` (written before runs recorded them), its edge-list file since
+    rewritten: the report still writes topology.png, drawing the recorded edges without weight labels. Catches a
+    KeyError on the missing weights, and the file's current graph drawn for an old run."""
+    pytest.importorskip("matplotlib", reason="the plots extra is not installed (pip install -e '.[dev]')")
+    from dif_maml_dist.report import main as report_main
+
+    run, graph_file, _ = edge_list_run
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    summary = json.loads((old / "summary.json").read_text())
+    for key in ("edge_weights", "self_weights"):
+        summary.pop(key, None)
+    (old / "summary.json").write_text(json.dumps(summary))
+    graph_file.write_text(_OTHER_GRAPH)
+    drawn = _capture_topology_drawing(monkeypatch)
+    out = tmp_path / "report"
+    assert report_main([str(old), "--out", str(out)]) == 0
+    assert (out / "topology.png").stat().st_size > 10_000 and "](topology.png)" in (out / "report.md").read_text()
+    assert drawn["edges"] == {(0, 1), (1, 2), (2, 3)} and "labels" not in drawn, drawn
+
+
+@pytest.mark.parametrize("strategy", ["dif_maml", "centralized", "noncooperative"])
+def test_topology_to_draw_shows_each_strategys_own_graph_from_the_summary(strategy):
+    """``topology_to_draw`` on a summary with the recorded weights of paper6 under each strategy gives the pairs
+    its matrix combines (dif_maml: the graph; centralized: every pair at 1/K; noncooperative: none) labelled with
+    their weights, and the same pairs unlabelled from a summary without them (an older run's). Catches centralized
+    drawn as the base graph, noncooperative drawn with edges, and weights recorded for large networks."""
+    from dif_maml_dist.config import TopologyConfig
+    from dif_maml_dist.graphs.topology import build_topology, strategy_weights
+    from dif_maml_dist.report import topology_to_draw
+    from dif_maml_dist.run.outputs import RECORD_WEIGHTS_UP_TO, recorded_weights
+
+    topo = build_topology(TopologyConfig(name="paper6"))
+    w = strategy_weights(strategy, topo)
+    combining = {(u, v) for u in range(6) for v in range(u + 1, 6) if w[u, v] > 0}
+    assert len(combining) == {"dif_maml": 6, "centralized": 15, "noncooperative": 0}[strategy]
+    summary = {"num_agents": 6, "strategy": strategy, "edges": sorted(sorted(e) for e in topo.graph.edges),
+               **recorded_weights(w)}
+    drawing = topology_to_draw(summary)
+    assert drawing.num_agents == 6 and set(drawing.edges) == combining
+    assert drawing.labels == {(u, v): f"{w[u, v]:.3f}" for u, v in combining}
+    del summary["edge_weights"], summary["self_weights"]
+    drawing = topology_to_draw(summary)
+    assert set(drawing.edges) == combining and drawing.labels is None
+    assert recorded_weights(np.eye(RECORD_WEIGHTS_UP_TO + 1)) == {}  # large networks: the summary stays small
+
+
 def test_validation_keeps_the_centroid_of_the_iteration_with_the_best_validation_accuracy(tmp_path):
     """train.validate=true on an Omniglot fixture under the background/evaluation protocol: the network records
     carry the centroid's validation accuracy at every evaluation; models/best_centroid.pt is the centroid of the

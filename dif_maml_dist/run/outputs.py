@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+import numpy as np
 from torch import Tensor
 
 from dif_maml_dist.config import Config
@@ -30,6 +31,11 @@ log = logging.getLogger("dif_maml_dist")
 #: The folders a run writes into: tools that read a run (evaluate, report) never write there.
 RUN_OWN_DIRS = ("models", "metrics", "checkpoints", "logs", ".hydra", "flight_recorder", "tensorboard", "snapshots",
                 "agents")
+#: ``summary.json`` records the strategy's combination weights (``edge_weights``, ``self_weights``) for networks of
+#: up to this many agents: the report labels each drawn edge with its weight up to there, and draws larger graphs
+#: unlabelled from ``edges`` and the strategy (``report.topology_to_draw``), so the summary stays small for large K
+#: (a centralized run's weights cover all K(K-1)/2 pairs).
+RECORD_WEIGHTS_UP_TO = 30
 
 
 def log_start(ctx: RunContext) -> None:
@@ -65,6 +71,24 @@ def communication(cfg: Config, schedule: GraphSchedule) -> dict:
             "combine_every": cfg.strategy.combine_every, "compression": compression}
 
 
+def recorded_weights(weights: np.ndarray) -> dict:
+    """What ``summary.json`` records of the combination matrix the run used (``RunContext.weights``: A for
+    dif_maml, 11^T/K for centralized, I for noncooperative), so that a figure drawn later shows it and not whatever
+    the config's files hold by then. Up to ``RECORD_WEIGHTS_UP_TO`` agents, ``edge_weights``: ``[u, v, A[u, v]]``
+    for every pair u < v that combines (a nonzero weight either way), ``[u, v, A[u, v], A[v, u]]`` where the two
+    differ (a non-symmetric weight file); ``self_weights``: ``A[k, k]`` per agent. Nothing above that bound."""
+    k = weights.shape[0]
+    if k > RECORD_WEIGHTS_UP_TO:
+        return {}
+    pairs = []
+    for u in range(k):
+        for v in range(u + 1, k):
+            a, b = float(weights[u, v]), float(weights[v, u])
+            if a > 0 or b > 0:
+                pairs.append([u, v, a] if a == b else [u, v, a, b])
+    return {"edge_weights": pairs, "self_weights": [float(weights[j, j]) for j in range(k)]}
+
+
 def write_summary(ctx: RunContext, result: RunResult, named_params, extra: dict) -> dict:
     """The root's closing act: centroid model and ``summary.json`` (both written atomically)."""
     cfg, topo, net = ctx.cfg, ctx.topology, result.network
@@ -74,6 +98,7 @@ def write_summary(ctx: RunContext, result: RunResult, named_params, extra: dict)
     summary = {
         "strategy": cfg.strategy.name, "topology": topo.name, "weights": cfg.topology.weights,
         "num_agents": topo.num_agents, "edges": sorted(sorted(e) for e in topo.graph.edges),
+        **recorded_weights(ctx.weights),  # the matrix the run combined with, not the config's files as they are now
         "lambda2": mixing_rate(ctx.weights), "topology_lambda2": topo.lambda2,
         **communication(cfg, ctx.schedule),
         "optim": cfg.optim.name, "lr": cfg.optim.lr, "iterations": cfg.train.iterations, "seed": cfg.seed,
