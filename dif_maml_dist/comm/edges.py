@@ -32,6 +32,10 @@ from dif_maml_dist.comm.liveness import PeerWatch, ProgressBoard, first_line
 from dif_maml_dist.comm.transport import nbytes
 
 _PAYLOAD_TAG, _HEADER_TAG = 0, 1
+#: What a store raises once its host is gone: torch's TCPStore raises ``DistNetworkError`` / ``DistStoreError``
+#: (both RuntimeErrors), the socket underneath an ``OSError`` (``ConnectionError``, ``TimeoutError``). Anything else
+#: (a TypeError, a malformed value) is a bug and propagates.
+_STORE_GONE = (RuntimeError, OSError)
 
 
 class _Done:
@@ -100,6 +104,7 @@ class TolerantTransport(Protocol):
     incarnation: int  #: how many times this agent has started before (0: the first start)
     bytes_sent: int  #: training payload (headers included) handed to the network so far
     current_round: Optional[int]  #: the combination round this agent is in (set by its combiner)
+    form_errors: dict[int, str]  #: peer -> why forming its edge failed (the latest failure)
 
     def exchange_tolerant(self, messages: Mapping[int, Tensor], header: Tensor
                           ) -> tuple[dict[int, Tensor], dict[int, Tensor], dict[int, str]]:
@@ -146,6 +151,8 @@ class EdgeTransport:
         self.groups: dict[int, Any] = {}
         self._abandoned: list[Any] = []  # failed groups: kept alive, their gloo threads may still hold a pending op
         self._forming: dict[int, tuple[threading.Thread, dict]] = {}
+        #: peer -> why forming an edge with it failed, the latest failure (kept by :meth:`formed`)
+        self.form_errors: dict[int, str] = {}
         self._answered: dict[int, int] = {}  #: peer -> the join sequence number this agent answered
         self._last_poll = float("-inf")
         self._waiters: dict[int, _EdgeWaiter] = {}
@@ -215,7 +222,7 @@ class EdgeTransport:
                     box.update(self._answer_welcome(group, peer, *returning))
                 box["group"] = group
             except Exception as err:  # the neighbour never came (dead too, or finished): no edge
-                box["error"] = first_line(err)
+                box["error"] = _reason(err)
         thread = threading.Thread(target=connect, name=f"dif_maml_dist-edge-{self.rank}-{peer}", daemon=True)
         thread.start()
         self._forming[peer] = (thread, box)
@@ -230,6 +237,10 @@ class EdgeTransport:
             first = not self._adopted
             self._adopted = True
             start = theirs + 1 if first else max(theirs + 1, (self.current_round or 0) + 2)
+            if first:
+                # The round this agent re-enters at is its round from now on: a later welcome (a slower neighbour)
+                # arriving before its first combine must start past it, not past None
+                self.current_round = start
         group.send([torch.tensor([start], dtype=torch.int64)], other, _HEADER_TAG).wait(wait)
         return {"start": start, "header": header, "params": params if first else None}
 
@@ -238,7 +249,7 @@ class EdgeTransport:
         it when it resumes: :meth:`poll_joins`)."""
         try:
             self.store.set(f"departed/{peer}/{incarnation}", str(self.rank))
-        except Exception:  # the store is gone: the peer learns it from the messages that no longer come
+        except _STORE_GONE:  # the store is gone: the peer learns it from the messages that no longer come
             pass
 
     def poll_joins(self, disconnected: Iterable[int]) -> Optional[int]:
@@ -259,14 +270,15 @@ class EdgeTransport:
                 if seq > self.join_seq and self._answered.get(p) != seq:
                     self._answered[p] = seq
                     self._form(p, self._join_tag(p, seq), incarnation=inc)
-        except Exception:  # the store's host is gone: the edges that exist go on, nobody can come back
+        except _STORE_GONE:  # the store's host is gone: the edges that exist go on, nobody can come back
             pass
         return None
 
     def formed(self) -> list[tuple[int, dict]]:
         """Edges formed since the last call (now in ``groups``), with what forming them found: ``incarnation``
         (this agent welcomes the peer back: call :meth:`welcome`) or ``start``, ``header``, ``params`` (this
-        agent came back and the peer welcomed it)."""
+        agent came back and the peer welcomed it). An edge that failed to form is not returned; why it failed is
+        kept in :attr:`form_errors`."""
         done = []
         for p, (thread, box) in list(self._forming.items()):
             if thread.is_alive():
@@ -274,7 +286,10 @@ class EdgeTransport:
             del self._forming[p]
             if "group" in box:
                 self.groups[p] = box.pop("group")
+                self.form_errors.pop(p, None)
                 done.append((p, box))
+            else:
+                self.form_errors[p] = box.get("error", "forming the edge failed")
         return done
 
     @property

@@ -76,8 +76,11 @@ class TolerantCombiner:
             formed += t.formed()
             first = next(((p, box) for p, box in formed if box["params"] is not None), None)
         if first is None:
-            raise PeerError(f"agent {self.agent} restarted, but no neighbour ({t.peers}) took it back within "
-                            f"{2 * t.timeout_s:g} s (2 x runtime.timeout_s): are they still running?")
+            took = {p for p, _ in formed}
+            why = "; ".join(f"agent {p}: {t.form_errors.get(p) or 'no answer yet'}" for p in t.peers if p not in took)
+            raise PeerError(f"agent {self.agent} restarted, but no neighbour ({', '.join(map(str, t.peers))}) took it "
+                            f"back within {2 * t.timeout_s:g} s (2 x runtime.timeout_s): "
+                            f"{why or 'are they still running?'}")
         with torch.no_grad():
             params.copy_(first[1]["params"].to(params.device))
         self.membership.adopt(first[1]["header"][_STATES:].tolist())
