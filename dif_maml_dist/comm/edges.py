@@ -103,8 +103,11 @@ class TolerantTransport(Protocol):
     timeout_s: float
     incarnation: int  #: how many times this agent has started before (0: the first start)
     bytes_sent: int  #: training payload (headers included) handed to the network so far
-    current_round: Optional[int]  #: the combination round this agent is in (set by its combiner)
+    current_round: Optional[int]  #: the combination round this agent is in (``enter``)
     form_errors: dict[int, str]  #: peer -> why forming its edge failed (the latest failure)
+
+    def enter(self, round: int) -> None:
+        """Combination round ``round`` starts (before its joins are answered and its messages posted)."""
 
     def exchange_tolerant(self, messages: Mapping[int, Tensor], header: Tensor
                           ) -> tuple[dict[int, Tensor], dict[int, Tensor], dict[int, str]]:
@@ -146,8 +149,9 @@ class EdgeTransport:
         self.timeout_s, self.board, self.clock, self.poll_s = timeout_s, board, clock, poll_s
         self.connect_timeout_s = connect_timeout_s
         self.peers = sorted(peers)  #: the base graph's neighbours
-        self.round = 0  #: training rounds entered (published on the board, as the default transport does)
-        self.current_round: Optional[int] = None  #: the combination round this agent is in (set by its combiner)
+        #: the combination round this agent is in, as its combiner announced it (``enter``) or, for an agent that
+        #: came back, as its first welcome set it; None before either
+        self.current_round: Optional[int] = None
         self.groups: dict[int, Any] = {}
         self._abandoned: list[Any] = []  # failed groups: kept alive, their gloo threads may still hold a pending op
         self._forming: dict[int, tuple[threading.Thread, dict]] = {}
@@ -306,14 +310,18 @@ class EdgeTransport:
         group.recv([start], other, _HEADER_TAG).wait(wait)
         return int(start[0])
 
+    def enter(self, round: int) -> None:
+        """Combination round ``round`` (its owner: ``gossip.rounds.combine_round``) starts: remembered for the
+        welcome handshake and published as rounds entered, as the default transport does."""
+        self.current_round = round
+        if self.board is not None:
+            self.board.advance(round + 1)
+
     def exchange_tolerant(self, messages: Mapping[int, Tensor], header: Tensor
                           ) -> tuple[dict[int, Tensor], dict[int, Tensor], dict[int, str]]:
         """Send each peer its message and ``header``, receive theirs; a peer whose edge fails (a closed socket)
         or that the :class:`~dif_maml_dist.comm.liveness.PeerWatch` gives up on is reported in the third dict
         (peer -> why) and dropped, not raised."""
-        self.round += 1
-        if self.board is not None:
-            self.board.advance(self.round)
         header = header.detach().cpu().contiguous()
         posted, failed = {}, {}
         for p, message in messages.items():

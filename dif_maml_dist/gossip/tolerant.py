@@ -100,7 +100,7 @@ class TolerantCombiner:
     def _admit(self, phi: Tensor, r: int, iteration: int) -> None:
         """At a round boundary: answer neighbours that came back; take in the edges that formed."""
         t = self.transport
-        t.current_round = r
+        t.enter(r)
         dropped_by = t.poll_joins([p for p in t.peers if p not in t.groups])
         if dropped_by is not None:
             self._dropped(dropped_by)
