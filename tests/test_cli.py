@@ -244,6 +244,32 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     assert not run_dir.exists() and sorted(os.listdir(REPO)) == cwd_before
 
 
+def test_compression_with_a_non_symmetric_weight_file_is_refused_before_anything_is_written(tmp_path):
+    """Catches compressed gossip run on a weight file that is doubly stochastic with a symmetric support but not
+    symmetric (A[0, 1] = 0.3, A[1, 0] = 0.2): CHOCO's per-edge terms no longer cancel, so the network average
+    drifted silently. Refused in one line saying how to fix it, before the run directory exists; the same file
+    without compression is a valid matrix."""
+    from dif_maml_dist.comm.process import ProcessEnv
+    from dif_maml_dist.config import TopologyConfig
+    from dif_maml_dist.graphs.topology import build_topology
+    from dif_maml_dist.run.launch import prepare
+
+    cwd_before = sorted(os.listdir(REPO))
+    matrix = tmp_path / "weights.txt"
+    matrix.write_text("0.5 0.3 0.2\n0.2 0.5 0.3\n0.3 0.2 0.5\n")  # circulant: rows and columns sum to 1
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError) as refused:
+        prepare(["runtime=simulate", "topology=ring", "topology.num_agents=3", "topology.weights=file",
+                 f"topology.weight_matrix={matrix}", "compression=topk", f"hydra.run.dir={run_dir}"], ProcessEnv())
+    message = str(refused.value)
+    assert message == (f"compression=topk keeps the network average only with symmetric weights, but {matrix} has "
+                       f"A[0, 1] = 0.3 != A[1, 0] = 0.2: use topology.weights=metropolis, make the file symmetric, "
+                       f"or use compression=none"), message
+    assert not run_dir.exists() and sorted(os.listdir(REPO)) == cwd_before
+    topo = build_topology(TopologyConfig(name="ring", num_agents=3, weights="file", weight_matrix=str(matrix)))
+    assert topo.weights[0, 1] == 0.3
+
+
 def test_run_dir_whose_parent_is_not_writable_is_refused_before_anything_is_written(tmp_path):
     """hydra.run.dir below a folder this user cannot write into: one line naming the folder, before any check
     that builds the graph or the data and before anything is written. Catches a refusal that came only as a

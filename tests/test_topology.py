@@ -338,6 +338,29 @@ def test_weight_file_row_errors_name_the_line(tmp_path):
                                                                  [0.25, 0.25, 0.5]])
 
 
+def test_weight_file_with_one_way_pairs_is_refused(tmp_path):
+    """Catches the one-way weight file that passed: 1/2 I + 1/2 cyclic shift on 3 agents is doubly stochastic and
+    primitive, but agent 1 takes agent 0's state while agent 0 takes nothing from agent 1 (asymmetric support),
+    so under torchrun agent 1 waited for a message agent 0 never sent (a timeout), the per-agent simulator
+    raised KeyError and the vectorised one ran on silently. Now one line naming the file and the first pair."""
+    w = tmp_path / "w.txt"
+    w.write_text("0.5 0.5 0\n0 0.5 0.5\n0.5 0 0.5\n")
+    cfg = TopologyConfig(name="ring", num_agents=3, weights="file", weight_matrix=str(w))
+    assert _one_line_error(lambda: build_topology(cfg)) == (
+        f"{w}: A[0, 1] > 0 but A[1, 0] = 0: a neighbour pair must exchange both ways (agent 1 takes agent 0's "
+        f"state, agent 0 takes nothing from agent 1); make the support symmetric")
+    # Larger K, no graph given: a directed 3-cycle of weight 0.1 on a Metropolis ring stays doubly stochastic;
+    # the first one-way pair in row-major order is reported.
+    a = metropolis_weights(nx.cycle_graph(200))
+    for l, j in ((50, 120), (120, 170), (170, 50)):
+        a[l, j] += 0.1
+        a[l, l] -= 0.1
+    with pytest.raises(ValueError, match=r"^A\[50, 120\] > 0 but A\[120, 50\] = 0: .*\(agent 120 takes agent "
+                                         r"50's state, agent 50 takes nothing from agent 120\)"):
+        check_weights(a)
+    check_weights(0.5 * (a + a.T))  # the same entries made symmetric pass
+
+
 def test_mistyped_huge_node_id_gives_a_short_message(tmp_path):
     """'2 999999' made K = 1,000,000 and a "disconnected" message listing a million components; now one short
     line saying which id sets K and which ids are missing, with no million-node graph built."""

@@ -131,6 +131,8 @@ def is_primitive(a: np.ndarray, tol: float = _TOL) -> bool:
 
 def check_weights(a: np.ndarray, graph: nx.Graph | None = None, primitive: bool = True) -> None:
     """Raise ``ValueError`` unless ``a`` is a valid combination matrix (for ``graph``, if given). O(K^2).
+    Valid: finite, non-negative, doubly stochastic, supported on the graph's edges and the diagonal, with a
+    symmetric support (an agent takes a neighbour's state iff the neighbour takes its own), and primitive.
     ``primitive=False``: a base matrix a schedule never combines with may leave the agents apart."""
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"combination matrix must be square, got shape {a.shape}")
@@ -163,8 +165,33 @@ def check_weights(a: np.ndarray, graph: nx.Graph | None = None, primitive: bool 
             l, j = np.argwhere(allowed)[0]
             raise ValueError(f"A[{l}, {j}] = {a[l, j]:.3g} but agents {l} and {j} are not neighbours")
         del allowed
+    # A one-way pair: under torchrun agent k waits for l's state, but l (whose column lacks k) never sends it.
+    one_way = _transposed(support)
+    np.greater(support, one_way, out=one_way)  # in place: support[l, j] and not support[j, l]
+    if one_way.any():
+        l = int(np.argmax(one_way.any(axis=1)))
+        j = int(np.argmax(one_way[l]))
+        raise ValueError(f"A[{l}, {j}] > 0 but A[{j}, {l}] = 0: a neighbour pair must exchange both ways (agent {j} "
+                         f"takes agent {l}'s state, agent {l} takes nothing from agent {j}); make the support "
+                         f"symmetric")
+    del one_way
     if primitive and k > 1 and not _support_is_primitive(support):
         raise ValueError("combination matrix is not primitive (lambda_2 = 1): the agents would never agree")
+
+
+def first_asymmetry(a: np.ndarray, tol: float = _TOL) -> tuple[int, int] | None:
+    """The first ``(l, j)`` (row-major) with ``|A[l, j] - A[j, l]| > tol``, or ``None`` when ``a`` is symmetric.
+
+    O(K^2), in row blocks of about 4M entries, so no K x K temporary is allocated."""
+    k = a.shape[0]
+    rows = max(1, (1 << 22) // max(k, 1))
+    for start in range(0, k, rows):
+        stop = min(start + rows, k)
+        bad = np.abs(a[start:stop] - a[:, start:stop].T) > tol
+        if bad.any():
+            i = int(np.argmax(bad.any(axis=1)))
+            return start + i, int(np.argmax(bad[i]))
+    return None
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from dif_maml_dist.config import Config
 from dif_maml_dist.gossip.compression import SPARSIFIERS
 from dif_maml_dist.graphs.schedules import GraphSchedule, build_schedule
 from dif_maml_dist.graphs.topology import Topology, build_topology, num_agents_of, strategy_weights
+from dif_maml_dist.graphs.weights import first_asymmetry
 from dif_maml_dist.tasks import TaskFamily
 
 
@@ -94,6 +95,22 @@ def check_compression(cfg: Config, numel: int) -> None:
                          f"{' (or a smaller compression.ratio)' if ratio else ''}")
 
 
+def check_compressed_weights(cfg: Config, topology: Topology) -> None:
+    """Compressed gossip keeps the network average only when A is symmetric (each edge's two terms cancel,
+    ``gossip/schemes.py``): the built-in weight rules are, a user's weight file need not be. O(K^2)."""
+    if cfg.compression.name == "none" or cfg.topology.weights != "file":
+        return
+    pair = first_asymmetry(topology.weights)
+    if pair is None:
+        return
+    l, j = pair
+    a = topology.weights
+    raise ValueError(f"compression={cfg.compression.name} keeps the network average only with symmetric weights, "
+                     f"but {Path(cfg.topology.weight_matrix)} has A[{l}, {j}] = {a[l, j]:.12g} != A[{j}, {l}] = "
+                     f"{a[j, l]:.12g}: use topology.weights=metropolis, make the file symmetric, or use "
+                     f"compression=none")
+
+
 @dataclass
 class RunContext:
     """One run's decisions: who this process is, where it writes, on what it computes, over which graph."""
@@ -155,6 +172,7 @@ class RunContext:
         if not env.under_torchrun:
             backend = "none"
         topology = build_topology(cfg.topology)
+        check_compressed_weights(cfg, topology)
         weights = strategy_weights(cfg.strategy.name, topology)
         schedule = build_schedule(cfg.topology, cfg.seed, topology.graph, weights)
         family = task_family(cfg)
