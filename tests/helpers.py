@@ -151,3 +151,13 @@ def figures_of(learner, params, inner_lr: float, max_steps: int, final: bool = F
     from dif_maml_dist.engine.figures import figures
 
     return figures(learner.test_curves(params, inner_lr, max_steps, final))
+
+
+def is_primitive(a, tol: float = 1e-12) -> bool:
+    """Whether the nonnegative square ``a`` is primitive: ``graphs.weights.support_is_primitive`` on its
+    support (what ``check_weights`` decides)."""
+    import numpy as np
+
+    from dif_maml_dist.graphs.weights import support_is_primitive
+
+    return support_is_primitive(np.asarray(a) > tol)

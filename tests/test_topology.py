@@ -15,11 +15,11 @@ from dif_maml_dist.graphs.topology import build_topology, num_agents_of, strateg
 from dif_maml_dist.graphs.weights import (
     check_weights,
     combine_plan,
-    is_primitive,
     max_degree_weights,
     metropolis_weights,
     mixing_rate,
 )
+from tests.helpers import is_primitive
 
 # The paper's graph, Metropolis rule worked out by hand from a_lk = 1/max(n_k, n_l), n = degree + 1:
 # n = [2, 2, 5, 3, 4, 2]; diagonal = 1 - (sum of the column's other entries).

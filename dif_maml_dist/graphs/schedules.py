@@ -29,7 +29,6 @@ import networkx as nx
 import numpy as np
 
 from dif_maml_dist.config import TopologyConfig
-from dif_maml_dist.seeding import Stream, numpy_generator
 from dif_maml_dist.graphs.weights import (
     EXACT_SPECTRUM_MAX_AGENTS_NONSYMMETRIC,
     WEIGHT_RULES,
@@ -39,6 +38,7 @@ from dif_maml_dist.graphs.weights import (
     metropolis_weights,
     mixing_rate,
 )
+from dif_maml_dist.seeding import Stream, numpy_generator
 
 #: ``topology.schedule=NAME``: how each round's graph is drawn from the base graph (config validation reads them)
 SCHEDULES = ("static", "one_peer_exponential", "random_matching", "resample")

@@ -57,7 +57,7 @@ def mixing_rate(a: np.ndarray) -> float | None:
     Exact (an O(K^3) eigendecomposition: ``eigvalsh`` when ``A`` is exactly symmetric, as the Metropolis and
     maximum-degree rules are, else ``eigvals``), or ``None`` = not computed, when ``A`` has more than
     ``EXACT_SPECTRUM_MAX_AGENTS`` agents (``EXACT_SPECTRUM_MAX_AGENTS_NONSYMMETRIC`` if not symmetric). Whether
-    lambda_2 < 1 (the agents agree) does not need it: ``is_primitive`` decides that exactly in O(K^2)."""
+    lambda_2 < 1 (the agents agree) does not need it: ``support_is_primitive`` decides that exactly in O(K^2)."""
     k = a.shape[0]
     if k > EXACT_SPECTRUM_MAX_AGENTS:
         return None
@@ -97,8 +97,14 @@ def _transposed(m: np.ndarray, block: int = 256) -> np.ndarray:
     return out
 
 
-def _support_is_primitive(support: np.ndarray) -> bool:
-    """``is_primitive`` on the boolean support matrix itself (``support[l, k]``: edge ``l -> k``)."""
+def support_is_primitive(support: np.ndarray) -> bool:
+    """Whether a nonnegative matrix with this boolean support (``support[l, k]``: edge ``l -> k``, self-loops
+    included) is primitive (some power entrywise positive), decided exactly.
+
+    It is iff the support digraph is strongly connected and aperiodic; for a doubly stochastic matrix that is
+    exactly ``mixing_rate(a) < 1``. Strong connectivity: forward and backward BFS from agent 0. The period is the
+    gcd of ``level[l] + 1 - level[k]`` over all edges (BFS levels from agent 0); a self-loop makes it 1 at once.
+    O(K^2) numpy work on a boolean K x K mask, no eigenvalues."""
     k = support.shape[0]
     level = _reach(support)
     if (level < 0).any():
@@ -116,17 +122,6 @@ def _support_is_primitive(support: np.ndarray) -> bool:
         if period == 1:
             return True
     return False
-
-
-def is_primitive(a: np.ndarray, tol: float = _TOL) -> bool:
-    """Whether the nonnegative square ``a`` is primitive (some power entrywise positive), decided exactly.
-
-    ``a`` is primitive iff its support digraph (edge ``l -> k`` where ``a[l, k] > tol``, self-loops included) is
-    strongly connected and aperiodic. For a doubly stochastic ``a`` that is exactly ``mixing_rate(a) < 1``.
-    Strong connectivity: forward and backward BFS from agent 0. The period is the gcd of
-    ``level[l] + 1 - level[k]`` over all edges (BFS levels from agent 0); a self-loop makes it 1 at once.
-    O(K^2) numpy work on a boolean K x K mask, no eigenvalues."""
-    return _support_is_primitive(np.asarray(a) > tol)
 
 
 def check_weights(a: np.ndarray, graph: nx.Graph | None = None, primitive: bool = True) -> None:
@@ -175,7 +170,7 @@ def check_weights(a: np.ndarray, graph: nx.Graph | None = None, primitive: bool 
                          f"takes agent {l}'s state, agent {l} takes nothing from agent {j}); make the support "
                          f"symmetric")
     del one_way
-    if primitive and k > 1 and not _support_is_primitive(support):
+    if primitive and k > 1 and not support_is_primitive(support):
         raise ValueError("combination matrix is not primitive (lambda_2 = 1): the agents would never agree")
 
 
