@@ -63,3 +63,17 @@ def test_long_modules_say_why():
         if text.count("\n") > LONG_MODULE_LINES and "\nSize: " not in (ast.get_docstring(ast.parse(text)) or ""):
             unexplained.append(f"{path.relative_to(PACKAGE)} ({text.count(chr(10))} lines)")
     assert unexplained == [], f"modules over {LONG_MODULE_LINES} lines with no 'Size:' reason: {unexplained}"
+
+
+def test_public_names_are_exported_from_the_package_root():
+    """``from dif_maml_dist import load_run, TaskFamily, ...`` works for every name the root lists, and each is the
+    object its own module defines: catches an export map left behind when a module moves (the layout moved
+    load_run from evaluate.py to run/saved.py)."""
+    import importlib
+
+    import dif_maml_dist
+
+    assert set(dif_maml_dist.__all__) >= {"load_run", "Config", "TaskFamily", "TaskSampler", "TaskSet", "TaskBatch"}
+    for name in dif_maml_dist.__all__:
+        module = importlib.import_module(dif_maml_dist._PUBLIC[name])
+        assert getattr(dif_maml_dist, name) is getattr(module, name), name
