@@ -133,7 +133,7 @@ def project_call(path: str, w: Workload, project: nn.Module, batch: maml.TaskBat
     flat = fm.layout.flatten(dict(project.named_parameters())).detach()
     views = fm.layout.split(flat)
     loss = maml.make_loss(fm.forward, w.criterion)
-    query_loss = maml.make_loss(fm.first_order_forward, w.criterion)  # as the agents run it (learner.py)
+    query_loss = maml.make_loss(fm.first_order_forward, w.criterion)  # as the agents run it (engine/learner.py)
     batched_loss = maml.make_loss(fm.batched_forward, w.criterion)
     lr, steps = w.inner_lr, w.inner_steps
 

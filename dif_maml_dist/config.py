@@ -91,7 +91,7 @@ class TopologyConfig:
     #: how the graph changes from one combination round to the next; one of SCHEDULES (static: the base graph
     #: every round; one_peer_exponential: one peer at distance 2^(round mod ceil(log2 K)), whatever the base graph;
     #: random_matching: a random maximal matching of the base edges; resample: each base edge active with
-    #: probability active_prob). Rounds are derived from seed and round number alone (schedules.py)
+    #: probability active_prob). Rounds are derived from seed and round number alone (graphs/schedules.py)
     schedule: str = "static"
     active_prob: float = 0.5  #: schedule=resample: probability that a base edge is active in a round
 
@@ -108,7 +108,7 @@ class StrategyConfig:
 @dataclass
 class CompressionConfig:
     """What dif_maml's neighbour exchange sends. ``none`` sends the full state and combines exactly as the paper;
-    the others send a compressed difference to reference copies and combine CHOCO-style (gossip.py)."""
+    the others send a compressed difference to reference copies and combine CHOCO-style (gossip/schemes.py)."""
 
     name: str = "none"  #: one of COMPRESSIONS
     ratio: float = 0.1  #: topk / randk: fraction of the entries sent, in (0, 1]

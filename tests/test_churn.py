@@ -187,7 +187,7 @@ def test_torchrun_job_loses_agents_and_the_survivors_finish_as_the_simulator_say
 def test_simulator_summary_has_the_component_figures_summarize_computes(tmp_path):
     """runtime=simulate with a departure that splits the graph (the paper's hub, agent 2): the summary lists, per
     component of the surviving graph, its agents, their disagreement and their centroid's test figures, as a
-    torchrun run's summary does (summarize.py), and the figures are what summarize's computation gives for the
+    torchrun run's summary does (run/summary.py), and the figures are what summarize's computation gives for the
     survivors' final models. Catches a simulator summary that reports the split but not how each part did."""
     from dif_maml_dist.engine.learner import Learner
     from dif_maml_dist.run.summary import component_figures, context_of

@@ -1,4 +1,4 @@
-"""Who is behind when a round does not complete (liveness.py), in one process: the stall report, the round waiter
+"""Who is behind when a round does not complete (comm/liveness.py), in one process: the stall report, the round waiter
 under both shapes of work objects (gloo: one per operation, whose ``wait`` blocks; nccl: one per batch, whose
 ``wait`` returns at once and only ``is_completed`` tells), and the progress board over a real TCPStore. The same
 waiting under real gloo processes is in test_faults.py."""

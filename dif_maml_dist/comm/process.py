@@ -84,7 +84,7 @@ def select_device(cfg: RuntimeConfig, env: ProcessEnv) -> torch.device:
 
 
 def select_backend(cfg: RuntimeConfig, device: torch.device) -> str:
-    if cfg.on_peer_failure == "continue":  # per-edge gloo groups (edges.py); GPU tensors go through host memory
+    if cfg.on_peer_failure == "continue":  # per-edge gloo groups (comm/edges.py); GPU tensors go through host memory
         return "gloo"
     if cfg.backend != "auto":
         if cfg.backend == "nccl" and device.type != "cuda":
@@ -230,7 +230,7 @@ def distributed(cfg: RuntimeConfig, env: ProcessEnv, device: torch.device, backe
 def edge_network(cfg: RuntimeConfig, env: ProcessEnv, peers: Sequence[int],
                  threads: int | None = None) -> Iterator[EdgeTransport]:
     """``runtime.on_peer_failure=continue``: this agent's gloo groups with each neighbour in ``peers``, and no
-    process group over all agents (``edges.py``), so nothing at start-up or teardown waits for anyone but the
+    process group over all agents (``comm/edges.py``), so nothing at start-up or teardown waits for anyone but the
     neighbours. Under torchrun only."""
     configure_process(cfg, threads if threads is not None else intra_op_threads(cfg))
     assert env.under_torchrun, "continue mode runs under torchrun (the simulator has its own departures)"

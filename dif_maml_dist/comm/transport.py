@@ -145,7 +145,7 @@ def set_group_timeout(seconds: float) -> None:
 class TorchDistTransport(Transport):
     """torch.distributed point-to-point over the default process group (gloo on CPU, nccl on GPU).
 
-    The process group must already be initialised (see ``runtime.distributed``). Training rounds are waited on
+    The process group must already be initialised (see ``comm.process.distributed``). Training rounds are waited on
     by a :class:`~dif_maml_dist.comm.liveness.RoundWaiter` (within ``timeout_s``, naming who is behind from ``board``);
     collectives off the training path get ``eval_timeout_s``, or by default ``timeout_s`` plus
     ``EVAL_WAIT_FACTOR`` times the work this agent did since its previous collective (the others do the same).
@@ -157,7 +157,7 @@ class TorchDistTransport(Transport):
         """``group_timeout_s``: the process group's own timeout between collectives off the training path (nccl's
         watchdog; by default ``timeout_s``), restored after each of them."""
         super().__init__()
-        assert dist.is_initialized(), "init the process group first (runtime.distributed)"
+        assert dist.is_initialized(), "init the process group first (comm.process.distributed)"
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.backend = dist.get_backend()
         # gloo moves CPU tensors only: stage GPU tensors through host memory.

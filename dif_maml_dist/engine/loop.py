@@ -98,7 +98,7 @@ class Cohort(Protocol):
 
 
 class Checkpointer(Protocol):
-    """Writes the local agents' loop states every ``every`` iterations and at the last (see ``checkpoint.py``)."""
+    """Writes the local agents' loop states every ``every`` iterations and at the last (see ``run/checkpoint.py``)."""
 
     every: int  #: 0: never, not even at the last iteration
     last: Optional[int]  #: iteration of the newest checkpoint written or resumed from

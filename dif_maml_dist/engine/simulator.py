@@ -215,7 +215,7 @@ class Simulation:
         """What a checkpoint needs to continue bit for bit: parameters, optimizer state and task streams of every
         agent, the compressed gossip's reference copies, the departures so far, the counters and the best
         centroid. The same for both engines. Nothing else draws at random across iterations: the graph of a
-        round and a compressor's draws come from streams keyed by the round (``schedules.py``, ``gossip.py``)."""
+        round and a compressor's draws come from streams keyed by the round (``graphs/schedules.py``, ``gossip/schemes.py``)."""
         if self.vectorize:
             optimizer, rngs = copy.deepcopy(self.optimizer.state_dict()), self.rngs
         else:

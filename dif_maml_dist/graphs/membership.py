@@ -6,7 +6,7 @@ neighbours the sender believed alive when the round began. Agent k gives each ne
 ``a_lk = 1 / max(n_k, n_l)`` and keeps the rest, ``a_kk = 1 - sum``. Both ends of an edge compute the same number
 from the same two declarations, so the round's matrix restricted to the agents that took part is symmetric with
 columns summing to one: doubly stochastic on the surviving graph, whoever left. Before anyone leaves, the
-declarations are the graph's own degrees and the weights are exactly the Metropolis matrix (``topology.py``).
+declarations are the graph's own degrees and the weights are exactly the Metropolis matrix (``weights.py``).
 A neighbour that died during the round is simply not among those that answered: its share goes to the agent
 itself (the declarations of that round still counted it, which keeps both ends in agreement).
 

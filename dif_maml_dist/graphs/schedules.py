@@ -3,7 +3,7 @@
 A round's graph is a function of (base graph, schedule, run seed, round number) alone, so every agent derives
 the same graph and weights without a coordinator or an extra message. Round ``r`` counts combination rounds
 from 0 (with ``strategy.combine_every=τ`` the round of iteration ``i`` is ``i/τ - 1``). Weights follow the
-project's convention (``A[l, k]``: what agent k gives agent l; see ``topology.py``) and are computed each
+project's convention (``A[l, k]``: what agent k gives agent l; see ``weights.py``) and are computed each
 round by the configured rule on the round's graph; an agent with no peer in a round keeps its state.
 
 - ``static``: the base graph and its weights every round (Dif-MAML as in the paper).
