@@ -4,6 +4,12 @@
 Its steps: parse and check the command line into a run context, and own the run directory (``run/launch.py``:
 every refusal before anything is written) -> let hydra write its record -> carry out the run
 (``run/recipes.py``) -> leave with the run's exit status.
+
+Why hydra composes the config a second time: ``@hydra.main`` composes it before anything this code can run
+and then creates the run directory and writes its record, and a composition error there is hydra's own
+multi-line report with exit status 1. Composing first with hydra's compose API, from the same overrides, is what
+makes every mistake one line with exit status 2 before anything is written. The run uses the first composition
+(``Launch.ctx``); hydra's is only checked to name the same run directory.
 """
 
 from __future__ import annotations
