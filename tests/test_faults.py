@@ -41,7 +41,7 @@ def _hung_peer_worker(rank: int, port: int, out_dir: str) -> None:
                 calls = [0]
                 real_exchange = transport.exchange
 
-                def exchange(messages):
+                def exchange(messages, round):
                     calls[0] += 1
                     if calls[0] == HUNG_AT:
                         result["silent_at"] = time.time()
@@ -52,7 +52,7 @@ def _hung_peer_worker(rank: int, port: int, out_dir: str) -> None:
                         while not all(p.exists() for p in others) and time.time() < give_up:
                             time.sleep(0.2)
                         raise SystemExit(0)
-                    return real_exchange(messages)
+                    return real_exchange(messages, round)
 
                 transport.exchange = exchange
             agent = networked_agent(cfg, rank, 4, schedule_for(cfg, ring), transport)
