@@ -126,6 +126,10 @@ class TolerantTransport(Protocol):
 
     def rejoin(self, header_like: Tensor, params_like: Tensor) -> None: ...
 
+    def counters(self) -> dict[str, int]: ...
+
+    def restore_counters(self, saved: dict[str, Any]) -> None: ...
+
     def welcome(self, peer: int, header: Tensor, params: Tensor) -> int: ...
 
 
@@ -309,6 +313,13 @@ class EdgeTransport:
         start = torch.zeros(1, dtype=torch.int64)
         group.recv([start], other, _HEADER_TAG).wait(wait)
         return int(start[0])
+
+    def counters(self) -> dict[str, int]:
+        """What this transport has counted, for a checkpoint (restored by :meth:`restore_counters`)."""
+        return {"bytes_sent": self.bytes_sent}
+
+    def restore_counters(self, saved: dict[str, Any]) -> None:
+        self.bytes_sent = int(saved["bytes_sent"])
 
     def enter(self, round: int) -> None:
         """Combination round ``round`` (its owner: ``gossip.rounds.combine_round``) starts: remembered for the

@@ -63,6 +63,14 @@ class Transport(ABC):
     def barrier(self) -> None:
         """Wait until every agent has reached this point."""
 
+    def counters(self) -> dict[str, int]:
+        """What this transport has counted, for a checkpoint (restored by :meth:`restore_counters`)."""
+        return {"bytes_sent": self.bytes_sent}
+
+    def restore_counters(self, saved: dict[str, Any]) -> None:
+        """Continue counting from a checkpoint's :meth:`counters`."""
+        self.bytes_sent = int(saved["bytes_sent"])
+
     def _count_all_reduce(self, tensor: Tensor) -> None:
         self.bytes_sent += ring_all_reduce_bytes(self.world_size, nbytes(tensor))
 

@@ -40,12 +40,13 @@ class _OneAgent:
         return self.agent.state.iteration
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint of this process holds: the agent's loop state and the bytes it has sent."""
-        return {**self.agent.state_dict(), "bytes_sent": self.transport.bytes_sent}
+        """What a checkpoint of this process holds: the agent's loop state and the transport's counters (the
+        bytes it has sent: the transport is their one owner)."""
+        return {**self.agent.state_dict(), **self.transport.counters()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.agent.load_state_dict(sd)
-        self.transport.bytes_sent = int(sd["bytes_sent"])
+        self.transport.restore_counters(sd)
 
     def step(self) -> list[Tensor]:
         return [self.agent.step()]
