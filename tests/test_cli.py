@@ -436,14 +436,21 @@ SWEEP = ["topology=ring", "topology.num_agents=3", "train.iterations=10", "train
          "maml.final_adapt_steps=2"]
 
 
-def test_sweep_under_torchrun_runs_every_job(tmp_path):
+@pytest.fixture(scope="module")
+def torchrun_sweep(tmp_path_factory):
+    """A finished two-job sweep (``-m``) under torchrun, three processes: read by the sweep tests below."""
+    sweep_dir = tmp_path_factory.mktemp("sweep") / "sweep"
+    proc = train(["-m", *SWEEP, "compression=topk,qsgd", f"hydra.sweep.dir={sweep_dir}"], nproc=3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep_dir
+
+
+def test_sweep_under_torchrun_runs_every_job(torchrun_sweep):
     """``-m`` under torchrun: two jobs, one after the other in the same three processes, each with its own
     process group, run directory and summary. Catches every job forming its group under the same keys of
     torchrun's store (the second job waited on the first one's peers and hung) and ranks of one job writing to
     different folders (hydra's default sweep folder is named by the clock)."""
-    sweep_dir = tmp_path / "sweep"
-    proc = train(["-m", *SWEEP, "compression=topk,qsgd", f"hydra.sweep.dir={sweep_dir}"], nproc=3)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep_dir = torchrun_sweep
     for job, name in enumerate(["topk", "qsgd"]):
         summary = json.loads((sweep_dir / str(job) / "summary.json").read_text())
         assert summary["compression"]["name"] == name and summary["iterations"] == 10
@@ -451,23 +458,36 @@ def test_sweep_under_torchrun_runs_every_job(tmp_path):
         assert not (sweep_dir / str(job) / ".lock").exists()
 
 
-def test_sweep_is_checked_like_a_single_run_before_anything_is_written(tmp_path):
-    """A sweep into a folder whose job 0 holds a finished run is refused in one line, and neither that run's
-    hydra record nor the sweep's ``multirun.yaml`` is rewritten (both said the new settings beside the old
-    models); an unknown group option among a sweep's values and ``hydra.run.dir`` with ``-m`` (ignored by hydra,
-    which wrote to ./multirun) are one line, exit 2 (hydra's multi-line error, exit 1)."""
-    sweep_dir = tmp_path / "sweep"
-    first = train(["-m", *SWEEP, "runtime=simulate", "compression=topk,qsgd", f"hydra.sweep.dir={sweep_dir}"])
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_sweep_is_checked_like_a_single_run_before_anything_is_written(torchrun_sweep, tmp_path):
+    """A sweep into a folder whose job 0 holds a finished run (the torchrun sweep's) is refused in one line, exit
+    2, and neither that run's hydra record nor the sweep's ``multirun.yaml`` is rewritten (both said the new
+    settings beside the old models); an unknown group option among a sweep's values and ``hydra.run.dir`` with
+    ``-m`` (ignored by hydra, which wrote to ./multirun) are one line (hydra's multi-line error, exit 1).
+
+    The first case goes through the real command: it shows that the entry point routes a sweep's refusals
+    (``prepare_sweep``'s ValueError, whichever check raised it) to the one line and exit status 2 before hydra
+    runs. The other two are ``prepare_sweep``'s own checks, called in this process as the command calls it."""
+    from dif_maml_dist.comm.process import ProcessEnv
+    from dif_maml_dist.run.launch import prepare_sweep
+
+    sweep_dir = torchrun_sweep
     records = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file() and "logs" not in p.parts}
+    proc = train(["-m", *SWEEP, "runtime=simulate", "compression=sign,randk", f"hydra.sweep.dir={sweep_dir}"],
+                 cwd=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dif_maml_dist: error: ") \
+        and f"{sweep_dir / '0'} already holds" in lines[0], proc.stderr
+    assert {p: p.read_bytes() for p in records} == records
+    assert not (tmp_path / "multirun").exists()
     cases = {
-        "existing": (["compression=sign,randk", f"hydra.sweep.dir={sweep_dir}"], f"{sweep_dir / '0'} already holds"),
         "bogus": (["compression=topk,bogus", f"hydra.sweep.dir={tmp_path / 'new'}"], "unknown compression 'bogus'"),
         "run_dir": (["compression=topk,sign", f"hydra.run.dir={tmp_path / 'new'}"], "give hydra.sweep.dir=DIR"),
     }
+    cwd_before = sorted(os.listdir(REPO))
     for name, (args, expect) in cases.items():
-        proc = train(["-m", *SWEEP, "runtime=simulate", *args], cwd=tmp_path)
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0], (name, proc.stderr)
-        assert {p: p.read_bytes() for p in records} == records, name
-    assert not (tmp_path / "new").exists() and not (tmp_path / "multirun").exists()
+        with pytest.raises(ValueError) as refused:
+            prepare_sweep([*SWEEP, "runtime=simulate", *args], ProcessEnv())
+        message = str(refused.value)
+        assert expect in message and "\n" not in message, (name, message)
+    assert {p: p.read_bytes() for p in records} == records
+    assert not (tmp_path / "new").exists() and sorted(os.listdir(REPO)) == cwd_before
