@@ -214,13 +214,31 @@ def compression(tmp_path, *args: str) -> subprocess.CompletedProcess:
                       "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *args)
 
 
-def test_reproduce_compression_runs_again_when_a_setting_changes(tmp_path):
-    """--iterations 3 after --iterations 2: a new run, and its figures in the table.
+@pytest.fixture(scope="module")
+def compression_two_iterations(tmp_path_factory):
+    """``reproduce_compression.py --iterations 2`` run once into a folder of its own (its runs/ and out/); the
+    tests below work on copies of it."""
+    base = tmp_path_factory.mktemp("compression")
+    first = compression(base, "--iterations", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    return base
+
+
+def _copy_of(base, tmp_path):
+    import shutil
+
+    for name in ("runs", "out"):
+        if (base / name).exists():
+            shutil.copytree(base / name, tmp_path / name)
+
+
+def test_reproduce_compression_runs_again_when_a_setting_changes(compression_two_iterations, tmp_path):
+    """--iterations 3 after --iterations 2 (a copy of the module's 2-iteration call): a new run, and its figures
+    in the table.
 
     Catches run folders named by graph, setting and seed only, which made the second call report the first
     call's 2-iteration figures as the 3-iteration ones, silently."""
-    first = compression(tmp_path, "--iterations", "2")
-    assert first.returncode == 0, first.stderr[-3000:]
+    _copy_of(compression_two_iterations, tmp_path)
     second = compression(tmp_path, "--iterations", "3")
     assert second.returncode == 0, second.stderr[-3000:]
     assert sorted(s["iterations"] for s in summaries(tmp_path / "runs")) == [2, 3]
@@ -228,13 +246,14 @@ def test_reproduce_compression_runs_again_when_a_setting_changes(tmp_path):
     assert again.returncode == 0 and len(summaries(tmp_path / "runs")) == 2, again.stderr[-3000:]
 
 
-def test_reproduce_compression_retries_a_crashed_run_and_keeps_its_files(tmp_path):
-    """A run folder left without summary.json (a crashed or killed run): the next call runs it afresh, and the
-    crashed run's files are moved aside, not deleted.
+def test_reproduce_compression_retries_a_crashed_run_and_keeps_its_files(compression_two_iterations, tmp_path):
+    """A run folder left without summary.json (a crashed or killed run; here a copy of the module's 2-iteration
+    call with its summary removed): the next call runs it afresh, and the crashed run's files are moved aside,
+    not deleted.
 
     Catches a crashed run's folder refusing every retry (the run directory already holds metrics), so that its
     setting stayed without results for good."""
-    assert compression(tmp_path, "--iterations", "2").returncode == 0
+    _copy_of(compression_two_iterations, tmp_path)
     (done,) = (tmp_path / "runs").rglob("summary.json")
     done.unlink()  # as if the run had died before writing it
     retry = compression(tmp_path, "--iterations", "2")
