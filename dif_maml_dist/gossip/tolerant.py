@@ -55,9 +55,7 @@ class TolerantCombiner:
         self.start: dict[int, int] = {}
 
     def _header(self, r: int, degree: int) -> Tensor:
-        header = torch.tensor([r, degree, *self.membership.vector()], dtype=torch.int64)
-        assert nbytes(header) == header_bytes(self.membership.num_agents)
-        return header
+        return torch.tensor([r, degree, *self.membership.vector()], dtype=torch.int64)
 
     def rejoin(self, params: Tensor) -> Optional[int]:
         """A restarted agent's re-entry: ask the neighbours, wait (at most twice ``runtime.timeout_s``) until one

@@ -59,12 +59,13 @@ def _log_agent(ctx: RunContext, agent: Agent) -> None:
              agent.layout.numel, agent.meta_grad_path)
 
 
-def _come_back(ctx: RunContext, cohort: LiveAgentCohort, transport: Any) -> tuple[Optional[int], int, dict]:
+def _come_back(ctx: RunContext, cohort: LiveAgentCohort, transport: Any,
+               prints: dict[str, str]) -> tuple[Optional[int], int, dict]:
     """A restarted agent of continue mode: its own newest checkpoint, then back into the running network where
     its neighbours are (nobody else rolls back). Returns (restored checkpoint, iteration to continue from,
     the record of the return)."""
     agent, asked = cohort.agent, time.time()
-    restored = checkpoint.restore_own(cohort, ctx.run_dir, ctx.env.rank, ctx.fingerprint())
+    restored = checkpoint.restore_own(cohort, ctx.run_dir, ctx.env.rank, prints)
     start = agent.combiner.rejoin(agent.state.params)
     start = (restored or 0) if start is None else start
     agent.state.iteration = start
@@ -93,7 +94,7 @@ def networked(ctx: RunContext) -> Optional[dict]:
             cohort = LiveAgentCohort(agent, transport, partial(summary.save_snapshot, run_dir, rank), ctx.leave_at)
             saved_at = start = None
             if transport.joining:
-                saved_at, start, came_back = _come_back(ctx, cohort, transport)
+                saved_at, start, came_back = _come_back(ctx, cohort, transport, prints)
             sinks_from, best = start, None
         else:
             cohort = AgentCohort(agent, transport)
