@@ -17,7 +17,7 @@ import uuid
 from dif_maml_dist.comm.process import ProcessEnv
 from dif_maml_dist.graphs.topology import num_agents_of
 from dif_maml_dist.run import launch
-from dif_maml_dist.run.launch import UsageError
+from dif_maml_dist.run.composition import UsageError
 
 
 def check_process_count(num_agents: int, topology: str, nproc: int, launch: str) -> None:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     # As under torchrun --standalone: a fresh run id names the default run directory.
     os.environ.setdefault("TORCHELASTIC_RUN_ID", uuid.uuid4().hex)
     try:
-        cfg, _ = launch.compose(args.overrides)
+        cfg = launch.compose(args.overrides).cfg
         if cfg.runtime.mode == "torchrun":
             check_process_count(num_agents_of(cfg.topology), cfg.topology.name, args.nproc,
                                 args.launch or f"--nproc {args.nproc}")

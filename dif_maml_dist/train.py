@@ -1,15 +1,17 @@
 """Hydra entry point, one agent per process: ``torchrun --standalone --nproc-per-node=6 -m dif_maml_dist.train``
 (or all agents in this process with ``runtime=simulate``).
 
-Its steps: parse and check the command line into a run context, and own the run directory (``run/launch.py``:
-every refusal before anything is written) -> let hydra write its record -> carry out the run
-(``run/recipes.py``) -> leave with the run's exit status.
+Its steps: compose the config from the command line (``run/composition.py``), check it into a run context and
+own the run directory (``run/launch.py``: every refusal before anything is written) -> let hydra write its
+record, from that same composition -> carry out the run (``run/recipes.py``) -> leave with the run's exit
+status.
 
-Why hydra composes the config a second time: ``@hydra.main`` composes it before anything this code can run
-and then creates the run directory and writes its record, and a composition error there is hydra's own
-multi-line report with exit status 1. Composing first with hydra's compose API, from the same overrides, is what
-makes every mistake one line with exit status 2 before anything is written. The run uses the first composition
-(``Launch.ctx``); hydra's is only checked to name the same run directory.
+Why not ``@hydra.main`` alone: it composes the config before any of this code runs and then creates the run
+directory and writes its record, and a composition error there is hydra's own multi-line report with exit status
+1. A single run is therefore composed with hydra's compose API, checked, and handed to hydra's job runner
+(``composition.run_as_hydra_job``). ``@hydra.main`` is kept for what belongs to hydra: its flags (``--cfg``,
+``--help``, ...) and sweeps (``-m``), whose jobs hydra's sweeper composes and its launcher runs (a launcher
+plugin may run them elsewhere); each sweep job is checked first by composing it the same way.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from omegaconf import DictConfig
 
 from dif_maml_dist.comm.process import ProcessEnv
 from dif_maml_dist.config import from_omegaconf
+from dif_maml_dist.run.composition import CONF_DIR, run_as_hydra_job
 from dif_maml_dist.run.context import RunContext
 from dif_maml_dist.run.launch import (
-    CONF_DIR,
     EXIT_INTERRUPTED,
     MULTIRUN_FLAGS,
     Launch,
@@ -39,18 +41,14 @@ from dif_maml_dist.run.launch import (
     prepare_sweep,
 )
 from dif_maml_dist.run.recipes import run
-from dif_maml_dist.run.rundir import resume_record_dir
 from dif_maml_dist.run.validate import validate
 
-_LAUNCH: Optional[Launch] = None  #: prepared by ``main`` before hydra runs ``_hydra_main``
 _SWEEP: dict[int, RunContext] = {}  #: with -m: every job's context, by job number, checked by ``main``
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(node: DictConfig) -> None:
-    if _LAUNCH is not None:
-        ctx = _LAUNCH.ctx
-    elif _SWEEP:
+    if _SWEEP:
         ctx = _SWEEP[HydraConfig.get().job.num]
     else:  # hydra's own flags (e.g. --cfg): checked here, after hydra has written its record
         env = ProcessEnv.from_environ()
@@ -79,35 +77,35 @@ def _hydra_main(node: DictConfig) -> None:
 
 
 def main() -> None:
-    global _LAUNCH
     env = ProcessEnv.from_environ()
     overrides = sys.argv[1:]
     flags = [arg for arg in overrides if arg.startswith("-")]
+    launch: Optional[Launch] = None
     code = 0
     try:
         if not flags:
             try:
-                _LAUNCH = prepare(overrides, env)
+                launch = prepare(overrides, env)
             except ValueError as err:
                 fail(err, env)
-            if env.rank == 0 and _LAUNCH.ctx.resuming:  # its own record, beside the first start's
-                sys.argv.append(f"hydra.output_subdir={resume_record_dir(_LAUNCH.ctx.run_dir)}")
-        elif all(flag in MULTIRUN_FLAGS for flag in flags):
-            try:
-                _SWEEP.update(prepare_sweep([arg for arg in overrides if arg not in MULTIRUN_FLAGS], env))
-            except ValueError as err:
-                fail(err, env)
-        # Hydra's other flags (--help, --cfg, ...) are left to hydra. Only rank 0 writes hydra's records.
-        if env.rank != 0:
-            sys.argv.append("hydra.output_subdir=null")
-        _hydra_main()
+            run_as_hydra_job(launch.composition, launch.ctx, run)
+        else:
+            if all(flag in MULTIRUN_FLAGS for flag in flags):
+                try:
+                    _SWEEP.update(prepare_sweep([arg for arg in overrides if arg not in MULTIRUN_FLAGS], env))
+                except ValueError as err:
+                    fail(err, env)
+            # Hydra's other flags (--help, --cfg, ...) are left to hydra. Only rank 0 writes hydra's records.
+            if env.rank != 0:
+                sys.argv.append("hydra.output_subdir=null")
+            _hydra_main()
     except SystemExit as leaving:
         code = leaving.code if isinstance(leaving.code, int) else (0 if leaving.code is None else 1)
     except KeyboardInterrupt:  # before the run started, or after it ended
         code = EXIT_INTERRUPTED
     finally:
-        if _LAUNCH is not None:
-            let_go(_LAUNCH.lock, code)
+        if launch is not None:
+            let_go(launch.lock, code)
     if not env.under_torchrun:
         sys.exit(code)
     # A torchrun worker leaves without the interpreter's own teardown: every output is closed and written by

@@ -264,3 +264,29 @@ def test_a_peers_failure_names_a_full_disk(tmp_path, monkeypatch):
     assert f"the disk holding {tmp_path} is full (4096 bytes free)" in rundir.disk_hint(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 0, 10 << 30))
     assert rundir.disk_hint(tmp_path) == ""
+
+
+def test_a_single_run_is_composed_once_and_hydra_records_that_composition(tmp_path):
+    """A single run's config is composed once, from the command line, and hydra's record of the run
+    (``.hydra/``) is written from that same composition, with the run's directory and the overrides given.
+
+    Catches the entry point composing the config a second time for hydra (two compositions that can disagree,
+    e.g. in a run directory named by time), and a record written from a composition other than the run's."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "run"
+    count = ("import atexit\n"
+             "from hydra._internal.hydra import Hydra\n"
+             "calls = []\n"
+             "compose = Hydra.compose_config\n"
+             "Hydra.compose_config = lambda self, *a, **k: calls.append(1) or compose(self, *a, **k)\n"
+             "atexit.register(lambda: print('compositions', len(calls)))\n")
+    proc = train_injected(count, [*LONE, "train.iterations=3", "seed=11", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "compositions 1", proc.stdout
+    recorded = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert recorded.train.iterations == 3 and recorded.seed == 11 and "hydra" not in recorded
+    hydra_record = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra
+    assert hydra_record.runtime.output_dir == str(run_dir) and hydra_record.mode == "RUN"
+    assert "seed=11" in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+    assert json.loads((run_dir / "summary.json").read_text())["seed"] == 11

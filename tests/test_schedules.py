@@ -131,10 +131,10 @@ def test_bad_communication_settings_are_refused(setting, message):
 def _context(tmp_path, *overrides: str):
     """The run's context as the entry point decides it (no lock, nothing written)."""
     from dif_maml_dist.comm.process import ProcessEnv
+    from dif_maml_dist.run.composition import compose
     from dif_maml_dist.run.context import RunContext
-    from dif_maml_dist.run.launch import compose
 
-    cfg, _ = compose(["runtime=simulate", *overrides])
+    cfg = compose(["runtime=simulate", *overrides]).cfg
     return RunContext.build(cfg, ProcessEnv(), tmp_path / "run")
 
 

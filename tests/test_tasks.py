@@ -82,9 +82,9 @@ def test_few_shot_configs_carry_the_papers_settings(name, strategy):
     """Each task config, composed by hydra under each strategy with a data root, validates and holds the paper's
     hyper-parameters. Catches a config that drifted from the paper or that a strategy override cannot compose
     with."""
-    from dif_maml_dist.run.launch import compose
+    from dif_maml_dist.run.composition import compose
 
-    cfg, _ = compose([f"task={name}", f"strategy={strategy}", "data.root=/data"])  # as the entry point does
+    cfg = compose([f"task={name}", f"strategy={strategy}", "data.root=/data"]).cfg  # as the entry point does
     t, m = cfg.task, cfg.maml
     assert (t.n_way, t.k_shot, t.meta_batch, m.inner_lr, m.inner_steps, m.eval_inner_steps, cfg.model.filters,
             t.image_size) == PAPER_FEW_SHOT[name]

@@ -1,7 +1,7 @@
-"""From a command line to a checked run: compose the config with hydra's compose API (the same overrides hydra
-itself reads), check it against this launch and decide everything once (``context.RunContext``), and own the run
-directory (``rundir``) — for a single run and for every job of a sweep (``-m``), before anything is written.
-Every refusal is a ``UsageError``: one line, exit status 2.
+"""From a command line to a checked run: compose the config (``composition``), check it against this launch and
+decide everything once (``context.RunContext``), and own the run directory (``rundir``) — for a single run and
+for every job of a sweep (``-m``), before anything is written. Every refusal is a ``UsageError``: one line, exit
+status 2.
 
 ``not_retried`` keeps torchrun's restarts (``--max-restarts``) from retrying a start that was refused: they
 would repeat its message, and a restarted attempt counts as a resumption, which skips the check that the run
@@ -12,62 +12,29 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from functools import lru_cache
-from pathlib import Path
 from typing import Iterator, NoReturn, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf, open_dict
-
 from dif_maml_dist.comm.process import ProcessEnv, agent_store
-from dif_maml_dist.config import Config, from_omegaconf
 from dif_maml_dist.run import rundir
+from dif_maml_dist.run.composition import NO_RUN_ID, Composition, UsageError, compose, one_line, parse_overrides, run_id
 from dif_maml_dist.run.context import RunContext
 from dif_maml_dist.run.rundir import RunDirLock
-from dif_maml_dist.run.validate import validate
 
-#: The hydra config groups: conf/ beside the package in a checkout (or editable install); a wheel carries them
-#: as dif_maml_dist/conf (pyproject.toml maps the top-level conf/ there).
-CONF_DIR = next(d for d in (Path(__file__).resolve().parents[1] / "conf", Path(__file__).resolve().parents[2] / "conf")
-                if (d / "config.yaml").is_file())
 EXIT_USAGE = 2  #: a mistake in the command, config or data: nothing ran
 EXIT_FAILED = 3  #: the run started and failed: divergence, a peer that did not answer, a full disk
 EXIT_INTERRUPTED = 130  #: stopped by Ctrl-C (SIGINT), as shells report it
 
-ConfigStore.instance().store(name="schema", node=Config)
-
-#: torchrun's run id when it was given none (multi-node without --rdzv-id, or --master-port): not unique.
-_NO_RUN_ID = ("", "none")
-
-
-@lru_cache(maxsize=None)
-def _run_id() -> str:
-    # Same value on every rank of a torchrun job (its rendezvous id: a fresh uuid under --standalone); a
-    # timestamp and pid for a lone process. Cached: the config is composed twice (the early checks, then hydra),
-    # and both must name the same directory.
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if run_id not in _NO_RUN_ID:
-        return run_id
-    return time.strftime("%Y-%m-%d_%H-%M-%S") + f"-{os.getpid()}"
-
-
-OmegaConf.register_new_resolver("dmd_run_id", _run_id, replace=True)
-
-
-class UsageError(ValueError):
-    """A mistake in the user's command or config: reported as one line, exit status 2."""
-
-
 @dataclass
 class Launch:
-    """What ``main`` prepared before hydra runs: the run's context and (rank 0) its lock on the run directory."""
+    """What ``main`` prepared before hydra runs: the run's context, (rank 0) its lock on the run directory, and
+    the composition both came from."""
 
     ctx: RunContext
     lock: Optional[RunDirLock]
+    composition: Composition
 
 
 def say(message: str) -> None:
@@ -103,66 +70,21 @@ def fail(err: BaseException, env: ProcessEnv, exit_code: int = EXIT_USAGE) -> No
     sys.exit(exit_code)
 
 
-# ------------------------------------------------------------------------------------------- config, checks
-def parse_overrides(overrides: list[str]) -> list:
-    """Hydra's own reading of the command line's overrides (quotes, ``+``/``~`` and all)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        return OverridesParser.create().parse_overrides(overrides)
-    except HydraException as err:
-        raise UsageError(_one_line(err)) from None
-
-
-def check_group_choices(parsed: list, conf_dir: Path = CONF_DIR) -> None:
-    """``group=option`` overrides must name an existing ``conf/group/option.yaml`` (one-line error otherwise)."""
-    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
-    for o in parsed:
-        key, value = o.key_or_group, o.value()
-        if key in groups and isinstance(value, str) and not (conf_dir / key / f"{value}.yaml").is_file():
-            options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
-            raise UsageError(f"unknown {key} {value!r}; choose one of: {', '.join(options)}")
-
-
-def compose(overrides: list[str], sweep_job: Optional[int] = None) -> tuple[Config, str]:
-    """The validated config and run directory that hydra will compose from ``overrides`` (``ValueError``); for
-    job ``sweep_job`` of a sweep (``-m``), that job's directory (``hydra.sweep.dir/hydra.sweep.subdir``)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    check_group_choices(parse_overrides(overrides))
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
-            job = [] if sweep_job is None else [f"hydra.job.num={sweep_job}"]
-            node = hydra_compose("config", overrides=[*overrides, *job], return_hydra_config=True)
-            run_dir = str(node.hydra.run.dir if sweep_job is None else
-                          Path(node.hydra.sweep.dir) / str(node.hydra.sweep.subdir))
-            with open_dict(node):
-                del node["hydra"]
-            return validate(from_omegaconf(node)), run_dir
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UsageError(_one_line(err)) from None
-
-
-def _one_line(err: BaseException) -> str:
-    """Hydra's message and its cause's, first lines only (the rest is hydra's advice and omegaconf's key path)."""
-    first = str(err).strip().splitlines()[0].rstrip(".")
-    cause = err.__cause__
-    return f"{first}: {str(cause).strip().splitlines()[0]}" if cause is not None and str(cause).strip() else first
-
-
+# ------------------------------------------------------------------------------------------------- checks
 def check(overrides: list[str], env: ProcessEnv) -> RunContext:
     """Every check of a start that writes nothing, cheapest first, as the process ``env`` would make it
     (``ValueError`` for a user mistake): ``prepare``'s, the sweep's (``prepare_sweep``, for each of its jobs)
     and the launch scripts' pre-flight (``dif_maml_dist.preflight``)."""
-    cfg, where = compose(overrides, env.sweep_job)
-    run_dir = rundir.check_location(where)
+    return _checked(overrides, env)[0]
+
+
+def _checked(overrides: list[str], env: ProcessEnv) -> tuple[RunContext, Composition]:
+    composition = compose(overrides, env.sweep_job)
+    cfg = composition.cfg
+    run_dir = rundir.check_location(composition.run_dir)
     names_dir = "hydra.run.dir" if env.sweep_job is None else "hydra.sweep.dir"
     explicit = any(o.key_or_group == names_dir for o in parse_overrides(overrides))
-    if env.under_torchrun and not explicit and os.environ.get("TORCHELASTIC_RUN_ID", "") in _NO_RUN_ID:
+    if env.under_torchrun and not explicit and os.environ.get("TORCHELASTIC_RUN_ID", "") in NO_RUN_ID:
         raise UsageError("torchrun gave this job no run id, so its ranks cannot agree on a run directory: "
                          f"pass --rdzv-id=NAME to torchrun, or {names_dir}=DIR")
     if env.sweep_job is not None and cfg.train.resume:
@@ -175,14 +97,14 @@ def check(overrides: list[str], env: ProcessEnv) -> RunContext:
     if cfg.train.resume and env.restart_count == 0:
         rundir.check_resumable(run_dir, ctx.topology.num_agents, cfg.train.iterations, ctx.fingerprint(),
                                simulated=cfg.runtime.mode == "simulate")
-    return ctx
+    return ctx, composition
 
 
 def prepare(overrides: list[str], env: ProcessEnv) -> Launch:
     """``check``, then on rank 0 the run directory's lock (``ValueError`` for a user mistake)."""
     with not_retried(env):
-        ctx = check(overrides, env)
-        return Launch(ctx, own(ctx))
+        ctx, composition = _checked(overrides, env)
+        return Launch(ctx, own(ctx), composition)
 
 
 def own(ctx: RunContext) -> Optional[RunDirLock]:
@@ -191,7 +113,7 @@ def own(ctx: RunContext) -> Optional[RunDirLock]:
     # only once rank 0 holds the lock.
     if ctx.env.rank != 0:
         return None
-    lock = rundir.RunDirLock(ctx.run_dir, _run_id()).acquire()
+    lock = rundir.RunDirLock(ctx.run_dir, run_id()).acquire()
     if not ctx.resuming:
         try:  # again, now that the directory is ours: another job may have finished there in the meantime
             rundir.check_fresh(ctx.run_dir)
@@ -228,7 +150,7 @@ def prepare_sweep(overrides: list[str], env: ProcessEnv) -> dict[int, RunContext
     try:
         (jobs,) = BasicSweeper.split_arguments(parsed, None)
     except HydraException as err:
-        raise UsageError(_one_line(err)) from None
+        raise UsageError(one_line(err)) from None
     contexts = {}
     for number, job in enumerate(jobs):
         try:
