@@ -35,7 +35,43 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
-def test_two_nodes_of_three_agents_equal_one_node_of_six(tmp_path):
+#: The float64 six-agent job whose figures the implementation before the rewrite recorded (commit c675836).
+REFERENCE_RUN = ["seed=3", "train.dtype=float64", "train.iterations=40", "train.eval_every=20", "train.log_every=10",
+                 "task.eval_tasks=100"]
+
+
+@pytest.fixture(scope="module")
+def one_node_of_six(tmp_path_factory):
+    """The reference run through launch/single_node.sh (6 processes on one node), shared by the tests below."""
+    run_dir = tmp_path_factory.mktemp("one_node") / "run"
+    finish(script("single_node.sh", REFERENCE_RUN, NPROC_PER_NODE="6", RUN_DIR=str(run_dir)))
+    return run_dir
+
+
+def test_float64_job_reproduces_the_implementation_before_the_rewrite(one_node_of_six):
+    """A float64 6-agent torchrun job gives the figures the pre-rewrite implementation gave (commit c675836: flat
+    parameters through functional_call, one backward over all tasks, rank 0 evaluating the centroid alone) to
+    1e-10: the meta-gradient paths, the written-out forwards, the evaluation shared among ranks and the last
+    record read off the final evaluation must not change what a run computes. The expected figures were recorded
+    by running that commit (tests/data/sinusoid_float64_before_issue10.json says how)."""
+    expected = json.loads((REPO / "tests" / "data" / "sinusoid_float64_before_issue10.json").read_text())
+    got = json.loads((one_node_of_six / "summary.json").read_text())
+    close = dict(rel=1e-10, abs=1e-13)
+    assert got["centroid_test_loss"] == pytest.approx(expected["centroid_test_loss"], **close)
+    assert got["centroid_adaptation_curve"] == pytest.approx(expected["centroid_adaptation_curve"], **close)
+    assert got["disagreement"] == pytest.approx(expected["disagreement"], **close)
+    for a, b in zip(got["agents"], expected["agents"], strict=True):
+        assert a["final_test_loss"] == pytest.approx(b["final_test_loss"], **close)
+        assert a["adaptation_curve"] == pytest.approx(b["adaptation_curve"], **close)
+    network = [json.loads(line) for line in (one_node_of_six / "metrics" / "network.jsonl").read_text().splitlines()]
+    assert len(network) == len(expected["network"])
+    for a, b in zip(network, expected["network"]):
+        assert a["iteration"] == b["iteration"]
+        for key in ("centroid_test_loss_pre", "centroid_test_loss_post", "disagreement"):
+            assert a[key] == pytest.approx(b[key], **close)
+
+
+def test_two_nodes_of_three_agents_equal_one_node_of_six(one_node_of_six, tmp_path):
     """Two torchrun invocations (--nnodes=2, 3 processes each, c10d rendezvous on 127.0.0.1) through
     launch/multi_node.sh train the same six agents as launch/single_node.sh with 6 processes: every agent's final
     parameters are bit-identical, and all of them write into the one run directory.
@@ -43,20 +79,20 @@ def test_two_nodes_of_three_agents_equal_one_node_of_six(tmp_path):
     Catches agent ids taken from the local rank instead of the global one, a topology or seed stream that depends
     on how agents are spread over nodes, and ranks of the second node writing elsewhere."""
     port = free_port()
-    nodes = [script("multi_node.sh", SHORT_RUN, NNODES="2", NPROC_PER_NODE="3", RDZV_ENDPOINT=f"127.0.0.1:{port}",
-                    RUN_ID=f"two-nodes-{port}", RUN_DIR=str(tmp_path / "two")) for _ in range(2)]
+    nodes = [script("multi_node.sh", REFERENCE_RUN, NNODES="2", NPROC_PER_NODE="3",
+                    RDZV_ENDPOINT=f"127.0.0.1:{port}", RUN_ID=f"two-nodes-{port}", RUN_DIR=str(tmp_path / "two"))
+             for _ in range(2)]
     for node in nodes:
         finish(node)
-    finish(script("single_node.sh", SHORT_RUN, NPROC_PER_NODE="6", RUN_DIR=str(tmp_path / "one")))
 
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
-    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    one = json.loads((one_node_of_six / "summary.json").read_text())
     assert [a["agent"] for a in two["agents"]] == list(range(6))
     for a, b in zip(two["agents"], one["agents"]):
         assert a["adaptation_curve"] == b["adaptation_curve"] and a["bytes_sent"] == b["bytes_sent"]
     for k in range(6):
         mine = torch.load(tmp_path / "two" / "models" / f"agent{k}.pt", weights_only=True)
-        ref = torch.load(tmp_path / "one" / "models" / f"agent{k}.pt", weights_only=True)
+        ref = torch.load(one_node_of_six / "models" / f"agent{k}.pt", weights_only=True)
         assert mine.keys() == ref.keys() and all(torch.equal(mine[n], ref[n]) for n in ref), f"agent {k}"
         assert (tmp_path / "two" / "metrics" / f"agent{k}.jsonl").is_file()
         assert (tmp_path / "two" / "logs" / f"agent{k}.log").is_file()
