@@ -353,26 +353,26 @@ TINY_CONV4 = ["model.filters=4", "task.q_query=2", "task.eval_tasks=2", "task.fi
               "train.iterations=2", "train.eval_every=1", "maml.eval_inner_steps=2", "maml.final_adapt_steps=2"]
 
 
-def test_miniimagenet_fixture_under_torchrun_six_agents(tmp_path):
-    """task=miniimagenet_5w1s under torchrun, 6 agent processes, on a pickle fixture: every agent trains (5 inner
-    steps), writes its metrics, and the summary holds accuracy curves for all six and the centroid.
+def test_miniimagenet_fixture_under_torchrun_three_agents(tmp_path):
+    """task=miniimagenet_5w1s under torchrun, 3 agent processes on a ring, on a pickle fixture: every agent trains
+    (5 inner steps), writes its metrics, and the summary holds accuracy curves for all three and the centroid.
 
     Catches the RGB family not wired into the per-process runtime (model input channels, 84x84 feature size, the
-    mmap-loaded cache shared by six ranks) and missing per-agent figures."""
+    mmap-loaded cache shared by the ranks) and missing per-agent figures."""
     from tests.test_miniimagenet import pickle_fixture
 
     pickle_fixture(tmp_path / "data", "train", classes=6, per_class=4)
     pickle_fixture(tmp_path / "data", "test", classes=5, per_class=4, first=6)
     run_dir = tmp_path / "run"
-    proc = train(["task=miniimagenet_5w1s", f"data.root={tmp_path / 'data'}", *TINY_CONV4, f"hydra.run.dir={run_dir}"],
-                 nproc=6)
+    proc = train(["task=miniimagenet_5w1s", f"data.root={tmp_path / 'data'}", *TINY_CONV4, "topology=ring",
+                  "topology.num_agents=3", f"hydra.run.dir={run_dir}"], nproc=3)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert [a["agent"] for a in summary["agents"]] == list(range(6))
+    assert [a["agent"] for a in summary["agents"]] == list(range(3))
     for agent in summary["agents"]:
         assert len(agent["accuracy_curve"]) == 3 and 0.0 <= agent["final_test_accuracy"] <= 1.0
     assert 0.0 <= summary["centroid_test_accuracy"] <= 1.0
-    for k in range(6):
+    for k in range(3):
         last = json.loads((run_dir / "metrics" / f"agent{k}.jsonl").read_text().splitlines()[-1])
         assert last["iteration"] == 2 and "test_acc_post" in last
 
