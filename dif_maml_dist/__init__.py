@@ -17,6 +17,7 @@ _PUBLIC = {
     "TaskFamily": "dif_maml_dist.tasks",  # what a kind of task provides (the built-in families implement it)
     "TaskSampler": "dif_maml_dist.tasks",
     "TaskSet": "dif_maml_dist.tasks",
+    "agent_root": "dif_maml_dist.tasks",  # an agent's own data folder (data.agent_root), checked
     "TaskBatch": "dif_maml_dist.learning.maml",  # a batch of tasks' support and query sets
 }
 __all__ = sorted(_PUBLIC)

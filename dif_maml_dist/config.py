@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 SHARING = ("same", "disjoint_classes", "alphabets")
 SPLITS = ("random", "background_evaluation")
@@ -27,7 +27,11 @@ INITS = ("shared", "per_agent")
 class TaskConfig:
     """A task family and how its tasks are split among agents."""
 
-    name: str = "sinusoid"  #: task family; one of TASKS
+    name: str = "sinusoid"  #: task family: one of tasks.TASKS (custom: your own, ``_target_``)
+    #: task=custom: your family's class as ``package.module.Class`` (the ``TaskFamily`` protocol,
+    #: ``dif_maml_dist.tasks.protocol``), importable where every agent runs; built as ``Class(cfg, **args)``
+    _target_: Optional[str] = None
+    args: dict[str, Any] = field(default_factory=dict)  #: keyword arguments of ``_target_`` (``+task.args.NAME=VALUE``)
     amplitude_min: float = 0.1  #: sinusoid amplitude range; agent k samples from the k-th of K equal slices
     amplitude_max: float = 5.0
     phase_min: float = 0.0  #: phase range (radians), the same for every agent
@@ -61,6 +65,10 @@ class ModelConfig:
 
     hidden: list[int] = field(default_factory=lambda: [40, 40])  #: sinusoid: hidden widths of the MLP (1 -> ... -> 1)
     filters: int = 64  #: classification: Conv4 filters per layer (64 Omniglot, 32 MiniImagenet)
+    #: your own ``nn.Module`` instead of the family's model, as ``package.module.Class``, built as ``Class(**args)``
+    #: (BatchNorm layers normalise with each batch's own statistics, as MAML does: README "Your own problem")
+    _target_: Optional[str] = None
+    args: dict[str, Any] = field(default_factory=dict)  #: keyword arguments of ``_target_`` (``+model.args.NAME=VALUE``)
 
 
 @dataclass
@@ -68,6 +76,13 @@ class DataConfig:
     """Where datasets live."""
 
     root: Optional[str] = None  #: folder holding the extracted dataset (for Omniglot: ROOT/omniglot-py/...)
+    #: each agent's own data folder, on the machine the agent runs on: ``{agent}`` becomes the agent's id (e.g.
+    #: /data/site{agent}); relative to the working directory. Families that read it (custom ones through
+    #: ``tasks.agent_root``) open no other agent's files
+    agent_root: Optional[str] = None
+    #: a test location every node holds a copy of (the same files on each): the test tasks that every agent and the
+    #: centroid are evaluated on, for families that read each agent's own data; relative to the working directory
+    test_root: Optional[str] = None
     download: bool = False  #: Omniglot: fetch the dataset into root through torchvision if missing (needs internet)
 
 

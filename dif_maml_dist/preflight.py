@@ -28,6 +28,22 @@ def check_process_count(num_agents: int, topology: str, nproc: int, launch: str)
                          f"start {num_agents} (or choose a topology with {nproc} agents, or runtime=simulate)")
 
 
+def hosted_agents(given: str | None, nproc: int, per_node: int) -> list[int]:
+    """The agents of ``--agents``: ``all``, ``none`` or ``0,3``; by default every agent of a one-node job, and none
+    of a multi-node job (c10d deals agents out to nodes in arrival order: no node knows its own in advance)."""
+    if given is None:
+        given = "all" if per_node == nproc else "none"
+    if given in ("all", "none"):
+        return list(range(nproc)) if given == "all" else []
+    try:
+        agents = [int(a) for a in given.split(",")]
+    except ValueError:
+        raise UsageError(f"--agents must be all, none or a comma-separated list of agents, got {given!r}") from None
+    if any(not 0 <= a < nproc for a in agents):
+        raise UsageError(f"--agents {given}: agents are 0..{nproc - 1}")
+    return agents
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dif_maml_dist.preflight", description=__doc__.splitlines()[0])
     ap.add_argument("--nproc", type=int, required=True, help="processes of the whole job (all nodes)")
@@ -35,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-restarts", type=int, default=0, help="torchrun's --max-restarts")
     ap.add_argument("--launch", default=None, help="what sets the process count, for the message (e.g. "
                                                    "NPROC_PER_NODE=4)")
+    ap.add_argument("--agents", default=None,
+                    help="the agents this node hosts, whose own data (data.agent_root) is checked: all, none, or a "
+                         "comma-separated list (default: all on one node, none when nodes take agents in "
+                         "rendezvous order)")
     ap.add_argument("overrides", nargs="*", help="hydra overrides, as given to dif_maml_dist.train")
     args = ap.parse_args(argv)
     if any(arg.startswith("-") for arg in args.overrides):
@@ -50,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.runtime.mode == "torchrun":
             check_process_count(num_agents_of(cfg.topology), cfg.topology.name, args.nproc,
                                 args.launch or f"--nproc {args.nproc}")
-        ctx = launch.check(args.overrides, env)
+        ctx = launch.check(args.overrides, env, hosted_agents(args.agents, args.nproc, per_node))
     except ValueError as err:
         launch.fail(err, env)
     print(ctx.topology.num_agents)

@@ -24,6 +24,8 @@ class Stream(IntEnum):
     MIXING = 5  #: the random starts from which a random schedule's mixing rate is measured
     COMPRESSION = 6  #: randk's indices and qsgd's rounding (sender, round)
     SCHEDULE = 7  #: a random schedule's graph of each round (round)
+    MODULE_INIT = 8  #: a user's model, built under the global RNG seeded from here (none when shared; agent)
+    MODEL_CHECK = 9  #: the one task on which the model is checked to fit the family's targets before a run
 
 
 def derive_seed(seed: int, *keys: int) -> int:

@@ -48,9 +48,11 @@ fi
 preflight() {  # preflight NPROC NPROC_PER_NODE MAX_RESTARTS "WHAT SETS NPROC" OVERRIDES...
     # Every check a rank would make at start-up, in one plain process before torchrun: under torchrun a mistake
     # would bring torchrun's own failure report and exit status 1 (and its restarts) besides the one line.
-    local nproc="$1" per_node="$2" restarts="$3" launch="$4"
+    # PREFLIGHT_AGENTS: the agents this node hosts, whose own data (data.agent_root) is checked here.
+    local nproc="$1" per_node="$2" restarts="$3" launch="$4" agents=()
+    [[ -n "${PREFLIGHT_AGENTS:-}" ]] && agents=(--agents="$PREFLIGHT_AGENTS")
     shift 4
     # shellcheck disable=SC2086  # PYTHON may be a command with arguments
     $PYTHON -m dif_maml_dist.preflight --nproc="$nproc" --nproc-per-node="$per_node" --max-restarts="$restarts" \
-        --launch="$launch" -- "$@" > /dev/null || exit
+        --launch="$launch" "${agents[@]}" -- "$@" > /dev/null || exit
 }

@@ -36,7 +36,8 @@ if [[ ! "$MASTER" =~ ^[^:]+:[0-9]+$ ]]; then
 fi
 MAX_RESTARTS="${MAX_RESTARTS:-3}"
 require_restarts
-preflight "$NUM_AGENTS" 1 "$MAX_RESTARTS" "NUM_AGENTS=$NUM_AGENTS" runtime.on_peer_failure=continue \
+PREFLIGHT_AGENTS="$AGENT" preflight "$NUM_AGENTS" 1 "$MAX_RESTARTS" "NUM_AGENTS=$NUM_AGENTS" \
+    runtime.on_peer_failure=continue \
     "hydra.run.dir=$RUN_DIR" "$@"
 
 # Static rendezvous: every node knows its rank, node 0 hosts the store, and a node's restart of its own worker

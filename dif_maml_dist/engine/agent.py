@@ -24,7 +24,7 @@ from dif_maml_dist.gossip.combiners import Combiner, make_combiner
 from dif_maml_dist.graphs.schedules import GraphSchedule
 from dif_maml_dist.learning.flat import FlatLayout
 from dif_maml_dist.learning.maml import choose_path, meta_gradient
-from dif_maml_dist.learning.models import reset_parameters
+from dif_maml_dist.learning.models import MLP, Conv4, reset_parameters
 from dif_maml_dist.tasks import TaskFamily, task_family
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,18 @@ class AgentState:
 
 def initial_params(cfg: Config, agent: int, dtype: torch.dtype, device: torch.device,
                    family: Optional[TaskFamily] = None) -> Tensor:
-    """PyTorch's default initialisation, drawn from a seeded stream: shared by all agents, or per agent.
+    """The initial model, drawn from a seeded stream: shared by all agents, or per agent. The built-in models get
+    PyTorch's default initialisation from the ``INIT`` stream; any other module keeps its own initialisation, drawn
+    while it is built under the global RNG seeded from the ``MODULE_INIT`` stream (the same in every process).
 
     Pass the caller's ``family`` when it has one: building a family may load a dataset.
     """
-    keys = (seeding.Stream.INIT,) if cfg.train.init == "shared" else (seeding.Stream.INIT, agent)
-    model = (family or task_family(cfg)).build_model()
-    reset_parameters(model, seeding.generator(cfg.seed, *keys))
+    per_agent = () if cfg.train.init == "shared" else (agent,)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeding.derive_seed(cfg.seed, seeding.Stream.MODULE_INIT, *per_agent))
+        model = (family or task_family(cfg)).build_model()
+    if type(model) in (MLP, Conv4):
+        reset_parameters(model, seeding.generator(cfg.seed, seeding.Stream.INIT, *per_agent))
     return FlatLayout.of(model).flatten(dict(model.named_parameters())).detach().to(device=device, dtype=dtype)
 
 

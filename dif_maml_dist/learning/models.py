@@ -157,9 +157,35 @@ class FunctionalModel:
     first_order_forward: Forward
 
 
+def normalise_per_batch(module: nn.Module) -> None:
+    """Make ``module`` a function of its parameters and input only, as MAML needs it: batch-norm layers use the
+    statistics of the batch at hand (each task's own, as MAML normalises; no running averages, which would be
+    state outside the meta-parameters that no combine step shares), and the module is put in eval mode (dropout
+    off: a meta-gradient must not draw from the global random stream). Other buffers stay as constants."""
+    module.eval()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+            m.forward = _batch_stat_forward(m)  # written out: PyTorch's kernel is inexact under vmap (above)
+
+
+def _batch_stat_forward(m: nn.modules.batchnorm._BatchNorm) -> Callable[[Tensor], Tensor]:
+    def forward(x: Tensor) -> Tensor:  # reads m.weight / m.bias at call time: functional_call swaps them in
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean = x.mean(dim=dims, keepdim=True)
+        x_hat = (x - mean) / torch.sqrt(((x - mean) ** 2).mean(dim=dims, keepdim=True) + m.eps)
+        if m.weight is None:
+            return x_hat
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x_hat * m.weight.view(shape) + m.bias.view(shape)
+
+    return forward
+
+
 def functional(module: nn.Module) -> FunctionalModel:
     """The fastest exact forwards for ``module``: written out for :class:`MLP` and :class:`Conv4`, and
-    ``functional_call`` for any other module."""
+    ``functional_call`` for any other module (changed in place by :func:`normalise_per_batch`)."""
     layout = FlatLayout.of(module)
     if type(module) is MLP:
         return FunctionalModel(module, layout, "mlp", _mlp_forward, _mlp_forward, _mlp_forward)
@@ -167,6 +193,8 @@ def functional(module: nn.Module) -> FunctionalModel:
         eps = module[1].eps
         return FunctionalModel(module, layout, "conv4", _conv4_forward(eps, True), _conv4_forward(eps, False),
                                _conv4_forward(eps, True, channels_last=True))
+
+    normalise_per_batch(module)
 
     def call(params: Sequence[Tensor], x: Tensor) -> Tensor:
         return functional_call(module, dict(zip(layout.names, params)), (x,))

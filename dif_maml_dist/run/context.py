@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -161,8 +161,11 @@ class RunContext:
         return fingerprint(self.cfg, self.weights, FlatLayout.of(self.family.build_model()).numel)
 
     @classmethod
-    def build(cls, cfg: Config, env: ProcessEnv, run_dir: Path) -> "RunContext":
-        """Check ``cfg`` against this launch and machine and decide everything, cheapest first (``ValueError``)."""
+    def build(cls, cfg: Config, env: ProcessEnv, run_dir: Path,
+              data_agents: Optional[Sequence[int]] = None) -> "RunContext":
+        """Check ``cfg`` against this launch and machine and decide everything, cheapest first (``ValueError``).
+        ``data_agents``: whose training data to check (default: this process's agents: its rank's under torchrun,
+        every agent in the simulator)."""
         from dif_maml_dist.tasks import check_task_data, task_family
 
         check_launch(cfg, env, num_agents_of(cfg.topology))
@@ -176,7 +179,12 @@ class RunContext:
         weights = strategy_weights(cfg.strategy.name, topology)
         schedule = build_schedule(cfg.topology, cfg.seed, topology.graph, weights)
         family = task_family(cfg)
-        check_task_data(cfg, topology.num_agents, family)
+        if data_agents is None or cfg.data.agent_root is None:
+            # Each agent's own data: under torchrun a process checks its own agent's only (no agent opens another's
+            # files). Shared data: every process checks every agent's share, so that all meet a mistake alike.
+            torchrun = cfg.runtime.mode == "torchrun" and env.under_torchrun and cfg.data.agent_root is not None
+            data_agents = [env.rank] if torchrun else range(topology.num_agents)
+        check_task_data(cfg, data_agents, topology.num_agents, family)
         if cfg.compression.name != "none":
             from dif_maml_dist.learning.flat import FlatLayout
 

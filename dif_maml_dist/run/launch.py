@@ -15,13 +15,14 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Iterator, NoReturn, Optional
+from typing import Iterator, NoReturn, Optional, Sequence
 
 from dif_maml_dist.comm.process import ProcessEnv, agent_store
 from dif_maml_dist.run import rundir
 from dif_maml_dist.run.composition import NO_RUN_ID, Composition, UsageError, compose, one_line, parse_overrides, run_id
 from dif_maml_dist.run.context import RunContext
 from dif_maml_dist.run.rundir import RunDirLock
+from dif_maml_dist.tasks.custom import AgentDataError
 
 EXIT_USAGE = 2  #: a mistake in the command, config or data: nothing ran
 EXIT_FAILED = 3  #: the run started and failed: divergence, a peer that did not answer, a full disk
@@ -52,8 +53,12 @@ def fail(err: BaseException, env: ProcessEnv, exit_code: int = EXIT_USAGE) -> No
     Every rank of a torchrun job meets a config mistake the same way; only rank 0 says it, and the others leave
     once it has (a key rank 0 sets in torchrun's store): torchrun stops the whole job at the first worker that
     exits, and would otherwise kill rank 0 before it has spoken. A rank that rank 0 does not confirm in time
-    says its own mistake itself."""
+    says its own mistake itself; a mistake in a rank's own data (``AgentDataError``) is said at once by that
+    rank, and torchrun stops the others."""
     said = f"{env.store_namespace}/said/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{env.restart_count}"
+    if isinstance(err, AgentDataError):  # this process's own data: no other rank will say it
+        say(f"error: {err}")
+        sys.exit(exit_code)
     if not env.under_torchrun or env.rank == 0:
         say(f"error: {err}")
         store = agent_store() if env.under_torchrun else None
@@ -71,14 +76,15 @@ def fail(err: BaseException, env: ProcessEnv, exit_code: int = EXIT_USAGE) -> No
 
 
 # ------------------------------------------------------------------------------------------------- checks
-def check(overrides: list[str], env: ProcessEnv) -> RunContext:
+def check(overrides: list[str], env: ProcessEnv, data_agents: Optional[Sequence[int]] = None) -> RunContext:
     """Every check of a start that writes nothing, cheapest first, as the process ``env`` would make it
     (``ValueError`` for a user mistake): ``prepare``'s, the sweep's (``prepare_sweep``, for each of its jobs)
-    and the launch scripts' pre-flight (``dif_maml_dist.preflight``)."""
-    return _checked(overrides, env)[0]
+    and the launch scripts' pre-flight (``dif_maml_dist.preflight``; ``data_agents``: whose data it checks)."""
+    return _checked(overrides, env, data_agents)[0]
 
 
-def _checked(overrides: list[str], env: ProcessEnv) -> tuple[RunContext, Composition]:
+def _checked(overrides: list[str], env: ProcessEnv,
+             data_agents: Optional[Sequence[int]] = None) -> tuple[RunContext, Composition]:
     composition = compose(overrides, env.sweep_job)
     cfg = composition.cfg
     run_dir = rundir.check_location(composition.run_dir)
@@ -93,7 +99,7 @@ def _checked(overrides: list[str], env: ProcessEnv) -> tuple[RunContext, Composi
     resuming = cfg.train.resume or env.restart_count > 0
     if not resuming:
         rundir.check_fresh(run_dir)
-    ctx = RunContext.build(cfg, env, run_dir)
+    ctx = RunContext.build(cfg, env, run_dir, data_agents)
     if cfg.train.resume and env.restart_count == 0:
         rundir.check_resumable(run_dir, ctx.topology.num_agents, cfg.train.iterations, ctx.fingerprint(),
                                simulated=cfg.runtime.mode == "simulate")

@@ -1,5 +1,5 @@
 """Every check of a config that its types cannot make: names, ranges, consistency, each a one-line
-``ValueError`` naming the key and the fix. Names are read from each component's registry (``tasks.FAMILIES``,
+``ValueError`` naming the key and the fix. Names are read from each component's registry (``tasks.TASKS``,
 ``graphs.topology.GRAPHS``, ``graphs.weights.WEIGHT_RULES``, ``graphs.schedules.SCHEDULES``,
 ``gossip.combiners.STRATEGIES``, ``gossip.compression.COMPRESSORS``, ``engine.agent.OPTIMIZERS``,
 ``learning.maml.META_GRADIENT_PATHS``), so a new component is a new registry entry, not a new check here."""
@@ -27,7 +27,7 @@ from dif_maml_dist.graphs.schedules import SCHEDULES
 from dif_maml_dist.graphs.topology import GRAPHS
 from dif_maml_dist.graphs.weights import WEIGHT_RULES
 from dif_maml_dist.learning.maml import META_GRADIENT_PATHS
-from dif_maml_dist.tasks import FAMILIES
+from dif_maml_dist.tasks import CUSTOM, TASKS
 
 
 def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
@@ -47,7 +47,18 @@ def validate(cfg: Config) -> Config:
         if value < 0:  # numpy's seed sequences take non-negative integers only
             raise ValueError(f"{key} must be a non-negative integer, got {value}")
     t = cfg.task
-    _choice(t.name, tuple(FAMILIES), "task")
+    _choice(t.name, TASKS, "task")
+    if t.name == CUSTOM and not t._target_:
+        raise ValueError("task=custom needs your family's class: add task._target_=package.module.Family "
+                         "(README: Your own problem)")
+    if t._target_ and t.name != CUSTOM:
+        raise ValueError(f"task._target_ names your own family, but task={t.name} is a built-in one: use "
+                         f"task=custom task._target_={t._target_}")
+    if t.args and not t._target_:
+        raise ValueError("task.args are the keyword arguments of task._target_ (task=custom); the built-in families "
+                         "take none")
+    if cfg.model.args and not cfg.model._target_:
+        raise ValueError("model.args are the keyword arguments of model._target_; set model._target_=package.module.Net")
     if not t.amplitude_min < t.amplitude_max:
         raise ValueError(f"task.amplitude_min ({t.amplitude_min}) must be below task.amplitude_max ({t.amplitude_max})")
     if not t.phase_min <= t.phase_max:

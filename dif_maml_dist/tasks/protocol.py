@@ -1,0 +1,65 @@
+"""What a kind of task provides: the task-family protocol, which the built-in families (sinusoid, Omniglot,
+MiniImagenet) implement and a user's own family implements too (``task=custom task._target_=pkg.module.Family``,
+README "Your own problem").
+
+A family is built once per process as ``Family(cfg, **task.args)`` (``cfg``: the run's
+:class:`~dif_maml_dist.config.Config`), before any process group forms; a mistake in its data should be a
+``ValueError`` from the constructor or from :meth:`TaskFamily.sampler`, which the runtime reports in one line.
+Under torchrun a process builds the sampler of its own agent only, so a family that reads
+``data_root(cfg.data, agent)`` there never opens another agent's files.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol, runtime_checkable
+
+from torch import Generator, Tensor, nn
+
+from dif_maml_dist.learning.maml import TaskBatch
+
+
+class TaskSet(Protocol):
+    """A fixed list of tasks, handed out a slice at a time (a :class:`TaskBatch` is one)."""
+
+    def __len__(self) -> int: ...
+
+    def slice(self, start: int, stop: int) -> TaskBatch:
+        """Tasks ``start:stop`` as one batch (dim 0 = task): evaluation gathers a chunk at a time."""
+
+
+class TaskSampler(Protocol):
+    """One agent's stream of training tasks."""
+
+    def sample(self, gen: Generator, num_tasks: int) -> TaskBatch:
+        """``num_tasks`` fresh tasks, drawn from ``gen`` only (the agent's seeded stream: a resumed run draws the
+        same tasks again, and the simulator the same as torchrun). Inputs as float tensors on the CPU; targets
+        float (regression) or integer class labels 0..n_way-1 (classification)."""
+
+
+@runtime_checkable
+class TaskFamily(Protocol):
+    """What the runtime needs from a kind of task. Members marked optional may be left out."""
+
+    criterion: Callable[[Tensor, Tensor], Tensor]  #: per-task loss, ``criterion(prediction, target)`` -> scalar
+    #: a figure reported beside the loss, e.g. accuracy ``metric(prediction, target)`` -> scalar; None: none
+    metric: Optional[Callable[[Tensor, Tensor], Tensor]]
+    eval_chunk: int  #: test tasks gathered and adapted at once in evaluation (on a CPU): bounds memory
+
+    def build_model(self) -> nn.Module:
+        """A fresh model of the family's default architecture (``model._target_`` replaces it). Its parameters
+        are the meta-parameters; the runtime initialises them from the run's seed."""
+
+    def sampler(self, agent: int, num_agents: int) -> TaskSampler:
+        """Agent ``agent``'s (of ``num_agents``) training tasks. Called in the agent's own process under
+        torchrun, so it should read this agent's data only."""
+
+    def eval_set(self, seed: int, num_tasks: int) -> TaskSet:
+        """Test tasks, identical in every process for a given seed; a smaller ``num_tasks`` gives a prefix of a
+        larger one."""
+
+
+#: The protocol's members, in the order a missing one is named.
+REQUIRED_MEMBERS = ("criterion", "metric", "eval_chunk", "build_model", "sampler", "eval_set")
+#: Members a family may add: ``val_set(seed, num_tasks)`` (train.validate=true) and ``image(path)`` (evaluate
+#: --episodes on a folder of the user's images).
+OPTIONAL_MEMBERS = ("val_set", "image")
