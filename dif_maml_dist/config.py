@@ -49,6 +49,7 @@ class TaskConfig:
     q_query: int = 15  #: query images per class
     image_size: int = 28  #: images are resized to image_size x image_size (28 Omniglot, 84 MiniImagenet)
     rotations: bool = True  #: rotations by 90, 180, 270 degrees count as extra training classes (Omniglot)
+    channels: int = 1  #: image_folder: 1 (grayscale) or 3 (RGB); transparent images are composited onto white
     #: training classes per agent: same (all), disjoint_classes (a partition), alphabets (whole alphabets, Omniglot)
     sharing: str = "same"
     split_seed: int = 0  #: Omniglot: seed of the train / validation / test character split (MiniImagenet has its own)
@@ -83,6 +84,9 @@ class DataConfig:
     #: a test location every node holds a copy of (the same files on each): the test tasks that every agent and the
     #: centroid are evaluated on, for families that read each agent's own data; relative to the working directory
     test_root: Optional[str] = None
+    #: where decoded datasets are cached (image_folder); the dataset folders themselves are only read, so they may
+    #: be read-only. None: ~/.cache/dif_maml_dist
+    cache_dir: Optional[str] = None
     download: bool = False  #: Omniglot: fetch the dataset into root through torchvision if missing (needs internet)
 
 

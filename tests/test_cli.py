@@ -181,9 +181,9 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     matrix.write_text("0.5 0.5 0.2\n0.25 0.5 0.3\n0.25 0.0 0.5\n")
     run_dir = tmp_path / "run"
     args, expect = {
-        "unknown_task": (["task=imagenet"], "unknown task 'imagenet'; choose one of: custom, miniimagenet_5w1s, "
-                                            "miniimagenet_5w5s, omniglot_20w1s, omniglot_20w5s, omniglot_5w1s, "
-                                            "omniglot_5w5s, sinusoid"),
+        "unknown_task": (["task=imagenet"], "unknown task 'imagenet'; choose one of: custom, image_folder, "
+                                            "miniimagenet_5w1s, miniimagenet_5w5s, omniglot_20w1s, omniglot_20w5s, "
+                                            "omniglot_5w1s, omniglot_5w5s, sinusoid"),
         "zero_lr": (["optim.lr=0"], "optim.lr must be a positive number"),
         "negative_alpha": (["maml.inner_lr=-0.01"], "maml.inner_lr must be a positive number"),
         "missing_node": (["runtime=simulate", "topology=edge_list", f"topology.edge_list={names_node_5}",

@@ -85,6 +85,8 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"task.sharing=alphabets needs Omniglot's alphabets; for {t.name} use same or "
                          f"disjoint_classes")
     _positive(cfg.model.filters, "model.filters")
+    if t.channels not in (1, 3):
+        raise ValueError(f"task.channels must be 1 (grayscale) or 3 (RGB), got {t.channels}")
 
     if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):
         raise ValueError(f"model.hidden must be a non-empty list of positive widths, got {cfg.model.hidden}")

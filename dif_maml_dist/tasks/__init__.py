@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from dif_maml_dist.tasks.custom import AgentDataError, WithModel, agent_root, check_model, custom_family, custom_model
+from dif_maml_dist.tasks.image_folder import ImageFolderFamily
 from dif_maml_dist.tasks.miniimagenet import MiniImagenetFamily
 from dif_maml_dist.tasks.omniglot import OmniglotFamily
 from dif_maml_dist.tasks.protocol import TaskFamily, TaskSampler, TaskSet
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
     from dif_maml_dist.config import Config
 
 #: task.name -> the built-in family; ``custom`` is the user's own (``task._target_``)
-FAMILIES = {"sinusoid": SinusoidFamily, "omniglot": OmniglotFamily, "miniimagenet": MiniImagenetFamily}
+FAMILIES = {"sinusoid": SinusoidFamily, "omniglot": OmniglotFamily, "miniimagenet": MiniImagenetFamily,
+            "image_folder": ImageFolderFamily}
 CUSTOM = "custom"
 TASKS = (*FAMILIES, CUSTOM)
 

@@ -1,0 +1,127 @@
+"""task=image_folder: few-shot episodes from class folders, shared or each agent's own, with their cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dif_maml_dist.config import Config
+from dif_maml_dist.tasks.image_folder import ImageFolderFamily, decode
+from tests.helpers import REPO
+
+
+def make_classes(root: Path, counts: dict[str, int], seed: int = 0, mode: str = "L") -> Path:
+    """``root/<class>/<i>.png``: random 12x12 images, each class around its own grey level."""
+    rng = np.random.default_rng(seed)
+    for c, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            pixels = np.clip(rng.normal(20 * c + 40, 30, (12, 12)), 0, 255).astype(np.uint8)
+            img = Image.fromarray(pixels, "L")
+            (img.convert(mode) if mode != "L" else img).save(root / name / f"{i}.png")
+    return root
+
+
+def cfg_for(**data) -> Config:
+    cfg = Config()
+    cfg.task.name, cfg.task.n_way, cfg.task.k_shot, cfg.task.q_query = "image_folder", 3, 1, 2
+    cfg.task.rotations, cfg.task.image_size, cfg.task.channels = False, 16, 1
+    for key, value in data.items():
+        setattr(cfg.data, key, None if value is None else str(value))
+    return cfg
+
+
+def test_transparent_drawing_keeps_its_strokes():
+    """Black ink on a transparent background (a drawing app's RGBA export) is composited onto white: the strokes
+    stay dark and the background white. Catches convert("L") dropping the alpha, which turns the whole image into
+    ink (every image alike: accuracy at chance, with no warning)."""
+    import tempfile
+
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)  # transparent black everywhere ...
+    rgba[4:12, 7:9] = (0, 0, 0, 255)  # ... but a vertical stroke of opaque black
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "drawing.png"
+        Image.fromarray(rgba, "RGBA").save(path)
+        pixels = decode(path, 1, 16)[0]
+    assert pixels[8, 8] < 10 and pixels[0, 0] > 245 and (pixels > 245).mean() > 0.8
+
+
+def test_episodes_from_split_folders_and_a_cache_that_survives_a_move(tmp_path):
+    """ROOT/train and ROOT/test of class folders: 3-way 1-shot episodes of the training classes, test tasks
+    identical in two processes' families, standardised with the training classes' statistics. The dataset folder
+    is never written (the cache goes to data.cache_dir), and the same dataset copied elsewhere (times kept) is
+    found in the cache again rather than decoded anew.
+
+    Catches a cache written beside read-only data, a fingerprint of absolute paths (rebuilt after a move), test
+    classes leaking into training, and test sets that differ between processes."""
+    data = tmp_path / "data"
+    make_classes(data / "train", {f"t{i}": 4 for i in range(4)})
+    make_classes(data / "test", {f"e{i}": 3 for i in range(3)}, seed=1)
+    cache = tmp_path / "cache"
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    family = ImageFolderFamily(cfg_for(root=data, cache_dir=cache))
+    batch = family.sampler(0, 1).sample(torch.Generator().manual_seed(0), 2)
+    assert batch.support_x.shape == (2, 3, 1, 16, 16) and batch.query_x.shape == (2, 6, 1, 16, 16)
+    assert sorted(batch.support_y[0].tolist()) == [0, 1, 2]
+    assert abs(float(batch.support_x.mean())) < 1.0  # standardised
+    tests_a = family.eval_set(5, 4).slice(0, 4)
+    tests_b = ImageFolderFamily(cfg_for(root=data, cache_dir=cache)).eval_set(5, 4).slice(0, 4)
+    assert torch.equal(tests_a.query_x, tests_b.query_x)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    cached = sorted(p.name for p in cache.glob("*.pt"))
+    assert len(cached) == 2  # one per split folder
+    moved = tmp_path / "elsewhere" / "data"
+    shutil.copytree(data, moved)  # copy2 keeps modification times, as a move does
+    ImageFolderFamily(cfg_for(root=moved, cache_dir=cache)).sampler(0, 1)
+    assert sorted(p.name for p in cache.glob("*.pt")) == cached
+
+
+def test_each_agents_own_class_folders_train_through_the_command(tmp_path):
+    """runtime=simulate on 3 agents, each with its own class folders (data.agent_root) and a shared test folder:
+    the run trains and reports accuracy for every agent and the centroid.
+
+    Catches the family not reaching the command line (config group, registry), per-agent roots not filled in, and
+    a missing accuracy metric."""
+    for k in range(3):
+        make_classes(tmp_path / "sites" / f"site{k}", {f"k{k}c{i}": 3 for i in range(3)}, seed=k)
+    make_classes(tmp_path / "test", {f"e{i}": 3 for i in range(3)}, seed=9)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dif_maml_dist.train", "runtime=simulate", "task=image_folder", "topology=ring",
+         "topology.num_agents=3", f"data.agent_root='{tmp_path}/sites/site{{agent}}'", f"data.test_root={tmp_path}/test",
+         f"data.cache_dir={tmp_path}/cache", "task.n_way=3", "task.q_query=2", "task.image_size=16", "model.filters=8",
+         "task.meta_batch=2", "train.iterations=4", "train.eval_every=2", "task.eval_tasks=4",
+         "task.final_eval_tasks=4", "maml.final_adapt_steps=2", f"hydra.run.dir={run_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["agents"]) == 3 and 0.0 <= summary["centroid_test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("case", ["too_few_images", "not_an_image", "no_test_root"])
+def test_bad_class_folders_are_one_line_naming_them(tmp_path, case):
+    """A class with fewer images than an episode takes, a file that is not an image, and per-agent data without
+    a shared test folder: each refused in one line naming the folder or file (and the fix). Catches tracebacks
+    from PIL or from stacking ragged classes, and runs whose agents would be tested on different tasks."""
+    data = make_classes(tmp_path / "data", {f"c{i}": 3 for i in range(4)})
+    expect = {"too_few_images": f"class folder {data / 'c1'} holds 2 images, fewer than the 3",
+              "not_an_image": f"cannot read image {data / 'c2' / 'notes.txt'}",
+              "no_test_root": "needs data.test_root=DIR"}[case]
+    if case == "too_few_images":
+        (data / "c1" / "0.png").unlink()
+    if case == "not_an_image":
+        (data / "c2" / "notes.txt").write_text("not an image\n")
+    cfg = cfg_for(root=data, cache_dir=tmp_path / "cache") if case != "no_test_root" else cfg_for(
+        agent_root=tmp_path / "data", cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError) as refused:
+        ImageFolderFamily(cfg).sampler(0, 1)
+    assert expect in str(refused.value) and "\n" not in str(refused.value), str(refused.value)
+    assert not any(p.suffix == ".pt" for p in data.rglob("*"))
