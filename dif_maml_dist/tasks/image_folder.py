@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from dif_maml_dist import seeding
 from dif_maml_dist.config import Config
 from dif_maml_dist.learning.models import Conv4
-from dif_maml_dist.tasks.cache import FORMAT, exclusive
+from dif_maml_dist.tasks.cache import FORMAT, load_or_build
 from dif_maml_dist.tasks.custom import agent_root
 from dif_maml_dist.tasks.episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
 
@@ -103,20 +104,19 @@ def load_folder(root: Path, channels: int, size: int, need: int, cache_dir: Opti
                          f"takes from a class (task.k_shot + task.q_query)")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"image_folder-{fingerprint(folders, root, channels, size)[:32]}.pt"
-    with exclusive(cache_dir / (path.name + ".lock")):
-        if not path.is_file():
-            n = min(counts.values())
-            images = np.zeros((len(folders), n, channels, size, size), dtype=np.uint8)
-            for c, folder in enumerate(folders):
-                for i, f in enumerate(_images_of(folder)):
-                    pixels = decode(f, channels, size)  # every file, so that a bad one is named even if cut
-                    if i < n:
-                        images[c, i] = pixels
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            torch.save({"images": torch.from_numpy(images), "classes": [f.name for f in folders]}, tmp)
-            os.replace(tmp, path)
-    data = torch.load(path, weights_only=True, mmap=True)
+    key = fingerprint(folders, root, channels, size)
+
+    def build() -> dict:
+        n = min(counts.values())
+        images = np.zeros((len(folders), n, channels, size, size), dtype=np.uint8)
+        for c, folder in enumerate(folders):
+            for i, f in enumerate(_images_of(folder)):
+                pixels = decode(f, channels, size)  # every file, so that a bad one is named even if cut
+                if i < n:
+                    images[c, i] = pixels
+        return {"images": torch.from_numpy(images), "classes": [f.name for f in folders]}
+
+    data = load_or_build(cache_dir / f"image_folder-{key[:32]}.pt", build, key)
     return FolderImages(data["images"], tuple(data["classes"]))
 
 
@@ -148,13 +148,16 @@ class ImageFolderFamily:
         self._shared: Optional[dict[str, FolderImages]] = None
 
     # -- where the classes are ------------------------------------------------------------------------------------
+    def _folder(self, root: Path) -> FolderImages:
+        t = self.cfg.task
+        return load_folder(root, t.channels, t.image_size, self.need, self.cfg.data.cache_dir)
+
     def _load(self, root: Path) -> dict[str, FolderImages]:
         """``root``'s classes by split: its split folders, or its class folders split with ``task.split_seed``."""
-        t, cache = self.cfg.task, self.cfg.data.cache_dir
+        t = self.cfg.task
         if (root / "train").is_dir():
-            return {s: load_folder(root / s, t.channels, t.image_size, self.need, cache)
-                    for s in SPLIT_FOLDERS if (root / s).is_dir()}
-        every = load_folder(root, t.channels, t.image_size, self.need, cache)
+            return {s: self._folder(root / s) for s in SPLIT_FOLDERS if (root / s).is_dir()}
+        every = self._folder(root)
         split = drawn_split(len(every.classes), t.split_seed)
         return {s: FolderImages(every.images[idx], tuple(every.classes[i] for i in idx))
                 for s, idx in split.items() if idx}
@@ -168,19 +171,18 @@ class ImageFolderFamily:
         if self.cfg.data.agent_root is None:
             return self._shared_splits()["train"]
         root = agent_root(self.cfg.data, agent)
-        return self._load(root)["train"] if (root / "train").is_dir() else load_folder(
-            root, self.cfg.task.channels, self.cfg.task.image_size, self.need, self.cfg.data.cache_dir)
+        return self._folder(root / "train" if (root / "train").is_dir() else root)
 
     def _test(self) -> FolderImages:
         if self.cfg.data.test_root is not None:
-            t = self.cfg.task
-            return load_folder(Path(self.cfg.data.test_root), t.channels, t.image_size, self.need, self.cfg.data.cache_dir)
+            return self._folder(Path(self.cfg.data.test_root))
         splits = self._shared_splits()
         if "test" not in splits:
             raise ValueError(f"{self.cfg.data.root} has a train/ folder but no test/ folder: add "
                              f"{self.cfg.data.root}/test/<class>/, or set data.test_root=DIR")
         return splits["test"]
 
+    @cached_property
     def _stats(self) -> tuple[Optional[list[float]], Optional[list[float]]]:
         """The channel statistics pixels are standardised with: the shared training classes'. With each agent's own
         data no statistics are common to all agents without exchanging them, so pixels stay on [0, 1] (the Conv4's
@@ -191,7 +193,7 @@ class ImageFolderFamily:
 
     def _episodes(self, data: FolderImages, classes, rotations: bool) -> FewShotEpisodes:
         t = self.cfg.task
-        mean, std = self._stats()
+        mean, std = self._stats
         return FewShotEpisodes(data.images, classes, t.n_way, t.k_shot, t.q_query, rotations, mean=mean, std=std)
 
     # -- the protocol ------------------------------------------------------------------------------------------
