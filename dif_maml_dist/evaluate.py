@@ -4,7 +4,7 @@
 Command line (also ``dif-maml-evaluate``)::
 
     python -m dif_maml_dist.evaluate RUN_DIR [--model centroid|agent<k>|all] [--steps N] [--tasks N] [--seed S]
-        [--episodes DIR] [--json FILE] [--device cpu|cuda] [--data-root DIR]
+        [--episodes DIR] [--json FILE] [--device cpu|cuda] [--data-root DIR] [--test-root DIR]
 
 prints loss (and accuracy with its 95% confidence half-width) after 0..N adaptation steps on test tasks of the
 run's task family, and writes the same as JSON (default ``RUN_DIR/evaluation.json``; the run's own files are
@@ -92,9 +92,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--json", help="where the figures go (default RUN_DIR/evaluation.json)")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     ap.add_argument("--data-root", help="the dataset's folder, if it is no longer where the run found it")
+    ap.add_argument("--test-root", help="a shared test folder (data.test_root) to evaluate on, e.g. for a run whose "
+                    "agents were tested on held-out tasks of their own data")
     args = ap.parse_args(argv)
     try:
-        run = load_run(args.run_dir, args.device, args.data_root)
+        run = load_run(args.run_dir, args.device, args.data_root, args.test_root)
         out_path = _json_path(run.dir, args.json)
         names = run.model_names if args.model == "all" else [args.model]
         if args.episodes is not None and (args.tasks is not None or args.seed is not None):

@@ -87,31 +87,52 @@ def test_any_modules_meta_gradient_equals_a_written_out_reference(path):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_user_family_under_torchrun_reads_each_agents_own_folder_only(tmp_path):
-    """The example family and model (examples/site_curves) on 4 agents, one torchrun node each
-    (launch/agent_node.sh), each node started in a folder of its own that holds only its own agent's data and the
-    test devices (``data.agent_root=sites/site{agent}``, relative): had any agent opened another agent's folder, it
-    would not have found it there. Every agent trains, writes its figures, and the network's figures exist.
+@pytest.mark.parametrize("launch", ["agent_node", "torchrun_static"])
+def test_each_agent_under_torchrun_reads_and_is_tested_on_its_own_folder_only(tmp_path, launch):
+    """4 agents, one torchrun node each, each node started in a folder of its own that holds nothing but its own
+    agent's data (``data.agent_root=sites/site{agent}``, relative): had any agent opened another agent's folder,
+    it would not have found it there. ``agent_node``: the example's own family and model (examples/site_curves)
+    under launch/agent_node.sh (agents that go on without a departed one), tested on a shared test folder each
+    node holds. ``torchrun_static``: task=image_folder on each site's own class folders
+    (examples/image_sites) under plain torchrun with a static rendezvous and no shared test folder, so each agent
+    is tested on classes held out of its own and the centroid on the union of the agents' shares, each process
+    adapting the centroid on its own agent's. Every figure equals the per-agent simulator's
+    (runtime.vectorize=false: the same code in one process, reading every folder).
 
-    Catches a process that checks or samples every agent's data (the start-up checks did), a relative
-    agent_root resolved against the wrong folder, and a user's family or model that does not reach the agents
-    (their import path, their arguments)."""
-    data = make_sites(tmp_path / "all", 4)
+    Catches a process that checks, samples or tests on another agent's data (the start-up checks did), a relative
+    agent_root resolved against the wrong folder, a user's family or model that does not reach the agents (their
+    import path, their arguments), and a centroid tested on other tasks than the simulator's."""
     run_dir, port = tmp_path / "run", free_port()
+    common = ["topology=ring", "topology.num_agents=4", "data.agent_root='sites/site{agent}'", "train.iterations=12",
+              "train.eval_every=6", "task.eval_tasks=7", "task.final_eval_tasks=10"]
+    if launch == "agent_node":
+        data = make_sites(tmp_path / "all", 4)
+        settings = [*CUSTOM, *common, "+model.args.width=16", "data.test_root=sites/test"]
+    else:
+        data = tmp_path / "all"
+        subprocess.run([sys.executable, str(REPO / "examples" / "image_sites" / "make_images.py"), str(data),
+                        "--sites", "4", "--classes", "4", "--test-classes", "3", "--images", "4", "--size", "16"],
+                       check=True)
+        settings = ["task=image_folder", *common, "task.n_way=3", "task.q_query=2", "task.image_size=16",
+                    "model.filters=8", "task.meta_batch=2"]
+    pythonpath = os.pathsep.join(filter(None, [str(EXAMPLE), str(REPO), os.environ.get("PYTHONPATH")]))
     nodes = []
     for k in range(4):
         node = tmp_path / f"node{k}"
         shutil.copytree(data / f"site{k}", node / "sites" / f"site{k}")
-        shutil.copytree(data / "test", node / "sites" / "test")
-        env = dict(os.environ, NUM_AGENTS="4", AGENT=str(k), MASTER=f"127.0.0.1:{port}", RUN_DIR=str(run_dir),
-                   MAX_RESTARTS="0", PYTHONUNBUFFERED="1", TORCHRUN=f"{sys.executable} -m torch.distributed.run",
-                   PYTHON=sys.executable,
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(EXAMPLE), str(REPO), os.environ.get("PYTHONPATH")])))
-        nodes.append(subprocess.Popen(
-            ["bash", str(REPO / "launch" / "agent_node.sh"), *CUSTOM, "topology=ring", "topology.num_agents=4",
-             "data.agent_root='sites/site{agent}'", "data.test_root=sites/test", "train.iterations=20",
-             "train.eval_every=10", "task.eval_tasks=20", "+model.args.width=16"],
-            cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        if launch == "agent_node":
+            shutil.copytree(data / "test", node / "sites" / "test")
+            env = dict(os.environ, NUM_AGENTS="4", AGENT=str(k), MASTER=f"127.0.0.1:{port}", RUN_DIR=str(run_dir),
+                       MAX_RESTARTS="0", PYTHONUNBUFFERED="1", TORCHRUN=f"{sys.executable} -m torch.distributed.run",
+                       PYTHON=sys.executable, PYTHONPATH=pythonpath)
+            command = ["bash", str(REPO / "launch" / "agent_node.sh"), *settings]
+        else:
+            env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath, XDG_CACHE_HOME=str(node / "cache"))
+            command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=4", "--nproc-per-node=1",
+                       "--rdzv-backend=static", f"--node-rank={k}", "--master-addr=127.0.0.1",
+                       f"--master-port={port}", "-m", "dif_maml_dist.train", *settings, f"hydra.run.dir={run_dir}"]
+        nodes.append(subprocess.Popen(command, cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
     try:
         wait_until(lambda: all(n.poll() is not None for n in nodes), lambda: (run_dir / "metrics").exists()
                    and sum(p.stat().st_size for p in (run_dir / "metrics").glob("*.jsonl")),
@@ -124,17 +145,29 @@ def test_user_family_under_torchrun_reads_each_agents_own_folder_only(tmp_path):
     assert [n.returncode for n in nodes] == [0] * 4, "\n".join(o[-1500:] for o in outputs)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [a["agent"] for a in summary["agents"]] == [0, 1, 2, 3]
-    saved = torch.load(run_dir / "models" / "agent0.pt", weights_only=True)
-    assert saved["net.0.weight"].shape == (16, 1) and "net.1.running_mean" not in saved  # model.args reached it
-    for agent in summary["agents"]:
-        assert len(agent["adaptation_curve"]) > 1 and agent["bytes_sent"] > 0
-    assert isinstance(summary["centroid_test_loss"], float)
+    assert all(agent["bytes_sent"] > 0 for agent in summary["agents"])
+    if launch == "agent_node":
+        saved = torch.load(run_dir / "models" / "agent0.pt", weights_only=True)
+        assert saved["net.0.weight"].shape == (16, 1) and "net.1.running_mean" not in saved  # model.args reached it
+    sim_dir, home = tmp_path / "simulated", tmp_path / "everyone"
+    home.mkdir()
+    (home / "sites").symlink_to(data)
+    proc = subprocess.run([sys.executable, "-m", "dif_maml_dist.train", "runtime=simulate", "runtime.vectorize=false",
+                           *settings, f"hydra.run.dir={sim_dir}"], cwd=home, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHONPATH=pythonpath, XDG_CACHE_HOME=str(home / "c")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    simulated = json.loads((sim_dir / "summary.json").read_text())
+    for key in ("centroid_test_loss", "centroid_test_loss_pre", "centroid_adaptation_curve"):
+        assert summary[key] == simulated[key], key
+    assert ([a["adaptation_curve"] for a in summary["agents"]]
+            == [a["adaptation_curve"] for a in simulated["agents"]])
 
 
 @pytest.mark.parametrize("case", ["family_does_not_import", "family_lacks_a_member", "custom_without_target",
                                   "target_with_a_built_in_task", "model_output_does_not_fit",
                                   "classifier_of_the_wrong_width", "agent_folder_missing", "agent_folder_empty",
-                                  "bad_csv_cell"])
+                                  "bad_csv_cell", "agent_data_for_a_shared_dataset", "no_held_out_tasks",
+                                  "held_out_tasks_in_continue_mode"])
 def test_a_users_mistake_is_one_line_naming_it(tmp_path, monkeypatch, case):
     """Each mistake in a user's family, model or data is refused before anything is written, in one line that
     names it (the member missing, the agent and the folder, the file and line). The CLI's exit status and
@@ -176,6 +209,12 @@ def test_a_users_mistake_is_one_line_naming_it(tmp_path, monkeypatch, case):
         "agent_folder_missing": ([*CUSTOM, *local], f"agent 2: data folder {sites / 'site2'} does not exist"),
         "agent_folder_empty": ([*CUSTOM, *local], f"agent 1: data folder {sites / 'site1'} is empty"),
         "bad_csv_cell": ([*CUSTOM, *local], f"agent 0: {sites / 'site0' / 'device003.csv'}:3: expected numbers"),
+        "agent_data_for_a_shared_dataset": (["task=sinusoid", local[2]], "task=sinusoid reads one shared dataset "
+                                            "(data.root); each agent's own data (data.agent_root) is read by task="),
+        "no_held_out_tasks": (["task=custom", "task._target_=tests.user_code.SharedTestsOnly", *local[:3]],
+                              "which tests.user_code.SharedTestsOnly does not provide (held_out_set"),
+        "held_out_tasks_in_continue_mode": ([*CUSTOM, *local[:3], "runtime.on_peer_failure=continue"],
+                                            "would read every agent's held-out data: set data.test_root=DIR"),
     }[case]
     run_dir = tmp_path / "run"
     with pytest.raises(ValueError) as refused:
@@ -191,23 +230,113 @@ def test_a_users_mistake_is_one_line_naming_it(tmp_path, monkeypatch, case):
         assert not run_dir.exists()
 
 
-def test_the_readmes_example_runs_as_it_stands(tmp_path):
-    """The README's "Your own problem" example block, run verbatim by bash in a fresh folder beside a link to the
-    repository's examples/ (the virtualenv first on PATH, as after the quick start): it makes the data and trains
-    4 torchrun agents on it, and the run's summary exists.
+@pytest.mark.parametrize("run", ["site_curves", "image_sites"])
+def test_the_readmes_examples_run_as_they_stand(tmp_path, run):
+    """Each of the README's "Your own problem" example blocks (your own family and model; each site's own image
+    folders), run verbatim by bash in a fresh folder beside a link to the repository's examples/ (the virtualenv
+    first on PATH, as after the quick start): it makes the data and trains torchrun agents on it, and the run's
+    summary exists with the figures of every agent.
 
-    Catches the README's example drifting from the code: a renamed option, a moved file, a family that no longer
-    runs."""
+    Catches the README's examples drifting from the code: a renamed option, a moved file, a family that no
+    longer runs."""
     import re
 
     readme = (REPO / "README.md").read_text()
-    block = re.search(r"<!-- example-check: [^>]*-->\s*\n```bash\n(.*?)\n```", readme, re.S)
-    assert block, "the README lost its example-check block"
+    block = re.search(rf"<!-- example-check: [^>]*\(run: runs/{run}\) -->\s*\n\s*```bash\n(.*?)\n\s*```", readme,
+                      re.S)
+    assert block, f"the README lost its example-check block of runs/{run}"
     (tmp_path / "examples").symlink_to(REPO / "examples")
     bin_dir = Path(sys.executable).parent
     proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block.group(1)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=900,
-                          env=dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"))
+                          env=dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+                                   XDG_CACHE_HOME=str(tmp_path / "cache")))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    summary = json.loads((tmp_path / "runs" / "site_curves" / "summary.json").read_text())
-    assert summary["num_agents"] == 4 and summary["iterations"] == 200
+    summary = json.loads((tmp_path / "runs" / run / "summary.json").read_text())
+    assert len(summary["agents"]) == summary["num_agents"] == {"site_curves": 4, "image_sites": 6}[run]
+    assert summary["iterations"] == {"site_curves": 200, "image_sites": 100}[run]
+
+
+def test_the_centroids_held_out_tasks_of_a_shorter_evaluation_are_a_prefix_of_a_longer_ones():
+    """Each agent contributes held_out_share(n, agent, K) of its own held-out tasks to the centroid's n test
+    tasks, interleaved (task j from agent j % K). For every n <= N and K the shares sum to n, never shrink as n
+    grows, and the interleaved union of n is the first n of the union of N, as a shared test set's prefix is
+    (the periodic figures are read off the final evaluation's head).
+
+    Catches shares that do not add up (tasks dropped or doubled), and a union whose head is not the shorter
+    evaluation's tasks (the last periodic record would then differ from an evaluation of its own)."""
+    from dif_maml_dist.engine.learner import held_out_share, interleave_by_agent
+
+    for k in range(1, 7):
+        for big in range(1, 20):
+            # agent a's held-out task i stands for itself: (a, i), as the curves of its loss and metric
+            tags = [(torch.tensor([[a, i] for i in range(held_out_share(big, a, k))], dtype=torch.float),) * 2
+                    for a in range(k)]
+            union = interleave_by_agent([(t[0].view(-1, 2), t[1].view(-1, 2)) for t in tags], True)[0]
+            assert union.shape[0] == big and [int(a) for a, _ in union] == [j % k for j in range(big)]
+            for small in range(1, big + 1):
+                shares = [held_out_share(small, a, k) for a in range(k)]
+                assert sum(shares) == small and all(s <= held_out_share(big, a, k) for a, s in enumerate(shares))
+                head = interleave_by_agent([(t[0][:s].view(-1, 2), t[1][:s].view(-1, 2))
+                                            for t, s in zip(tags, shares)], False)[0]
+                assert torch.equal(head, union[:small])
+
+
+def test_a_users_family_and_model_resume_evaluate_and_adapt_like_the_built_ins(tmp_path, monkeypatch):
+    """The whole user path with the example's family and BatchNorm model: 2 torchrun agents train 6 iterations,
+    a second start extends the same run to 12 from its checkpoint (train.resume=true), and its figures equal an
+    uninterrupted 12-iteration run's (the per-agent simulator: the same code in one process); ``evaluate`` on the
+    finished run gives the summary's final centroid figures; ``load_run(...).model("centroid").adapt(...)`` on a
+    user's own points equals one SGD step written out with plain autograd on the module itself.
+
+    Catches a user's model or family that a resumed start rebuilds differently (other initialisation, other
+    task streams), ``evaluate`` or ``load_run`` that cannot rebuild a user's family from the run's config, and
+    an adaptation that treats batch norm differently from training (running statistics, a frozen module)."""
+    from dif_maml_dist import load_run
+
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    import site_curves
+
+    sites = make_sites(tmp_path / "sites", 2)
+    pythonpath = os.pathsep.join(filter(None, [str(EXAMPLE), str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath)
+    common = [*CUSTOM, "topology=ring", "topology.num_agents=2", f"data.agent_root='{sites}/site{{agent}}'",
+              f"data.test_root={sites / 'test'}", "train.eval_every=3", "train.checkpoint_every=3",
+              "task.eval_tasks=6", "+model.args.width=8"]
+    run_dir, reference = tmp_path / "run", tmp_path / "uninterrupted"
+
+    def train(*args: str) -> None:
+        proc = subprocess.run([*args, *common], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                "dif_maml_dist.train", f"hydra.run.dir={run_dir}"]
+    train(*torchrun, "train.iterations=6")
+    train(*torchrun, "train.iterations=12", "train.resume=true")
+    train(sys.executable, "-m", "dif_maml_dist.train", "runtime=simulate", "runtime.vectorize=false",
+          f"hydra.run.dir={reference}", "train.iterations=12")
+    summary, want = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference))
+    assert summary["centroid_adaptation_curve"] == want["centroid_adaptation_curve"]
+    assert [a["adaptation_curve"] for a in summary["agents"]] == [a["adaptation_curve"] for a in want["agents"]]
+
+    proc = subprocess.run([sys.executable, "-m", "dif_maml_dist.evaluate", str(run_dir), "--json",
+                           str(tmp_path / "evaluation.json")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evaluated = json.loads((tmp_path / "evaluation.json").read_text())["models"]["centroid"]
+    assert evaluated["loss"] == pytest.approx(summary["centroid_adaptation_curve"], rel=1e-5)
+
+    run = load_run(run_dir)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(10, 1, generator=gen) * 10 - 5
+    y = 2.0 * torch.sin(x - 0.5)
+    adapted = run.model("centroid").adapt(x[:5], y[:5], steps=1)
+    net = site_curves.CurveNet(8)
+    named = torch.load(run_dir / "models" / "centroid.pt", weights_only=True)
+    net.load_state_dict(named, strict=False)  # the saved model holds parameters only, no running statistics
+    net.train()  # batch norm on the batch's own statistics, as the runtime adapts
+    loss = F.mse_loss(net(x[:5]), y[:5])
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    stepped = {n: p - run.cfg.maml.inner_lr * g for (n, p), g in zip(net.named_parameters(), grads)}
+    want = torch.func.functional_call(net, stepped, (x[5:],))
+    torch.testing.assert_close(adapted(x[5:]), want, rtol=1e-5, atol=1e-6)

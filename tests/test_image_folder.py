@@ -106,22 +106,83 @@ def test_each_agents_own_class_folders_train_through_the_command(tmp_path):
     assert len(summary["agents"]) == 3 and 0.0 <= summary["centroid_test_accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("case", ["too_few_images", "not_an_image", "no_test_root"])
+@pytest.mark.parametrize("case", ["too_few_images", "not_an_image", "agent_without_test_classes"])
 def test_bad_class_folders_are_one_line_naming_them(tmp_path, case):
-    """A class with fewer images than an episode takes, a file that is not an image, and per-agent data without
-    a shared test folder: each refused in one line naming the folder or file (and the fix). Catches tracebacks
-    from PIL or from stacking ragged classes, and runs whose agents would be tested on different tasks."""
+    """A class with fewer images than an episode takes, a file that is not an image, and an agent's own split
+    folders without test classes to hold out (per-agent data, no shared test folder): each refused in one line
+    naming the folder or file (and the fix). Catches tracebacks from PIL or from stacking ragged classes, and an
+    agent that could not be tested."""
     data = make_classes(tmp_path / "data", {f"c{i}": 3 for i in range(4)})
     expect = {"too_few_images": f"class folder {data / 'c1'} holds 2 images, fewer than the 3",
               "not_an_image": f"cannot read image {data / 'c2' / 'notes.txt'}",
-              "no_test_root": "needs data.test_root=DIR"}[case]
+              "agent_without_test_classes": f"{tmp_path / 'site0'} has a train/ folder but no test/ folder"}[case]
     if case == "too_few_images":
         (data / "c1" / "0.png").unlink()
     if case == "not_an_image":
         (data / "c2" / "notes.txt").write_text("not an image\n")
-    cfg = cfg_for(root=data, cache_dir=tmp_path / "cache") if case != "no_test_root" else cfg_for(
-        agent_root=tmp_path / "data", cache_dir=tmp_path / "cache")
+    if case == "agent_without_test_classes":
+        shutil.copytree(data, tmp_path / "site0" / "train")
+    cfg = cfg_for(root=data, cache_dir=tmp_path / "cache") if case != "agent_without_test_classes" else cfg_for(
+        agent_root=tmp_path / "site{agent}", cache_dir=tmp_path / "cache")
     with pytest.raises(ValueError) as refused:
-        ImageFolderFamily(cfg).sampler(0, 1)
+        family = ImageFolderFamily(cfg)
+        family.sampler(0, 1)
+        family.held_out_set(0, 1, 0, 1)
     assert expect in str(refused.value) and "\n" not in str(refused.value), str(refused.value)
     assert not any(p.suffix == ".pt" for p in data.rglob("*"))
+
+
+def test_each_agent_is_tested_on_held_out_classes_of_its_own_and_the_run_evaluated_later(tmp_path):
+    """Each agent's own train/ and test/ class folders and no shared test folder: the simulator's figures of
+    agent k are agent k's own test classes' (checked against adapting the saved model by hand, task by task, on
+    that agent's held-out episodes), and the centroid's are those of the union of the agents' shares of their
+    held-out episodes, task j from agent j % 3.
+
+    Catches agents tested on another agent's (or a shared) test set, test classes leaking into training, and a
+    centroid figure over the wrong tasks."""
+    import torch.nn.functional as F
+
+    from dif_maml_dist import load_run
+    from dif_maml_dist.engine.learner import held_out_share
+
+    for k in range(3):
+        make_classes(tmp_path / "sites" / f"site{k}" / "train", {f"k{k}c{i}": 3 for i in range(3)}, seed=k)
+        make_classes(tmp_path / "sites" / f"site{k}" / "test", {f"k{k}e{i}": 3 for i in range(3)}, seed=10 + k)
+    run_dir, n = tmp_path / "run", 5
+    proc = subprocess.run(
+        [sys.executable, "-m", "dif_maml_dist.train", "runtime=simulate", "task=image_folder", "topology=ring",
+         "topology.num_agents=3", f"data.agent_root='{tmp_path}/sites/site{{agent}}'", f"data.cache_dir={tmp_path}/c",
+         "task.n_way=3", "task.q_query=2", "task.image_size=16", "model.filters=8", "task.meta_batch=2",
+         "train.iterations=4", "train.eval_every=2", "task.eval_tasks=4", f"task.final_eval_tasks={n}",
+         "maml.final_adapt_steps=2", f"hydra.run.dir={run_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    run = load_run(run_dir)
+    family, steps = ImageFolderFamily(run.cfg), run.cfg.maml.eval_inner_steps
+
+    def losses(model, agent: int, tasks: int) -> list[float]:
+        held_out = family.held_out_set(agent, 3, run.cfg.seed, n)
+        out = []
+        for i in range(tasks):
+            task = held_out.slice(i, i + 1)
+            adapted = model.adapt(task.support_x[0], task.support_y[0], steps=steps)
+            out.append(float(F.cross_entropy(adapted(task.query_x[0]), task.query_y[0])))
+        return out
+
+    for k in range(3):
+        mine = losses(run.model(f"agent{k}"), k, n)
+        assert summary["agents"][k]["final_test_loss"] == pytest.approx(np.mean(mine), rel=1e-4)
+    union = [loss for k in range(3) for loss in losses(run.model("centroid"), k, held_out_share(n, k, 3))]
+    assert len(union) == n and summary["centroid_test_loss"] == pytest.approx(np.mean(union), rel=1e-4)
+    # The held-out classes stay with their agents: evaluating the run later takes a shared test folder (or the
+    # user's own episodes), and says so when given neither.
+    evaluate = [sys.executable, "-m", "dif_maml_dist.evaluate", str(run_dir)]
+    refused = subprocess.run(evaluate, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "give --test-root DIR" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    make_classes(tmp_path / "shared_test", {f"s{i}": 3 for i in range(3)}, seed=20)
+    done = subprocess.run([*evaluate, "--test-root", str(tmp_path / "shared_test"), "--tasks", "3"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run_dir / "evaluation.json").read_text())["tasks"] == 3

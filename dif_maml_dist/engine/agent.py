@@ -113,7 +113,7 @@ class Agent:
         self.cfg, self.rank, self.num_agents = cfg, rank, num_agents
         self.device = torch.device(device)
         self.dtype = getattr(torch, cfg.train.dtype)
-        self.learner = learner or Learner.build(cfg, self.device, self.dtype)
+        self.learner = learner or Learner.build(cfg, self.device, self.dtype, agents=[rank], num_agents=num_agents)
         self.layout = self.learner.layout
         self.tasks = self.learner.family.sampler(rank, num_agents)
         self.initial = initial or InitialModels(cfg, self.dtype, self.device, self.learner.family)
@@ -195,7 +195,8 @@ def networked_agent(cfg: Config, rank: int, num_agents: int, schedule: GraphSche
     """Agent ``rank`` combining through ``transport`` on the graphs of ``schedule``, as ``cfg.strategy`` and
     ``cfg.compression`` say (``gossip.combiners.make_combiner``)."""
     device = torch.device(device)
-    learner = learner or Learner.build(cfg, device, getattr(torch, cfg.train.dtype))
+    learner = learner or Learner.build(cfg, device, getattr(torch, cfg.train.dtype), agents=[rank],
+                                       num_agents=num_agents)
     initial = InitialModels(cfg, learner.dtype, device, learner.family)
     combiner = make_combiner(cfg, schedule, rank, transport, initial)
     return Agent(cfg, rank, num_agents, device, learner, combiner, initial)

@@ -22,6 +22,7 @@ from torch import Tensor
 from dif_maml_dist.comm.transport import Transport
 from dif_maml_dist.engine.agent import Agent
 from dif_maml_dist.engine.figures import Curves
+from dif_maml_dist.engine.learner import interleave_by_agent
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class _OneAgent:
                 "bytes_sent": self.transport.bytes_sent}
 
     def agent_curves(self, max_steps: int, final: bool = False) -> list[Curves]:
-        return [self.agent.learner.test_curves(self.agent.state.params, self.cfg.maml.inner_lr, max_steps, final)]
+        return [self.agent.learner.test_curves(self.agent.state.params, self.cfg.maml.inner_lr, max_steps, final,
+                                               agent=self.agent.rank)]
 
     def nonfinite(self) -> list[int]:
         return [] if bool(torch.isfinite(self.agent.state.params).all()) else [self.agent.rank]
@@ -84,10 +86,16 @@ class AgentCohort(_OneAgent):
         # figures do not depend on how many ranks shared the work. The slices are equal, so no rank waits in the
         # gather for longer than the evaluation of one slice takes.
         learner, rank, world = self.agent.learner, self.transport.rank, self.transport.world_size
+        params = params.to(learner.device, learner.dtype)
+        if learner.held_out_per_agent and not validation:
+            # Each rank adapts the centroid on its own agent's share of the held-out tasks: no rank reads another
+            # agent's data, and the union does not depend on which process hosts which agent.
+            own = learner.held_out_share_curves(params, self.cfg.maml.inner_lr, max_steps, final, self.agent.rank)
+            parts = self.transport.all_gather_object(tuple(None if c is None else c.cpu() for c in own))
+            return interleave_by_agent(parts, learner.family.metric is not None)
         n = learner.num_tests(final, validation)
         start, stop = n * rank // world, n * (rank + 1) // world
-        losses, scores = learner.curves(params.to(learner.device, learner.dtype), self.cfg.maml.inner_lr, max_steps,
-                                        start, stop, validation=validation)
+        losses, scores = learner.curves(params, self.cfg.maml.inner_lr, max_steps, start, stop, validation=validation)
         # Every rank gets every slice (the gather is an all-gather): all of them see the same figures, so they can
         # make the same decisions from them (the best model by validation accuracy).
         parts = self.transport.all_gather_object((losses.cpu(), None if scores is None else scores.cpu()))

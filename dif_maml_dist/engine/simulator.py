@@ -39,7 +39,7 @@ from dif_maml_dist.comm.transport import nbytes, ring_all_reduce_bytes
 from dif_maml_dist.config import Config
 from dif_maml_dist.engine.agent import Agent, InitialModels, initial_params, make_optimizer
 from dif_maml_dist.engine.figures import Curves
-from dif_maml_dist.engine.learner import Learner
+from dif_maml_dist.engine.learner import Learner, interleave_by_agent
 from dif_maml_dist.engine.loop import BestCentroid
 from dif_maml_dist.gossip.rounds import combine_round
 from dif_maml_dist.gossip.schemes import gossip_round, make_gossip
@@ -163,7 +163,7 @@ class Simulation:
                                                        else k)
         self._chunk_pool = _chunk_pool(cfg.runtime.chunk_threads, k, self.agent_chunk) if (
             vectorize and self.device.type == "cpu") else None
-        self.learner = Learner.build(cfg, self.device, self.dtype, family)
+        self.learner = Learner.build(cfg, self.device, self.dtype, family, agents=range(k), num_agents=k)
         self.layout = self.learner.layout
         self.compute_seconds = self.exchange_seconds = 0.0
         self._iteration = 0
@@ -352,13 +352,18 @@ class Simulation:
                 "bytes_sent": self.bytes_sent[i]}
 
     def shared_curves(self, params: Tensor, max_steps: int, final: bool = False, validation: bool = False) -> Curves:
-        learner = self.learner
-        return learner.curves(params.to(self.device, self.dtype), self.cfg.maml.inner_lr, max_steps, 0,
-                              learner.num_tests(final, validation), validation=validation)
+        learner, params = self.learner, params.to(self.device, self.dtype)
+        if learner.held_out_per_agent and not validation:  # the union of the agents' shares, as under torchrun
+            parts = [learner.held_out_share_curves(params, self.cfg.maml.inner_lr, max_steps, final, a)
+                     for a in range(self.num_agents)]
+            return interleave_by_agent(parts, learner.family.metric is not None)
+        return learner.curves(params, self.cfg.maml.inner_lr, max_steps, 0, learner.num_tests(final, validation),
+                              validation=validation)
 
     def agent_curves(self, max_steps: int, final: bool = False) -> list[Curves]:
-        if not self.vectorize:  # the runtime's own code, agent after agent
-            return [self.shared_curves(self._state(i), max_steps, final) for i in range(self.num_agents)]
+        if not self.vectorize or self.learner.held_out_per_agent:  # agent after agent (each on its own tasks)
+            return [self.learner.test_curves(self._state(i).to(self.device, self.dtype), self.cfg.maml.inner_lr,
+                                             max_steps, final, agent=i) for i in range(self.num_agents)]
         # Agents holding the same model are evaluated once: all of them at a shared start, and every agent of the
         # centralized baseline at every evaluation.
         states, owner = torch.unique(self.params.detach(), dim=0, return_inverse=True)

@@ -85,7 +85,8 @@ def networked(ctx: RunContext) -> Optional[dict]:
         setup_logging(rank, run_dir / "logs")
         if ctx.is_root:
             outputs.log_start(ctx)
-        learner = Learner.build(cfg, ctx.device, ctx.dtype, ctx.family)
+        learner = Learner.build(cfg, ctx.device, ctx.dtype, ctx.family, agents=[rank],
+                                num_agents=ctx.topology.num_agents)
         agent = networked_agent(cfg, rank, ctx.topology.num_agents, ctx.schedule, transport, ctx.device, learner)
         _log_agent(ctx, agent)
         prints = ctx.fingerprint()

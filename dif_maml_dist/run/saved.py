@@ -116,7 +116,8 @@ class SavedModel(AdaptedModel):
 class Run:
     """A finished run's directory: its config and its saved models."""
 
-    def __init__(self, run_dir: Path | str, device: torch.device | str = "cpu", data_root: Optional[str] = None):
+    def __init__(self, run_dir: Path | str, device: torch.device | str = "cpu", data_root: Optional[str] = None,
+                 test_root: Optional[str] = None):
         self.dir = Path(run_dir)
         if self.dir.is_file():
             raise EvaluateError(f"{self.dir} is a file, not a run directory: give the folder the run wrote "
@@ -127,6 +128,8 @@ class Run:
         self.cfg = run_config(self.dir)
         if data_root is not None:
             self.cfg = replace(self.cfg, data=replace(self.cfg.data, root=data_root))
+        if test_root is not None:
+            self.cfg = replace(self.cfg, data=replace(self.cfg.data, test_root=test_root))
         names = sorted(p.stem for p in (self.dir / "models").glob("*.pt"))
         if not names:
             raise EvaluateError(f"{self.dir} has no saved models (models/*.pt): the run has not finished, or ran "
@@ -189,6 +192,10 @@ class Run:
                                 f"a longer curve runs for hours without progress output)")
         learner = self.learner(tasks, seed)
         mine = None
+        if episodes is None and learner.held_out_per_agent:
+            raise EvaluateError(f"{self.dir} tested each agent on held-out tasks of its own data (data.agent_root, no "
+                                f"data.test_root), which stay with the agents: give --test-root DIR (test classes or "
+                                f"files in the run's layout) or --episodes DIR")
         if episodes is not None:
             from dif_maml_dist.tasks.user_episodes import read_episodes
 
@@ -220,6 +227,8 @@ def _defined(curves: Curves) -> dict[str, list[Optional[float]]]:
     return {key: [v if math.isfinite(v) else None for v in values] for key, values in figs.items()}
 
 
-def load_run(run_dir: Path | str, device: torch.device | str = "cpu", data_root: Optional[str] = None) -> Run:
-    """A finished run, ready to evaluate or adapt its models (see the module docstring)."""
-    return Run(run_dir, device, data_root)
+def load_run(run_dir: Path | str, device: torch.device | str = "cpu", data_root: Optional[str] = None,
+             test_root: Optional[str] = None) -> Run:
+    """A finished run, ready to evaluate or adapt its models (see the module docstring); ``data_root``: the shared
+    dataset's folder if it has moved; ``test_root``: a shared test folder (``data.test_root``) to evaluate on."""
+    return Run(run_dir, device, data_root, test_root)

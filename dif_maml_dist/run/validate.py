@@ -27,7 +27,7 @@ from dif_maml_dist.graphs.schedules import SCHEDULES
 from dif_maml_dist.graphs.topology import GRAPHS
 from dif_maml_dist.graphs.weights import WEIGHT_RULES
 from dif_maml_dist.learning.maml import META_GRADIENT_PATHS
-from dif_maml_dist.tasks import CUSTOM, TASKS
+from dif_maml_dist.tasks import CUSTOM, FAMILIES, TASKS, tests_held_out_per_agent
 
 
 def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
@@ -84,6 +84,10 @@ def validate(cfg: Config) -> Config:
     if t.sharing == "alphabets" and t.name != "omniglot":
         raise ValueError(f"task.sharing=alphabets needs Omniglot's alphabets; for {t.name} use same or "
                          f"disjoint_classes")
+    if cfg.data.agent_root is not None and t.name in FAMILIES and not FAMILIES[t.name].reads_agent_data:
+        readers = [name for name, family in FAMILIES.items() if family.reads_agent_data]
+        raise ValueError(f"task={t.name} reads one shared dataset (data.root); each agent's own data "
+                         f"(data.agent_root) is read by task={', '.join(readers)} or {CUSTOM}")
     _positive(cfg.model.filters, "model.filters")
     if t.channels not in (1, 3):
         raise ValueError(f"task.channels must be 1 (grayscale) or 3 (RGB), got {t.channels}")
@@ -229,6 +233,9 @@ def _validate_departures(cfg: Config) -> None:
         (cfg.train.validate, "the best centroid needs every agent's model at every evaluation: drop train.validate"),
         (cfg.train.resume, "an agent restarted into a running network is not supported yet; resume the whole run "
                            "with runtime.on_peer_failure=stop"),
+        (tests_held_out_per_agent(cfg), "the network's figures are computed after the run in one process, which "
+                                        "would read every agent's held-out data: set data.test_root=DIR (a test "
+                                        "folder every node holds), or launch with runtime.on_peer_failure=stop"),
         (r.backend == "nccl", "its exchanges use per-edge gloo groups: use runtime.backend=gloo (GPU tensors are "
                               "staged through host memory)"),
     )

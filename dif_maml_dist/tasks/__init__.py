@@ -13,7 +13,7 @@ from dif_maml_dist.tasks.custom import AgentDataError, WithModel, agent_root, ch
 from dif_maml_dist.tasks.image_folder import ImageFolderFamily
 from dif_maml_dist.tasks.miniimagenet import MiniImagenetFamily
 from dif_maml_dist.tasks.omniglot import OmniglotFamily
-from dif_maml_dist.tasks.protocol import TaskFamily, TaskSampler, TaskSet
+from dif_maml_dist.tasks.protocol import HeldOutTasks, TaskFamily, TaskSampler, TaskSet
 from dif_maml_dist.tasks.sinusoid import SinusoidFamily, SinusoidTasks
 
 if TYPE_CHECKING:
@@ -39,6 +39,22 @@ def task_family(cfg: "Config") -> TaskFamily:
     return family
 
 
+def tests_held_out_per_agent(cfg: "Config") -> bool:
+    """Whether each agent is tested on held-out tasks of its own data (``HeldOutTasks``): its data stays with it
+    (``data.agent_root``) and no test folder is shared (``data.test_root``)."""
+    return cfg.data.agent_root is not None and cfg.data.test_root is None
+
+
+def held_out_set(cfg: "Config", family: TaskFamily, agent: int, num_agents: int, num_tasks: int) -> TaskSet:
+    """Agent ``agent``'s held-out test tasks (``ValueError`` when the family has none to give)."""
+    if not hasattr(family, "held_out_set"):
+        name = cfg.task._target_ or cfg.task.name
+        raise ValueError(f"with data.agent_root and no data.test_root each agent is tested on held-out tasks of its "
+                         f"own data, which {name} does not provide (held_out_set, tasks.protocol.HeldOutTasks): "
+                         f"set data.test_root=DIR, a test folder every node holds")
+    return family.held_out_set(agent, num_agents, cfg.seed, num_tasks)
+
+
 def check_task_data(cfg: "Config", agents: Iterable[int], num_agents: int,
                     family: Optional[TaskFamily] = None) -> None:
     """Raise ``ValueError`` now if the data cannot serve the configured episodes to ``agents`` (this process's:
@@ -48,10 +64,14 @@ def check_task_data(cfg: "Config", agents: Iterable[int], num_agents: int,
     from dif_maml_dist import seeding
 
     family = family or task_family(cfg)
-    sampler = None
+    sampler, per_agent = None, tests_held_out_per_agent(cfg)
+    if per_agent and not hasattr(family, "held_out_set"):
+        held_out_set(cfg, family, 0, num_agents, 1)  # says what is missing, once for all agents
     for agent in agents:
         try:
             sampler = family.sampler(agent, num_agents)
+            if per_agent:
+                held_out_set(cfg, family, agent, num_agents, 1)
         except AgentDataError:
             raise
         except ValueError as err:
@@ -59,10 +79,12 @@ def check_task_data(cfg: "Config", agents: Iterable[int], num_agents: int,
                 raise
             said = str(err)
             raise AgentDataError(said if said.startswith(f"agent {agent}") else f"agent {agent}: {said}") from None
-    family.eval_set(cfg.seed, 1)
+    if not per_agent:
+        family.eval_set(cfg.seed, 1)
     if sampler is not None:  # one task from a stream of its own (the agents' task streams are left untouched)
         check_model(cfg, family, sampler.sample(seeding.generator(cfg.seed, seeding.Stream.MODEL_CHECK), 1))
 
 
 __all__ = ["FAMILIES", "TASKS", "MiniImagenetFamily", "OmniglotFamily", "SinusoidFamily", "SinusoidTasks",
-           "AgentDataError", "TaskFamily", "TaskSampler", "TaskSet", "agent_root", "check_task_data", "task_family"]
+           "AgentDataError", "HeldOutTasks", "TaskFamily", "TaskSampler", "TaskSet", "agent_root", "check_task_data",
+           "held_out_set", "task_family", "tests_held_out_per_agent"]

@@ -4,8 +4,8 @@
 Classes come split by folders (``ROOT/train/<class>/``, ``ROOT/val/<class>/``, ``ROOT/test/<class>/``) or, when
 ``ROOT`` holds class folders directly, drawn into train / validation / test with ``task.split_seed``. Each agent
 reads its training classes from its own folder (``data.agent_root``) or from the shared ``data.root``; the test
-classes come from ``data.test_root`` (required with per-agent data: every process must see the same test tasks)
-or from the shared root's test split. Images are read with PIL, composited onto white when transparent, converted
+classes come from ``data.test_root`` (a folder every node holds), the shared root's test split, or, with each
+agent's own data and no ``data.test_root``, each agent's own test split (``held_out_set``). Images are read with PIL, composited onto white when transparent, converted
 to grayscale or RGB (``task.channels``) and resized to ``task.image_size``; with shared data, pixels are
 standardised with the training classes' channel statistics only. Every folder is decoded once into a cache file in ``data.cache_dir``
 named by a fingerprint of the folder's contents (relative paths, sizes, modification times), so a dataset moved
@@ -133,6 +133,7 @@ def drawn_split(num_classes: int, seed: int) -> dict[str, list[int]]:
 class ImageFolderFamily:
     """Few-shot classification on class folders, with a Conv4 (``model.filters``) under cross-entropy; accuracy."""
 
+    reads_agent_data = True  #: each agent's own class folders (data.agent_root), or shared ones
     criterion = staticmethod(F.cross_entropy)
     metric = staticmethod(accuracy)
     eval_chunk = 4  #: test tasks adapted at once: bounds memory
@@ -142,44 +143,40 @@ class ImageFolderFamily:
         if cfg.data.agent_root is None and cfg.data.root is None:
             raise ValueError("task=image_folder needs data: data.root=DIR (shared) or data.agent_root=DIR (each "
                              "agent's own; {agent} becomes the agent's id)")
-        if cfg.data.agent_root is not None and cfg.data.test_root is None:
-            raise ValueError("task=image_folder with data.agent_root needs data.test_root=DIR: class folders of test "
-                             "images that every node holds, so that every agent is tested on the same tasks")
-        self._shared: Optional[dict[str, FolderImages]] = None
+        self._splits: dict[Path, dict[str, FolderImages]] = {}
 
     # -- where the classes are ------------------------------------------------------------------------------------
     def _folder(self, root: Path) -> FolderImages:
         t = self.cfg.task
         return load_folder(root, t.channels, t.image_size, self.need, self.cfg.data.cache_dir)
 
-    def _load(self, root: Path) -> dict[str, FolderImages]:
-        """``root``'s classes by split: its split folders, or its class folders split with ``task.split_seed``."""
-        t = self.cfg.task
-        if (root / "train").is_dir():
-            return {s: self._folder(root / s) for s in SPLIT_FOLDERS if (root / s).is_dir()}
-        every = self._folder(root)
-        split = drawn_split(len(every.classes), t.split_seed)
-        return {s: FolderImages(every.images[idx], tuple(every.classes[i] for i in idx))
-                for s, idx in split.items() if idx}
-
-    def _shared_splits(self) -> dict[str, FolderImages]:
-        if self._shared is None:
-            self._shared = self._load(Path(self.cfg.data.root))
-        return self._shared
+    def _split(self, root: Path) -> dict[str, FolderImages]:
+        """``root``'s classes by split: its split folders, or its class folders split with ``task.split_seed``
+        (loaded once per process)."""
+        if root not in self._splits:
+            if (root / "train").is_dir():
+                self._splits[root] = {s: self._folder(root / s) for s in SPLIT_FOLDERS if (root / s).is_dir()}
+            else:
+                every = self._folder(root)
+                split = drawn_split(len(every.classes), self.cfg.task.split_seed)
+                self._splits[root] = {s: FolderImages(every.images[idx], tuple(every.classes[i] for i in idx))
+                                      for s, idx in split.items() if idx}
+        return self._splits[root]
 
     def _training(self, agent: int) -> FolderImages:
         if self.cfg.data.agent_root is None:
-            return self._shared_splits()["train"]
+            return self._split(Path(self.cfg.data.root))["train"]
         root = agent_root(self.cfg.data, agent)
+        if self.cfg.data.test_root is None:  # some of the agent's own classes are held out to test it on
+            return self._split(root)["train"]
         return self._folder(root / "train" if (root / "train").is_dir() else root)
 
-    def _test(self) -> FolderImages:
-        if self.cfg.data.test_root is not None:
-            return self._folder(Path(self.cfg.data.test_root))
-        splits = self._shared_splits()
+    def _test(self, root: Path) -> FolderImages:
+        """The test classes of the shared ``data.root`` or an agent's own folder."""
+        splits = self._split(root)
         if "test" not in splits:
-            raise ValueError(f"{self.cfg.data.root} has a train/ folder but no test/ folder: add "
-                             f"{self.cfg.data.root}/test/<class>/, or set data.test_root=DIR")
+            raise ValueError(f"{root} has a train/ folder but no test/ folder: add {root}/test/<class>/, or set "
+                             f"data.test_root=DIR")
         return splits["test"]
 
     @cached_property
@@ -189,7 +186,7 @@ class ImageFolderFamily:
         first batch norm standardises its input's features per task anyway)."""
         if self.cfg.data.agent_root is not None:
             return None, None
-        return channel_stats(self._shared_splits()["train"].images)
+        return channel_stats(self._split(Path(self.cfg.data.root))["train"].images)
 
     def _episodes(self, data: FolderImages, classes, rotations: bool) -> FewShotEpisodes:
         t = self.cfg.task
@@ -211,12 +208,27 @@ class ImageFolderFamily:
             raise ValueError(f"agent {agent} (task.sharing={t.sharing}): {err}") from None
 
     def eval_set(self, seed: int, num_tasks: int) -> EpisodeSet:
-        test = self._test()
+        if self.cfg.data.test_root is not None:
+            test = self._folder(Path(self.cfg.data.test_root))
+        elif self.cfg.data.root is not None:
+            test = self._test(Path(self.cfg.data.root))
+        else:
+            raise ValueError("task=image_folder with data.agent_root tests each agent on its own held-out classes; "
+                             "a test set shared by all needs data.test_root=DIR")
+        return self._test_episodes(test, seeding.generator(seed, seeding.Stream.EVAL), num_tasks)
+
+    def held_out_set(self, agent: int, num_agents: int, seed: int, num_tasks: int) -> EpisodeSet:
+        """Episodes of agent ``agent``'s own test classes (its ``test/`` folder, or its classes drawn with
+        ``task.split_seed``), which its training never sees."""
+        test = self._test(agent_root(self.cfg.data, agent))
+        return self._test_episodes(test, seeding.generator(seed, seeding.Stream.EVAL, agent), num_tasks)
+
+    def _test_episodes(self, test: FolderImages, gen: torch.Generator, num_tasks: int) -> EpisodeSet:
         try:
             episodes = self._episodes(test, list(range(len(test.classes))), False)
         except ValueError as err:
             raise ValueError(f"test classes: {err}") from None
-        return episodes.episode_set(seeding.generator(seed, seeding.Stream.EVAL), num_tasks)
+        return episodes.episode_set(gen, num_tasks)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:

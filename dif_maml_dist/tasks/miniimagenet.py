@@ -139,6 +139,7 @@ class MiniImagenetFamily:
     training split's channel statistics) under cross-entropy; accuracy reported. Test tasks come from the test
     split's classes."""
 
+    reads_agent_data = False  #: one shared dataset (data.root); data.agent_root is refused
     criterion = staticmethod(F.cross_entropy)
     metric = staticmethod(accuracy)
     #: test tasks adapted at once: bounds memory (a 5-way task with 15 queries per class through Conv4-32 at 84 x 84

@@ -175,6 +175,7 @@ def agent_classes(data: OmniglotImages, train: list[int], sharing: str, agent: i
 class OmniglotFamily:
     """Omniglot N-way K-shot classification with a Conv4 (64 filters) under cross-entropy; accuracy reported."""
 
+    reads_agent_data = False  #: one shared dataset (data.root); data.agent_root is refused
     criterion = staticmethod(F.cross_entropy)
     metric = staticmethod(accuracy)
     #: test tasks adapted at once: bounds memory (a 20-way task with 15 queries per class is 320 images, ~64 MB of

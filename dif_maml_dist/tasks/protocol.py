@@ -60,6 +60,21 @@ class TaskFamily(Protocol):
 
 #: The protocol's members, in the order a missing one is named.
 REQUIRED_MEMBERS = ("criterion", "metric", "eval_chunk", "build_model", "sampler", "eval_set")
-#: Members a family may add: ``val_set(seed, num_tasks)`` (train.validate=true) and ``image(path)`` (evaluate
-#: --episodes on a folder of the user's images).
-OPTIONAL_MEMBERS = ("val_set", "image")
+#: Members a family may add: ``held_out_set(agent, num_agents, seed, num_tasks)`` (each agent tested on held-out
+#: tasks of its own data: :class:`HeldOutTasks`), ``val_set(seed, num_tasks)`` (train.validate=true) and
+#: ``image(path)`` (evaluate --episodes on a folder of the user's images).
+OPTIONAL_MEMBERS = ("held_out_set", "val_set", "image")
+
+
+class HeldOutTasks(Protocol):
+    """The optional member a family adds when its agents' data stays with them and no test folder is shared.
+
+    With ``data.agent_root`` set and ``data.test_root`` not, the runtime tests each agent on held-out tasks of
+    its own data, and the centroid on the union of equal shares of them (each process adapts the centroid on its
+    own agent's share), so that no process reads another agent's files. The family must then keep these tasks
+    out of :meth:`TaskFamily.sampler`'s training tasks (e.g. hold out some of the agent's classes or files).
+    """
+
+    def held_out_set(self, agent: int, num_agents: int, seed: int, num_tasks: int) -> TaskSet:
+        """Agent ``agent``'s held-out test tasks, from its own data only; the same in every process for a given
+        seed, and a smaller ``num_tasks`` gives a prefix of a larger one."""

@@ -68,6 +68,7 @@ class SinusoidTasks:
 class SinusoidFamily:
     """The sinusoid task family: a ReLU MLP (1 -> model.hidden -> 1) under MSE."""
 
+    reads_agent_data = False  #: draws its tasks, reads no data
     criterion = staticmethod(F.mse_loss)
     metric = None  #: regression: the loss is the figure
     eval_chunk = 1000

@@ -1,11 +1,12 @@
 """A user's own task family and model, in one file of the user's own package (README "Your own problem").
 
 Each site (agent) keeps its measurement curves in its own folder, one CSV file of ``x,y`` rows per device; a task
-is one device: adapt on a few of its points, predict the others. The test devices are in a folder that every
-node holds a copy of (``data.test_root``). Run it with this folder on ``PYTHONPATH``::
+is one device: adapt on a few of its points, predict the others. Agents are tested on devices of a folder that
+every node holds a copy of (``data.test_root``), or, without one, each on a quarter of its own devices, held out
+of its training. Run it with this folder on ``PYTHONPATH``::
 
     task=custom task._target_=site_curves.SiteCurves model._target_=site_curves.CurveNet \
-        data.agent_root=sites/site{agent} data.test_root=sites/test
+        data.agent_root=sites/site{agent} [data.test_root=sites/test]
 """
 
 from __future__ import annotations
@@ -83,9 +84,21 @@ class SiteCurves:
     def build_model(self) -> nn.Module:
         return CurveNet(self.width)
 
-    def sampler(self, agent: int, num_agents: int) -> Curves:
+    def _devices(self, agent: int, held_out: bool) -> Curves:
         t = self.cfg.task  # this agent's own folder only: data.agent_root with {agent} filled in
-        return Curves(read_curves(agent_root(self.cfg.data, agent)), t.num_support, t.num_query)
+        curves = read_curves(agent_root(self.cfg.data, agent))
+        if self.cfg.data.test_root is None:  # no shared test devices: hold out a quarter of the site's own
+            if len(curves) < 2:
+                raise ValueError(f"agent {agent} has {len(curves)} device: it needs 2 or more to hold some out")
+            cut = max(1, len(curves) // 4)
+            curves = curves[:cut] if held_out else curves[cut:]
+        return Curves(curves, t.num_support, t.num_query)
+
+    def sampler(self, agent: int, num_agents: int) -> Curves:
+        return self._devices(agent, held_out=False)
+
+    def held_out_set(self, agent: int, num_agents: int, seed: int, num_tasks: int) -> TaskBatch:
+        return self._devices(agent, held_out=True).sample(torch.Generator().manual_seed(seed + agent), num_tasks)
 
     def eval_set(self, seed: int, num_tasks: int) -> TaskBatch:
         if self.cfg.data.test_root is None:
