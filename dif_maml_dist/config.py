@@ -84,8 +84,9 @@ class DataConfig:
     #: a test location every node holds a copy of (the same files on each): the test tasks that every agent and the
     #: centroid are evaluated on, for families that read each agent's own data; relative to the working directory
     test_root: Optional[str] = None
-    #: where decoded datasets are cached (image_folder); the dataset folders themselves are only read, so they may
-    #: be read-only. None: ~/.cache/dif_maml_dist
+    #: where decoded datasets are cached (Omniglot, MiniImagenet, image_folder), one file per dataset named by a
+    #: fingerprint of its files relative to its root (found again after a move); the dataset folders themselves
+    #: are only read, so they may be read-only. None: $XDG_CACHE_HOME/dif_maml_dist, else ~/.cache/dif_maml_dist
     cache_dir: Optional[str] = None
     download: bool = False  #: Omniglot: fetch the dataset into root through torchvision if missing (needs internet)
 

@@ -15,7 +15,7 @@ files=(-f compose.yaml)
 for f in ${COMPOSE_FILES:-}; do files+=(-f "$f"); done
 compose() { docker-compose "${files[@]}" "$@"; }
 
-mkdir -p "${RUNS_DIR:-../runs}" "${DATA_DIR:-../data}"
+mkdir -p "${RUNS_DIR:-../runs}" "${DATA_DIR:-../data}" "${CACHE_DIR:-../cache}"
 trap 'compose down --remove-orphans > /dev/null 2>&1 || true' EXIT
 compose up -d --scale node="$NNODES"
 # shellcheck disable=SC2046  # one container id per word

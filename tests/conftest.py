@@ -1,5 +1,7 @@
 """Test-session settings."""
 
+import os
+
 import pytest
 import torch
 
@@ -13,3 +15,18 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _dataset_caches_in_the_session_folder(tmp_path_factory):
+    # Decoded datasets go to data.cache_dir, by default under $XDG_CACHE_HOME: the session's own folder, so that no
+    # test (nor the processes it starts, which inherit the variable) writes into the user's home. Set for the whole
+    # session, before module fixtures that train. Sharing it is safe: a cache is named by its files' times, which
+    # differ between tests' fixtures (a test that counts cache files passes its own data.cache_dir).
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +13,49 @@ from dif_maml_dist.config import Config, MamlConfig, TaskConfig, TrainConfig
 from dif_maml_dist.run.validate import validate
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def read_only(folder: Path):
+    """``folder`` and everything below it refuse writes during the block: through the permission bits for a plain
+    user; for root, which they do not stop, through a read-only bind mount of the folder onto itself (as a
+    container mounts data ``:ro``). A write probe checks it; the test is skipped, saying why, where neither works."""
+    import pytest
+
+    folder = Path(folder)
+    modes, mounted = {}, False
+    if os.geteuid() == 0:
+        try:
+            proc = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], capture_output=True,
+                                  text=True)
+            problem = proc.stderr.strip() if proc.returncode != 0 else None
+        except OSError as err:  # no mount(8) here
+            problem = str(err)
+        if problem is not None:
+            pytest.skip(f"running as root, whom permission bits do not stop, and a read-only bind mount of {folder} "
+                        f"failed: {problem}")
+        mounted = True
+        # Older mount(8) ignore ro on the bind itself and need it as a remount.
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True)
+    else:
+        modes = {p: p.stat().st_mode for p in (folder, *folder.rglob("*"))}
+        for p, mode in modes.items():
+            p.chmod(mode & ~0o222)
+    try:
+        probe = folder / ".write-probe"
+        try:
+            probe.touch()
+        except OSError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip(f"{folder} still takes writes after {'a read-only bind mount' if mounted else 'chmod a-w'}")
+        yield folder
+    finally:
+        if mounted:  # lazily: a memory-mapped file inside would keep a plain umount busy
+            subprocess.run(["umount", "--lazy", str(folder)], check=True)
+        for p, mode in modes.items():
+            p.chmod(mode)
 
 
 def free_port() -> int:

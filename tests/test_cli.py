@@ -377,10 +377,11 @@ def test_miniimagenet_fixture_under_torchrun_three_agents(tmp_path):
         assert last["iteration"] == 2 and "test_acc_post" in last
 
 
-@pytest.mark.parametrize("case", ["n_way_above_classes", "missing_split", "missing_root"])
+@pytest.mark.parametrize("case", ["n_way_above_classes", "missing_split", "missing_root", "cache_dir_unwritable"])
 def test_bad_dataset_is_one_line_error(tmp_path, case):
-    """A dataset that cannot serve the configured episodes stops the run before it starts: exit 2, one line
-    naming the file or the class count and what to change, no run directory left behind.
+    """A dataset that cannot serve the configured episodes, or a data.cache_dir that cannot take its cache, stops
+    the run before it starts: exit 2, one line naming the file, the folder or the class count and what to change,
+    no run directory left behind.
 
     Catches tracebacks from deep inside the data pipeline and half-created run directories."""
     from tests.test_miniimagenet import pickle_fixture
@@ -395,7 +396,11 @@ def test_bad_dataset_is_one_line_error(tmp_path, case):
         "missing_split": ([], f"MiniImagenet test split not found in {data}: expected mini-imagenet-cache-test.pkl"),
         "missing_root": ([f"data.root={tmp_path / 'nowhere'}"], f"MiniImagenet root {tmp_path / 'nowhere'} is "
                                                                 f"not a folder; set data.root=DIR"),
+        "cache_dir_unwritable": ([f"data.cache_dir={tmp_path / 'notes.txt' / 'cache'}"],  # below a file: even root
+                                 f"cannot write the dataset cache into {tmp_path / 'notes.txt' / 'cache'} (Not a "
+                                 f"directory): set data.cache_dir=DIR to a folder you can write to"),
     }[case]
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
     run_dir = tmp_path / "run"
     proc = train(["task=miniimagenet_5w1s", f"data.root={data}", "runtime=simulate", *TINY_CONV4, *args,
                   f"hydra.run.dir={run_dir}"])

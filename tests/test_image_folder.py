@@ -54,34 +54,37 @@ def test_transparent_drawing_keeps_its_strokes():
     assert pixels[8, 8] < 10 and pixels[0, 0] > 245 and (pixels > 245).mean() > 0.8
 
 
-def test_episodes_from_split_folders_and_a_cache_that_survives_a_move(tmp_path):
+def test_episodes_from_split_folders_and_a_cache_that_survives_a_move(tmp_path, monkeypatch):
     """ROOT/train and ROOT/test of class folders: 3-way 1-shot episodes of the training classes, test tasks
     identical in two processes' families, standardised with the training classes' statistics. The dataset folder
-    is never written (the cache goes to data.cache_dir), and the same dataset copied elsewhere (times kept) is
-    found in the cache again rather than decoded anew.
+    is read-only (the cache goes to data.cache_dir), and the same dataset copied elsewhere (times kept) is found
+    in the cache again rather than decoded anew.
 
     Catches a cache written beside read-only data, a fingerprint of absolute paths (rebuilt after a move), test
     classes leaking into training, and test sets that differ between processes."""
+    import dif_maml_dist.tasks.image_folder as image_folder
+    from tests.helpers import read_only
+
     data = tmp_path / "data"
     make_classes(data / "train", {f"t{i}": 4 for i in range(4)})
     make_classes(data / "test", {f"e{i}": 3 for i in range(3)}, seed=1)
     cache = tmp_path / "cache"
-    before = sorted(p.relative_to(data) for p in data.rglob("*"))
-    family = ImageFolderFamily(cfg_for(root=data, cache_dir=cache))
-    batch = family.sampler(0, 1).sample(torch.Generator().manual_seed(0), 2)
+    with read_only(data):
+        family = ImageFolderFamily(cfg_for(root=data, cache_dir=cache))
+        batch = family.sampler(0, 1).sample(torch.Generator().manual_seed(0), 2)
+        tests_a = family.eval_set(5, 4).slice(0, 4)
+        tests_b = ImageFolderFamily(cfg_for(root=data, cache_dir=cache)).eval_set(5, 4).slice(0, 4)
     assert batch.support_x.shape == (2, 3, 1, 16, 16) and batch.query_x.shape == (2, 6, 1, 16, 16)
     assert sorted(batch.support_y[0].tolist()) == [0, 1, 2]
     assert abs(float(batch.support_x.mean())) < 1.0  # standardised
-    tests_a = family.eval_set(5, 4).slice(0, 4)
-    tests_b = ImageFolderFamily(cfg_for(root=data, cache_dir=cache)).eval_set(5, 4).slice(0, 4)
     assert torch.equal(tests_a.query_x, tests_b.query_x)
-    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
-    cached = sorted(p.name for p in cache.glob("*.pt"))
+    cached = {p: p.stat().st_mtime_ns for p in cache.glob("*.pt")}
     assert len(cached) == 2  # one per split folder
     moved = tmp_path / "elsewhere" / "data"
     shutil.copytree(data, moved)  # copy2 keeps modification times, as a move does
+    monkeypatch.setattr(image_folder, "decode", lambda *a: pytest.fail("decoded again although cached"))
     ImageFolderFamily(cfg_for(root=moved, cache_dir=cache)).sampler(0, 1)
-    assert sorted(p.name for p in cache.glob("*.pt")) == cached
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.pt")} == cached
 
 
 def test_each_agents_own_class_folders_train_through_the_command(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -53,39 +54,74 @@ def csv_fixture(root: Path, split: str, classes: int = 3, per_class: int = 4, si
 def test_both_layouts_give_the_same_classes(tmp_path, layout):
     """Classes sorted by name, images grouped by class as [C, n, 3, 84, 84] uint8, colours preserved; the second
     load comes from the cache file, and a changed dataset rebuilds it (catches a stale cache used silently)."""
-    (pickle_fixture if layout == "pickle" else csv_fixture)(tmp_path, "train")
-    data = load_miniimagenet(tmp_path, "train")
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    (pickle_fixture if layout == "pickle" else csv_fixture)(root, "train")
+    data = load_miniimagenet(root, "train", cache_dir=cache)
     assert data.images.shape == (3, 4, 3, 84, 84) and data.images.dtype == torch.uint8
     assert data.classes == ("n00000000", "n00000001", "n00000002")
     for c in range(3):
         mean = data.images[c].float().mean(dim=(0, 2, 3))
         assert torch.allclose(mean, torch.tensor(class_color(c), dtype=torch.float), atol=3.0)  # JPEG tolerance
-    assert (tmp_path / "miniimagenet-train-84.pt").is_file()
-    assert torch.equal(load_miniimagenet(tmp_path, "train").images, data.images)
+    assert len(list(cache.glob("miniimagenet-train-84-*.pt"))) == 1
+    assert torch.equal(load_miniimagenet(root, "train", cache_dir=cache).images, data.images)
     # The dataset changes (one more class): the cache follows it instead of serving the old classes.
-    (pickle_fixture if layout == "pickle" else csv_fixture)(tmp_path, "train", classes=4)
-    assert load_miniimagenet(tmp_path, "train").classes[-1] == "n00000003"
+    (pickle_fixture if layout == "pickle" else csv_fixture)(root, "train", classes=4)
+    assert load_miniimagenet(root, "train", cache_dir=cache).classes[-1] == "n00000003"
+
+
+@pytest.mark.parametrize("layout", ["pickle", "csv"])
+def test_read_only_dataset_moved_or_holding_only_an_old_cache(tmp_path, monkeypatch, layout):
+    """A read-only dataset folder is decoded into data.cache_dir and read from there; the same files copied to
+    another path with their times reuse that cache (not decoded again, the file untouched); a folder that holds
+    only the cache earlier versions wrote into it (ROOT/miniimagenet-train-84.pt) is read as it is, writing
+    nothing. Catches the cache written into the dataset folder (OSError: Read-only file system), a fingerprint of
+    absolute paths (rebuilt for every mount point), and a cache-only dataset refused as missing."""
+    import dif_maml_dist.tasks.miniimagenet as miniimagenet
+    from tests.helpers import read_only
+
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    (pickle_fixture if layout == "pickle" else csv_fixture)(root, "train")
+    with read_only(root):
+        built = load_miniimagenet(root, "train", cache_dir=cache)
+    [path] = cache.glob("*.pt")
+    stamp = path.stat().st_mtime_ns
+    moved = tmp_path / "elsewhere" / "mnt"
+    shutil.copytree(root, moved)  # copy2 keeps modification times, as a move does
+    for decode in ("_from_pickle", "_from_csv"):
+        monkeypatch.setattr(miniimagenet, decode, lambda *a: pytest.fail("decoded again although cached"))
+    with read_only(moved):
+        assert torch.equal(load_miniimagenet(moved, "train", cache_dir=cache).images, built.images)
+    assert list(cache.glob("*.pt")) == [path] and path.stat().st_mtime_ns == stamp
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy2(path, alone / "miniimagenet-train-84.pt")
+    with read_only(alone):
+        old = load_miniimagenet(alone, "train", cache_dir=tmp_path / "other")
+        assert torch.equal(old.images, built.images) and old.mean == built.mean
+        del old
+    assert not (tmp_path / "other").exists()
 
 
 def test_bad_data_errors_name_the_file(tmp_path):
     """Missing split, a CSV naming a missing image, a corrupted JPEG, a broken pickle: one line each, saying
     which file; no cache is written."""
+    cache = tmp_path / "cache"
     pickle_fixture(tmp_path / "p", "train")
     with pytest.raises(ValueError, match=r"MiniImagenet val split not found in .*: expected mini-imagenet-cache-val"):
-        load_miniimagenet(tmp_path / "p", "val")
+        load_miniimagenet(tmp_path / "p", "val", cache_dir=cache)
     csv_fixture(tmp_path / "c", "test")
     (tmp_path / "c/images/n0000000100000002.jpg").unlink()
     with pytest.raises(ValueError, match=r"test\.csv names n0000000100000002\.jpg, which is not in"):
-        load_miniimagenet(tmp_path / "c", "test")
+        load_miniimagenet(tmp_path / "c", "test", cache_dir=cache)
     csv_fixture(tmp_path / "d", "test")
     (tmp_path / "d/images/n0000000200000001.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     with pytest.raises(ValueError, match=r"cannot decode MiniImagenet image .*n0000000200000001\.jpg"):
-        load_miniimagenet(tmp_path / "d", "test")
+        load_miniimagenet(tmp_path / "d", "test", cache_dir=cache)
     (tmp_path / "e").mkdir()
     (tmp_path / "e/mini-imagenet-cache-train.pkl").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"cannot read MiniImagenet pickle"):
-        load_miniimagenet(tmp_path / "e", "train")
-    assert not list(tmp_path.glob("*/miniimagenet-*.pt"))
+        load_miniimagenet(tmp_path / "e", "train", cache_dir=cache)
+    assert not list(tmp_path.glob("**/miniimagenet-*.pt"))
 
 
 def family(root: Path, **task) -> MiniImagenetFamily:

@@ -4,6 +4,8 @@ real dataset from ../shared/data)."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -56,34 +58,75 @@ def test_reader_builds_a_cache_once_in_the_documented_layout(tmp_path, monkeypat
 
 def test_cache_is_rebuilt_when_the_dataset_changes_and_a_foreign_file_is_refused(tmp_path):
     """A cache follows its dataset: more characters extracted after the first run (or a drawing replaced) rebuild it
-    with them; once the PNG folders are gone the cache alone still serves. A truncated cache or a file that is not
-    one of ours at the cache's path is a one-line error naming it, and is left as it was.
+    with them. A truncated cache or a file that is not one of ours at the cache's path is a one-line error naming
+    it, and is left as it was.
     Catches: a stale cache used silently (the new characters missing from training and test), a traceback from a
     broken cache file, and a user's file overwritten."""
-    make_fixture(tmp_path, LAYOUT)
-    first = load_omniglot(tmp_path, progress=False)
+    data, cache = make_fixture(tmp_path / "data", LAYOUT), tmp_path / "cache"
+    first = load_omniglot(data, progress=False, cache_dir=cache)
     assert first.images.shape[0] == 7
     extra = tmp_path / "more"
     make_fixture(extra, {"images_evaluation": {"Delta": 1}})
-    (extra / "omniglot-py/images_evaluation/Delta").rename(tmp_path / "omniglot-py/images_evaluation/Delta")
-    grown = load_omniglot(tmp_path, progress=False)
+    (extra / "omniglot-py/images_evaluation/Delta").rename(data / "omniglot-py/images_evaluation/Delta")
+    grown = load_omniglot(data, progress=False, cache_dir=cache)
     assert grown.images.shape[0] == 8 and "evaluation/Delta" in grown.alphabets
-    png = next((tmp_path / "omniglot-py/images_background/Alpha/character01").glob("*.png"))
+    png = next((data / "omniglot-py/images_background/Alpha/character01").glob("*.png"))
     Image.fromarray(np.zeros((105, 105), dtype=bool)).save(png)  # an all-ink drawing replaces the first one
-    assert not torch.equal(load_omniglot(tmp_path, progress=False).images, grown.images)
-    cache = tmp_path / "omniglot-py/cache-28.pt"
-    for part in ("images_background", "images_evaluation"):
-        (tmp_path / "omniglot-py" / part).rename(tmp_path / part)
-    assert load_omniglot(tmp_path, progress=False).images.shape[0] == 8  # the cache is all there is now
-    for content, expect in ((cache.read_bytes()[:1000], "is not a readable dataset cache"),
+    before = set(cache.glob("*.pt"))
+    assert not torch.equal(load_omniglot(data, progress=False, cache_dir=cache).images, grown.images)
+    [built] = set(cache.glob("*.pt")) - before
+    for content, expect in ((built.read_bytes()[:1000], "is not a readable dataset cache"),
                             (b"my notes", "is not a readable dataset cache")):
-        cache.write_bytes(content)
-        with pytest.raises(ValueError, match=f"cache-28.pt {expect} .*delete it"):
-            load_omniglot(tmp_path, progress=False)
-        assert cache.read_bytes() == content
-    torch.save({"weights": torch.zeros(3)}, cache)  # a readable file, but not a dataset cache
-    with pytest.raises(ValueError, match="cache-28.pt is not a dataset cache written by dif_maml_dist"):
-        load_omniglot(tmp_path, progress=False)
+        built.write_bytes(content)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(built))} {expect} .*delete it"):
+            load_omniglot(data, progress=False, cache_dir=cache)
+        assert built.read_bytes() == content
+    torch.save({"weights": torch.zeros(3)}, built)  # a readable file, but not a dataset cache
+    with pytest.raises(ValueError, match=f"^{re.escape(str(built))} is not a dataset cache written by dif_maml_dist"):
+        load_omniglot(data, progress=False, cache_dir=cache)
+
+
+def test_read_only_dataset_is_cached_in_cache_dir_and_found_again_after_a_move(tmp_path, monkeypatch):
+    """A read-only dataset folder (as the compose cluster mounts /data) is decoded into data.cache_dir, with
+    data.download=true too (the dataset is there: no download lock taken in it), and read from there on the next
+    load; the same files copied to another path with their times are served from that cache, not decoded again.
+    Catches the cache or its lock written into the dataset folder (OSError: Read-only file system), and a
+    fingerprint of absolute paths, which rebuilds the cache for every mount point."""
+    import dif_maml_dist.tasks.omniglot as omniglot
+    from tests.helpers import read_only
+
+    data, cache = make_fixture(tmp_path / "data", LAYOUT), tmp_path / "cache"
+    files = sorted(p.relative_to(data) for p in data.rglob("*"))
+    with read_only(data):
+        built = load_omniglot(data, progress=False, download=True, cache_dir=cache)
+        [path] = cache.glob("omniglot-28-*.pt")
+        stamp = path.stat().st_mtime_ns
+        monkeypatch.setattr(omniglot, "decode_all", lambda *a: pytest.fail("decoded again although cached"))
+        assert torch.equal(load_omniglot(data, progress=False, cache_dir=cache).images, built.images)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == files
+    moved = tmp_path / "elsewhere" / "mnt"
+    shutil.copytree(data, moved)  # copy2 keeps modification times, as a move does
+    assert torch.equal(load_omniglot(moved, progress=False, cache_dir=cache).images, built.images)
+    assert list(cache.glob("*.pt")) == [path] and path.stat().st_mtime_ns == stamp
+
+
+def test_a_dataset_folder_holding_only_an_old_cache_is_read_and_not_written(tmp_path):
+    """Earlier versions cached into the dataset folder (ROOT/omniglot-py/cache-28.pt); a folder that holds only that
+    file, the PNGs deleted, still serves, read-only and without writing any cache elsewhere. Catches a cache-only
+    dataset refused as missing, or rewritten."""
+    from tests.helpers import read_only
+
+    data = make_fixture(tmp_path / "data", LAYOUT)
+    built = load_omniglot(data, progress=False, cache_dir=tmp_path / "cache")
+    [path] = (tmp_path / "cache").glob("*.pt")
+    shutil.copy2(path, data / "omniglot-py/cache-28.pt")
+    for part in ("images_background", "images_evaluation"):
+        shutil.rmtree(data / "omniglot-py" / part)
+    with read_only(data):
+        alone = load_omniglot(data, progress=False, cache_dir=tmp_path / "other")
+        assert torch.equal(alone.images, built.images) and alone.alphabets == built.alphabets
+        del alone
+    assert not (tmp_path / "other").exists()
 
 
 def test_bad_data_errors_name_the_file_or_folder(tmp_path):
@@ -99,8 +142,8 @@ def test_bad_data_errors_name_the_file_or_folder(tmp_path):
     bad = tmp_path / "b/omniglot-py/images_evaluation/Gamma/character01/0005_03.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     with pytest.raises(ValueError, match=r"cannot decode Omniglot image .*Gamma/character01/0005_03\.png"):
-        load_omniglot(tmp_path / "b", progress=False)
-    assert not (tmp_path / "b/omniglot-py/cache-28.pt").exists()  # no half-written cache
+        load_omniglot(tmp_path / "b", progress=False, cache_dir=tmp_path / "cache")
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".lock"]  # no cache, not even half-written
 
 
 def test_download_fetches_both_halves_once_through_torchvision(tmp_path, monkeypatch):
@@ -123,8 +166,7 @@ def test_download_fetches_both_halves_once_through_torchvision(tmp_path, monkeyp
     data = load_omniglot(tmp_path / "d", progress=False, download=True)
     assert calls == [(str(tmp_path / "d"), True, True), (str(tmp_path / "d"), False, True)]
     assert data.images.shape[0] == 7
-    (tmp_path / "d/omniglot-py/cache-28.pt").unlink()
-    load_omniglot(tmp_path / "d", progress=False, download=True)
+    load_omniglot(tmp_path / "d", progress=False, download=True, cache_dir=tmp_path / "elsewhere")  # decoded anew
     assert len(calls) == 2
 
     class Offline:

@@ -1,5 +1,9 @@
 """Decoded datasets cached as one tensor file, built once even when every rank of a node asks at the same time, and
-rebuilt when the dataset it was built from has changed."""
+rebuilt when the dataset it was built from has changed.
+
+Caches live in a folder of their own (``data.cache_dir``), never in the dataset's folder, which may be read-only
+(a cluster mounts its data so); a cache is named by a fingerprint of the dataset's files relative to its root,
+so the same files moved or mounted elsewhere find their cache again."""
 
 from __future__ import annotations
 
@@ -28,13 +32,20 @@ def exclusive(lock_path: Path) -> Iterator[None]:
 FORMAT = 1
 
 
-def source_fingerprint(files: Iterable[Path], **settings: Any) -> str:
-    """A hash of what a cache is built from: every source file's path, size and modification time, the settings
-    (e.g. the image size) and :data:`FORMAT`. Any file added, removed, replaced or touched changes it."""
+def default_cache_dir() -> Path:
+    """Where caches go when ``data.cache_dir`` is not set: ``$XDG_CACHE_HOME/dif_maml_dist``, else
+    ``~/.cache/dif_maml_dist``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dif_maml_dist"
+
+
+def source_fingerprint(root: Path, files: Iterable[Path], **settings: Any) -> str:
+    """A hash of what a cache is built from: every source file's path relative to ``root`` (so that it survives a
+    move or another mount point), size and modification time, the settings (e.g. the image size) and
+    :data:`FORMAT`. Any file added, removed, replaced or touched changes it."""
     h = hashlib.sha256(json.dumps({"format": FORMAT, **settings}, sort_keys=True).encode())
     for f in files:
         st = os.stat(f)
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{Path(f).relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -79,7 +90,14 @@ def load_or_build(path: Path, build: Callable[[], dict[str, Any]], fingerprint: 
         if fingerprint is None or data.get("fingerprint") == fingerprint:
             return data
     assert fingerprint is not None, f"no cache at {path} and no sources to build one from"
-    with exclusive(path.with_name(path.name + ".lock")):
+    lock = path.with_name(path.name + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.touch()
+    except OSError as err:  # read-only, another user's, or /proc: a setting to change, not a traceback
+        raise ValueError(f"cannot write the dataset cache into {path.parent} ({err.strerror or err}): set "
+                         f"data.cache_dir=DIR to a folder you can write to") from None
+    with exclusive(lock):
         if path.is_file():  # built or rebuilt by another rank meanwhile?
             if _read(path).get("fingerprint") == fingerprint:
                 return torch.load(path, weights_only=True, mmap=True)
@@ -87,3 +105,18 @@ def load_or_build(path: Path, build: Callable[[], dict[str, Any]], fingerprint: 
                   flush=True)
         _write(path, {**build(), "fingerprint": fingerprint})
     return torch.load(path, weights_only=True, mmap=True)
+
+
+def load_cached(cache_dir: Optional[str | Path], name: str, build: Callable[[], dict[str, Any]],
+                fingerprint: Optional[str], legacy: Optional[Path] = None) -> dict[str, Any]:
+    """The cache ``NAME-<fingerprint>.pt`` in ``cache_dir`` (``None``: :func:`default_cache_dir`), built by
+    ``build()`` if missing; see :func:`load_or_build`. The dataset's folder is never written.
+
+    ``fingerprint`` is ``None`` when the dataset's sources are gone and only ``legacy`` is left: a cache that
+    earlier versions wrote inside the dataset folder, read as it is. With the sources there, ``legacy`` is not
+    used: it was fingerprinted with absolute paths, so it cannot be checked against the files."""
+    if fingerprint is None:
+        assert legacy is not None and legacy.is_file(), f"{name}: neither the dataset's files nor a cache"
+        return load_or_build(legacy, build, None)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return load_or_build(folder / f"{name}-{fingerprint[:32]}.pt", build, fingerprint)

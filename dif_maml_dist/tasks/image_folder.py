@@ -7,16 +7,13 @@ reads its training classes from its own folder (``data.agent_root``) or from the
 classes come from ``data.test_root`` (a folder every node holds), the shared root's test split, or, with each
 agent's own data and no ``data.test_root``, each agent's own test split (``held_out_set``). Images are read with PIL, composited onto white when transparent, converted
 to grayscale or RGB (``task.channels``) and resized to ``task.image_size``; with shared data, pixels are
-standardised with the training classes' channel statistics only. Every folder is decoded once into a cache file in ``data.cache_dir``
-named by a fingerprint of the folder's contents (relative paths, sizes, modification times), so a dataset moved
-or mounted elsewhere, or read-only, is found again.
+standardised with the training classes' channel statistics only. Every folder is decoded once into a cache file in
+``data.cache_dir`` (see :mod:`dif_maml_dist.tasks.cache`), so a dataset moved or mounted elsewhere, or read-only, is
+found again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -29,7 +26,7 @@ import torch.nn.functional as F
 from dif_maml_dist import seeding
 from dif_maml_dist.config import Config
 from dif_maml_dist.learning.models import Conv4
-from dif_maml_dist.tasks.cache import FORMAT, load_or_build
+from dif_maml_dist.tasks.cache import load_cached, source_fingerprint
 from dif_maml_dist.tasks.custom import agent_root
 from dif_maml_dist.tasks.episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
 
@@ -44,10 +41,6 @@ class FolderImages:
 
     images: torch.Tensor
     classes: tuple[str, ...]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dif_maml_dist"
 
 
 def class_folders(root: Path) -> list[Path]:
@@ -81,42 +74,31 @@ def decode(path: Path, channels: int, size: int) -> np.ndarray:
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
-def fingerprint(folders: list[Path], root: Path, channels: int, size: int) -> str:
-    """Of the images under ``root``: relative paths, sizes and modification times (the same after a move or under
-    another mount point), and the decoding settings."""
-    h = hashlib.sha256(json.dumps({"format": FORMAT, "channels": channels, "size": size}).encode())
-    for folder in folders:
-        for f in _images_of(folder):
-            st = f.stat()
-            h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def load_folder(root: Path, channels: int, size: int, need: int, cache_dir: Optional[Path]) -> FolderImages:
+def load_folder(root: Path, channels: int, size: int, need: int,
+                cache_dir: Optional[str | Path]) -> FolderImages:
     """Every class folder of ``root`` decoded (from the cache when it holds them). Classes are cut to the smallest
     class's image count; a class with fewer than ``need`` images is a ``ValueError`` naming it."""
     root = Path(root)
     folders = class_folders(root)
-    counts = {f: len(_images_of(f)) for f in folders}
-    short = [f for f, n in counts.items() if n < need]
+    files = {f: _images_of(f) for f in folders}
+    short = [f for f, images in files.items() if len(images) < need]
     if short:
-        raise ValueError(f"class folder {short[0]} holds {counts[short[0]]} images, fewer than the {need} an episode "
-                         f"takes from a class (task.k_shot + task.q_query)")
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    key = fingerprint(folders, root, channels, size)
+        raise ValueError(f"class folder {short[0]} holds {len(files[short[0]])} images, fewer than the {need} an "
+                         f"episode takes from a class (task.k_shot + task.q_query)")
+    key = source_fingerprint(root, [f for images in files.values() for f in images], dataset="image_folder",
+                             channels=channels, size=size)
 
     def build() -> dict:
-        n = min(counts.values())
+        n = min(len(images) for images in files.values())
         images = np.zeros((len(folders), n, channels, size, size), dtype=np.uint8)
         for c, folder in enumerate(folders):
-            for i, f in enumerate(_images_of(folder)):
+            for i, f in enumerate(files[folder]):
                 pixels = decode(f, channels, size)  # every file, so that a bad one is named even if cut
                 if i < n:
                     images[c, i] = pixels
         return {"images": torch.from_numpy(images), "classes": [f.name for f in folders]}
 
-    data = load_or_build(cache_dir / f"image_folder-{key[:32]}.pt", build, key)
+    data = load_cached(cache_dir, f"image_folder-{size}", build, key)
     return FolderImages(data["images"], tuple(data["classes"]))
 
 

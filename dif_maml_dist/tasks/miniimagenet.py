@@ -7,9 +7,9 @@ Two common layouts are read:
   file: only point ``data.root`` at files you trust;
 - Ravi & Larochelle's ``ROOT/images/*.jpg`` with ``ROOT/{train,val,test}.csv`` (header ``filename,label``).
 
-Either way the split is decoded once into ``ROOT/miniimagenet-{split}-{size}.pt`` (``weights_only`` loadable), with
-the split's per-channel pixel mean and standard deviation. Training uses the ``train`` split, evaluation the ``test``
-split; ``val`` is read only if asked for.
+Either way the split is decoded once into a cache file in ``data.cache_dir`` (``weights_only`` loadable; see
+:mod:`dif_maml_dist.tasks.cache`), with the split's per-channel pixel mean and standard deviation; the dataset folder
+is only read. Training uses the ``train`` split, evaluation the ``test`` split; ``val`` is read only if asked for.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import csv
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from dif_maml_dist import seeding
 from dif_maml_dist.config import Config
 from dif_maml_dist.learning.models import Conv4
-from dif_maml_dist.tasks.cache import load_or_build, source_fingerprint
+from dif_maml_dist.tasks.cache import load_cached, source_fingerprint
 from dif_maml_dist.tasks.episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
 
 SPLITS = ("train", "val", "test")
@@ -102,17 +103,19 @@ def _from_csv(root: Path, split: str, size: int) -> tuple[np.ndarray, list[str]]
     return out, names
 
 
-def load_miniimagenet(root: Path, split: str, size: int = 84) -> ClassImages:
-    """One split's images (decoded and cached on first use). Raises ``ValueError`` naming what is missing."""
+def load_miniimagenet(root: Path, split: str, size: int = 84, cache_dir: Optional[str | Path] = None) -> ClassImages:
+    """One split's images (decoded and cached in ``cache_dir`` on first use). A ``root`` that holds only
+    ``miniimagenet-{split}-{size}.pt`` (as earlier versions wrote it there) is read from that file. Raises
+    ``ValueError`` naming what is missing."""
     if split not in SPLITS:
         raise ValueError(f"unknown MiniImagenet split {split!r}; choose one of: {', '.join(SPLITS)}")
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"MiniImagenet root {root} is not a folder; set data.root=DIR to the folder holding "
                          f"mini-imagenet-cache-{{train,test}}.pkl, or images/ with train.csv and test.csv")
-    cache = root / f"miniimagenet-{split}-{size}.pt"
+    legacy = root / f"miniimagenet-{split}-{size}.pt"
     pkl, table, image_dir = root / f"mini-imagenet-cache-{split}.pkl", root / f"{split}.csv", root / "images"
-    if not (cache.is_file() or pkl.is_file() or (table.is_file() and image_dir.is_dir())):
+    if not (legacy.is_file() or pkl.is_file() or (table.is_file() and image_dir.is_dir())):
         raise ValueError(f"MiniImagenet {split} split not found in {root}: expected mini-imagenet-cache-{split}.pkl, "
                          f"or {split}.csv with an images/ folder")
 
@@ -124,13 +127,13 @@ def load_miniimagenet(root: Path, split: str, size: int = 84) -> ClassImages:
                 "std": (pixels.std(axis=0, dtype=np.float64) / 255.0).tolist()}
 
     if pkl.is_file():
-        fingerprint = source_fingerprint([pkl], dataset="miniimagenet", split=split, size=size)
+        fingerprint = source_fingerprint(root, [pkl], dataset="miniimagenet", split=split, size=size)
     elif table.is_file() and image_dir.is_dir():
-        fingerprint = source_fingerprint([table, *sorted(image_dir.iterdir())], dataset="miniimagenet", split=split,
-                                         size=size)
+        fingerprint = source_fingerprint(root, [table, *sorted(image_dir.iterdir())], dataset="miniimagenet",
+                                         split=split, size=size)
     else:  # only the cache is left
         fingerprint = None
-    data = load_or_build(cache, build, fingerprint)
+    data = load_cached(cache_dir, f"miniimagenet-{split}-{size}", build, fingerprint, legacy)
     return ClassImages(data["images"], tuple(data["classes"]), tuple(data["mean"]), tuple(data["std"]))
 
 
@@ -149,8 +152,8 @@ class MiniImagenetFamily:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         root, size = Path(cfg.data.root), cfg.task.image_size
-        self.train = load_miniimagenet(root, "train", size)
-        self.test = load_miniimagenet(root, "test", size)
+        self.train = load_miniimagenet(root, "train", size, cfg.data.cache_dir)
+        self.test = load_miniimagenet(root, "test", size, cfg.data.cache_dir)
 
     def build_model(self) -> Conv4:
         t = self.cfg.task

@@ -2,8 +2,9 @@
 
 Reads torchvision's on-disk layout directly (``ROOT/omniglot-py/images_background|images_evaluation/<alphabet>/
 <character>/*.png``), so it also works on a copy without the original zip files, which torchvision's own
-``Omniglot`` class insists on. PNGs are decoded once into ``ROOT/omniglot-py/cache-<size>.pt`` (uint8, one row
-per character); a run never decodes images per step.
+``Omniglot`` class insists on. PNGs are decoded once into a cache file in ``data.cache_dir`` (uint8, one row per
+character; see :mod:`dif_maml_dist.tasks.cache`), so a run never decodes images per step and the dataset folder
+may be read-only.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from dif_maml_dist import seeding
 from dif_maml_dist.config import Config
 from dif_maml_dist.learning.models import Conv4
-from dif_maml_dist.tasks.cache import exclusive, load_or_build, source_fingerprint
+from dif_maml_dist.tasks.cache import exclusive, load_cached, source_fingerprint
 from dif_maml_dist.tasks.episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
@@ -91,6 +92,8 @@ def decode_all(root: Path, size: int = 28, progress: bool = True) -> dict:
 def download_omniglot(root: Path) -> None:
     """Fetch both halves of Omniglot into ``root`` through torchvision (needs internet), unless already there."""
     root = Path(root)
+    if all((root / "omniglot-py" / part).is_dir() for part in (BACKGROUND, EVALUATION)):
+        return  # nothing to fetch: no lock either, so that a read-only dataset folder serves with download=true
     root.mkdir(parents=True, exist_ok=True)
     with exclusive(root / "omniglot-py.download.lock"):
         for background, part in ((True, BACKGROUND), (False, EVALUATION)):
@@ -114,18 +117,22 @@ def _fingerprint(root: Path, size: int) -> Optional[str]:
     if not all((base / part).is_dir() for part in (BACKGROUND, EVALUATION)):
         return None
     files = [f for _, folder in character_folders(root) for f in sorted(folder.glob("*.png"))]
-    return source_fingerprint(files, dataset="omniglot", size=size)
+    return source_fingerprint(root, files, dataset="omniglot", size=size)
 
 
-def load_omniglot(root: Path, size: int = 28, progress: bool = True, download: bool = False) -> OmniglotImages:
-    """The images, from ``ROOT/omniglot-py/cache-<size>.pt`` (decoded and written on first use; with
-    ``download``, fetched through torchvision first if the folders are missing)."""
-    path = Path(root) / "omniglot-py" / f"cache-{size}.pt"
-    if not path.is_file():
-        if download:
-            download_omniglot(root)
-        character_folders(root)  # a missing dataset is reported before anything is written
-    data = load_or_build(path, lambda: decode_all(root, size, progress), _fingerprint(root, size))
+def load_omniglot(root: Path, size: int = 28, progress: bool = True, download: bool = False,
+                  cache_dir: Optional[str | Path] = None) -> OmniglotImages:
+    """The images, from a cache in ``cache_dir`` (decoded and written there on first use; with ``download``,
+    fetched through torchvision into ``root`` first if the folders are missing). A ``root`` that holds only
+    ``omniglot-py/cache-<size>.pt`` (as earlier versions wrote it there) is read from that file."""
+    root = Path(root)
+    legacy = root / "omniglot-py" / f"cache-{size}.pt"
+    if download and not legacy.is_file():
+        download_omniglot(root)
+    fingerprint = _fingerprint(root, size)
+    if fingerprint is None and not legacy.is_file():
+        character_folders(root)  # says which folder is missing
+    data = load_cached(cache_dir, f"omniglot-{size}", lambda: decode_all(root, size, progress), fingerprint, legacy)
     return OmniglotImages(data["images"], tuple(data["alphabets"]), tuple(data["characters"]))
 
 
@@ -185,7 +192,8 @@ class OmniglotFamily:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         t = cfg.task
-        self.data = load_omniglot(Path(cfg.data.root), t.image_size, download=cfg.data.download)
+        self.data = load_omniglot(Path(cfg.data.root), t.image_size, download=cfg.data.download,
+                                  cache_dir=cfg.data.cache_dir)
         self.split = (background_evaluation_split(self.data, t.val_alphabets, t.split_seed)
                       if t.split == "background_evaluation" else split_classes(self.data.num_classes, t.split_seed))
 
