@@ -1,5 +1,5 @@
 """What a kind of task provides: the task-family protocol, which the built-in families (sinusoid, Omniglot,
-MiniImagenet) implement and a user's own family implements too (``task=custom task._target_=pkg.module.Family``,
+MiniImagenet, class folders, tables) implement and a user's own family implements too (``task=custom task._target_=pkg.module.Family``,
 README "Your own problem").
 
 A family is built once per process as ``Family(cfg, **task.args)`` (``cfg``: the run's
@@ -60,6 +60,7 @@ class TaskFamily(Protocol):
 
 #: The protocol's members, in the order a missing one is named.
 REQUIRED_MEMBERS = ("criterion", "metric", "eval_chunk", "build_model", "sampler", "eval_set")
-#: Members a family may add: ``val_set(seed, num_tasks)`` (train.validate=true) and ``image(path)`` (evaluate
-#: --episodes on a folder of the user's images).
-OPTIONAL_MEMBERS = ("val_set", "image")
+#: Members a family may add: ``val_set(seed, num_tasks)`` (train.validate=true), ``image(path)`` (evaluate
+#: --episodes on a folder of the user's images) and ``episode(path)`` (evaluate --episodes on the user's
+#: ``<episode>.csv`` files, read by the family itself as a one-task batch).
+OPTIONAL_MEMBERS = ("val_set", "image", "episode")
