@@ -38,33 +38,46 @@ class TaskConfig:
     phase_max: float = math.pi
     x_min: float = -5.0  #: input range of the sampled points
     x_max: float = 5.0
-    num_support: int = 10  #: points per task used for adaptation (x_in, "K-shot")
+    num_support: int = 10  #: points (table_tasks regression: rows) per task used for adaptation (x_in, "K-shot")
     num_query: int = 10  #: points per task used for the meta-loss (x_o), drawn separately from the support
     meta_batch: int = 1  #: tasks per agent per iteration (|S_k|)
     eval_tasks: int = 1000  #: size of the shared test set (full amplitude/phase range), identical on every agent
     final_eval_tasks: Optional[int] = None  #: test tasks for the final figures (None: the eval_tasks set)
-    # -- few-shot classification (omniglot, miniimagenet) --
+    # -- few-shot classification (omniglot, miniimagenet, image_folder, table_tasks classification) --
     n_way: int = 5  #: classes per task
     k_shot: int = 1  #: support images per class
     q_query: int = 15  #: query images per class
     image_size: int = 28  #: images are resized to image_size x image_size (28 Omniglot, 84 MiniImagenet)
     rotations: bool = True  #: rotations by 90, 180, 270 degrees count as extra training classes (Omniglot)
     channels: int = 1  #: image_folder: 1 (grayscale) or 3 (RGB); transparent images are composited onto white
-    #: training classes per agent: same (all), disjoint_classes (a partition), alphabets (whole alphabets, Omniglot)
+    #: training classes per agent: same (all), disjoint_classes (a partition), alphabets (whole alphabets, Omniglot);
+    #: table_tasks: of the shared training files
     sharing: str = "same"
-    split_seed: int = 0  #: Omniglot: seed of the train / validation / test character split (MiniImagenet has its own)
+    #: Omniglot: seed of the train / validation / test character split (MiniImagenet has its own); image_folder,
+    #: table_tasks: of the class or file split when the folders do not give it
+    split_seed: int = 0
     #: Omniglot's protocol, one of SPLITS: random (1623 characters split 1100 / 100 / 423 at random with
     #: split_seed: Finn et al.'s MAML protocol) or background_evaluation (Lake et al.'s: train on the 30 background
     #: alphabets, less val_alphabets of them held out for validation; test on the 20 evaluation alphabets only)
     split: str = "random"
     val_alphabets: int = 5  #: split=background_evaluation: background alphabets held out as validation (seeded)
+    # -- tables (table_tasks: one task per CSV file) --
+    #: the feature columns by name, in the model's input order; None: every column but the target of the first
+    #: file (data.test_root's with each agent's own data, else the shared training files'), and every file must
+    #: have just those columns
+    features: Optional[list[str]] = None
+    target: str = "y"  #: the target column: a number (regression) or a label, any text (classification)
+    #: one of tasks.table_tasks.TARGET_TYPES: regression (num_support + num_query rows of a file per episode, MSE)
+    #: or classification (n_way of a file's labels with k_shot + q_query rows each, cross-entropy, accuracy)
+    target_type: str = "regression"
 
 
 @dataclass
 class ModelConfig:
     """The learner."""
 
-    hidden: list[int] = field(default_factory=lambda: [40, 40])  #: sinusoid: hidden widths of the MLP (1 -> ... -> 1)
+    #: sinusoid, table_tasks: hidden widths of the MLP (inputs -> ... -> outputs)
+    hidden: list[int] = field(default_factory=lambda: [40, 40])
     filters: int = 64  #: classification: Conv4 filters per layer (64 Omniglot, 32 MiniImagenet)
     #: your own ``nn.Module`` instead of the family's model, as ``package.module.Class``, built as ``Class(**args)``
     #: (BatchNorm layers normalise with each batch's own statistics, as MAML does: README "Your own problem")

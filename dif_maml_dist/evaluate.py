@@ -88,7 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--tasks", type=int, help=f"test tasks, at most {MAX_TASKS} (default: the run's final test set)")
     ap.add_argument("--seed", type=int, help="seed of the test tasks, >= 0 (default: the run's)")
     ap.add_argument("--episodes", type=Path, help="your own episodes instead of the test split: DIR/<episode>/"
-                    "{support,query}/<class>/<image> (sinusoid: DIR/<episode>.csv with columns split,x,y)")
+                    "{support,query}/<class>/<image> (sinusoid: DIR/<episode>.csv with columns split,x,y; "
+                    "table_tasks: DIR/<episode>.csv with columns split and the run's features and target)")
     ap.add_argument("--json", help="where the figures go (default RUN_DIR/evaluation.json)")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     ap.add_argument("--data-root", help="the dataset's folder, if it is no longer where the run found it")

@@ -183,7 +183,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     args, expect = {
         "unknown_task": (["task=imagenet"], "unknown task 'imagenet'; choose one of: custom, image_folder, "
                                             "miniimagenet_5w1s, miniimagenet_5w5s, omniglot_20w1s, omniglot_20w5s, "
-                                            "omniglot_5w1s, omniglot_5w5s, sinusoid"),
+                                            "omniglot_5w1s, omniglot_5w5s, sinusoid, table_tasks"),
         "zero_lr": (["optim.lr=0"], "optim.lr must be a positive number"),
         "negative_alpha": (["maml.inner_lr=-0.01"], "maml.inner_lr must be a positive number"),
         "missing_node": (["runtime=simulate", "topology=edge_list", f"topology.edge_list={names_node_5}",

@@ -2,7 +2,8 @@
 ``ValueError`` naming the key and the fix. Names are read from each component's registry (``tasks.TASKS``,
 ``graphs.topology.GRAPHS``, ``graphs.weights.WEIGHT_RULES``, ``graphs.schedules.SCHEDULES``,
 ``gossip.combiners.STRATEGIES``, ``gossip.compression.COMPRESSORS``, ``engine.agent.OPTIMIZERS``,
-``learning.maml.META_GRADIENT_PATHS``), so a new component is a new registry entry, not a new check here."""
+``learning.maml.META_GRADIENT_PATHS``, ``tasks.TARGET_TYPES``), so a new component is a new registry entry, not a
+new check here."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from dif_maml_dist.graphs.schedules import SCHEDULES
 from dif_maml_dist.graphs.topology import GRAPHS
 from dif_maml_dist.graphs.weights import WEIGHT_RULES
 from dif_maml_dist.learning.maml import META_GRADIENT_PATHS
-from dif_maml_dist.tasks import CUSTOM, FAMILIES, TASKS, tests_held_out_per_agent
+from dif_maml_dist.tasks import CUSTOM, FAMILIES, TARGET_TYPES, TASKS, tests_held_out_per_agent
 
 
 def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
@@ -91,6 +92,19 @@ def validate(cfg: Config) -> Config:
     _positive(cfg.model.filters, "model.filters")
     if t.channels not in (1, 3):
         raise ValueError(f"task.channels must be 1 (grayscale) or 3 (RGB), got {t.channels}")
+    _choice(t.target_type, tuple(TARGET_TYPES), "task.target_type")
+    if not t.target.strip():
+        raise ValueError("task.target must name the target column, got an empty name")
+    if t.features is not None:
+        if not t.features:
+            raise ValueError("task.features=[] names no feature column: list the columns, or drop it (every column "
+                             "but the target)")
+        repeated = sorted({c for c in t.features if t.features.count(c) > 1})
+        if repeated:
+            raise ValueError(f"task.features names column {repeated[0]!r} twice")
+        if t.target in t.features:
+            raise ValueError(f"task.features holds the target column {t.target!r} (task.target): drop it from the "
+                             f"features")
 
     if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):
         raise ValueError(f"model.hidden must be a non-empty list of positive widths, got {cfg.model.hidden}")

@@ -15,13 +15,14 @@ from dif_maml_dist.tasks.miniimagenet import MiniImagenetFamily
 from dif_maml_dist.tasks.omniglot import OmniglotFamily
 from dif_maml_dist.tasks.protocol import HeldOutTasks, TaskFamily, TaskSampler, TaskSet
 from dif_maml_dist.tasks.sinusoid import SinusoidFamily, SinusoidTasks
+from dif_maml_dist.tasks.table_tasks import TARGET_TYPES, TableFamily
 
 if TYPE_CHECKING:
     from dif_maml_dist.config import Config
 
 #: task.name -> the built-in family; ``custom`` is the user's own (``task._target_``)
 FAMILIES = {"sinusoid": SinusoidFamily, "omniglot": OmniglotFamily, "miniimagenet": MiniImagenetFamily,
-            "image_folder": ImageFolderFamily}
+            "image_folder": ImageFolderFamily, "table_tasks": TableFamily}
 CUSTOM = "custom"
 TASKS = (*FAMILIES, CUSTOM)
 
@@ -85,6 +86,6 @@ def check_task_data(cfg: "Config", agents: Iterable[int], num_agents: int,
         check_model(cfg, family, sampler.sample(seeding.generator(cfg.seed, seeding.Stream.MODEL_CHECK), 1))
 
 
-__all__ = ["FAMILIES", "TASKS", "MiniImagenetFamily", "OmniglotFamily", "SinusoidFamily", "SinusoidTasks",
-           "AgentDataError", "HeldOutTasks", "TaskFamily", "TaskSampler", "TaskSet", "agent_root", "check_task_data",
-           "held_out_set", "task_family", "tests_held_out_per_agent"]
+__all__ = ["FAMILIES", "TARGET_TYPES", "TASKS", "MiniImagenetFamily", "OmniglotFamily", "SinusoidFamily",
+           "SinusoidTasks", "TableFamily", "AgentDataError", "HeldOutTasks", "TaskFamily", "TaskSampler", "TaskSet",
+           "agent_root", "check_task_data", "held_out_set", "task_family", "tests_held_out_per_agent"]

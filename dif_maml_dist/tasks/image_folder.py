@@ -102,9 +102,10 @@ def load_folder(root: Path, channels: int, size: int, need: int,
     return FolderImages(data["images"], tuple(data["classes"]))
 
 
-def drawn_split(num_classes: int, seed: int) -> dict[str, list[int]]:
-    """Class indices drawn into train / val / test with ``seed`` (at least one training and one test class)."""
-    test, val = max(1, round(num_classes * TEST_FRACTION)), round(num_classes * VAL_FRACTION)
+def drawn_split(num_classes: int, seed: int, val_fraction: float = VAL_FRACTION) -> dict[str, list[int]]:
+    """Class indices drawn into train / val / test with ``seed`` (at least one training and one test class; the
+    table family splits its files with it, without validation)."""
+    test, val = max(1, round(num_classes * TEST_FRACTION)), round(num_classes * val_fraction)
     if num_classes - test - val < 1:
         raise ValueError(f"cannot split {num_classes} classes into train, validation and test sets: add classes, or "
                          f"give the split as folders ROOT/train/<class>/ and ROOT/test/<class>/")

@@ -1,5 +1,5 @@
 """What a kind of task provides: the task-family protocol, which the built-in families (sinusoid, Omniglot,
-MiniImagenet) implement and a user's own family implements too (``task=custom task._target_=pkg.module.Family``,
+MiniImagenet, class folders, tables) implement and a user's own family implements too (``task=custom task._target_=pkg.module.Family``,
 README "Your own problem").
 
 A family is built once per process as ``Family(cfg, **task.args)`` (``cfg``: the run's
@@ -61,9 +61,10 @@ class TaskFamily(Protocol):
 #: The protocol's members, in the order a missing one is named.
 REQUIRED_MEMBERS = ("criterion", "metric", "eval_chunk", "build_model", "sampler", "eval_set")
 #: Members a family may add: ``held_out_set(agent, num_agents, seed, num_tasks)`` (each agent tested on held-out
-#: tasks of its own data: :class:`HeldOutTasks`), ``val_set(seed, num_tasks)`` (train.validate=true) and
-#: ``image(path)`` (evaluate --episodes on a folder of the user's images).
-OPTIONAL_MEMBERS = ("held_out_set", "val_set", "image")
+#: tasks of its own data: :class:`HeldOutTasks`), ``val_set(seed, num_tasks)`` (train.validate=true),
+#: ``image(path)`` (evaluate --episodes on a folder of the user's images) and ``episode(path)`` (evaluate
+#: --episodes on the user's ``<episode>.csv`` files, read by the family itself as a one-task batch).
+OPTIONAL_MEMBERS = ("held_out_set", "val_set", "image", "episode")
 
 
 class HeldOutTasks(Protocol):

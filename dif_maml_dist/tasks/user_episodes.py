@@ -4,7 +4,8 @@ Classification: ``DIR/<episode>/support/<class>/<image>`` and ``DIR/<episode>/qu
 format PIL reads; an episode's class folders, in sorted order, are its labels 0..N-1, and every image is converted
 by the task family exactly as it converts its own (``family.image``). Regression (sinusoid): ``DIR/<episode>.csv``
 with a header ``split,x,y`` and rows whose split is ``support`` or ``query`` and whose x and y are finite numbers
-(UTF-8, with or without a byte-order mark).
+(UTF-8, with or without a byte-order mark). A family with an ``episode(path)`` member (tables) reads each
+``DIR/<episode>.csv`` itself.
 
 Every mistake is a ``ValueError`` naming the file or folder.
 """
@@ -26,6 +27,13 @@ def read_episodes(root: Path, family, n_way: int | None) -> dict[str, TaskBatch]
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"episodes folder {root} does not exist")
+    episode = getattr(family, "episode", None)
+    if episode is not None:
+        files = sorted(p for p in root.glob("*.csv") if p.is_file())
+        if not files:
+            raise ValueError(f"{root} holds no episodes: expected <episode>.csv files with a column split (support "
+                             f"or query) and the run's feature and target columns")
+        return {p.stem: episode(p) for p in files}
     if n_way is None:
         files = sorted(p for p in root.glob("*.csv") if p.is_file())
         if not files:
