@@ -167,7 +167,7 @@ def test_each_agent_under_torchrun_reads_and_is_tested_on_its_own_folder_only(tm
                                   "target_with_a_built_in_task", "model_output_does_not_fit",
                                   "classifier_of_the_wrong_width", "agent_folder_missing", "agent_folder_empty",
                                   "bad_csv_cell", "agent_data_for_a_shared_dataset", "no_held_out_tasks",
-                                  "held_out_tasks_in_continue_mode"])
+                                  "held_out_tasks_in_continue_mode", "sharing_with_agent_data"])
 def test_a_users_mistake_is_one_line_naming_it(tmp_path, monkeypatch, case):
     """Each mistake in a user's family, model or data is refused before anything is written, in one line that
     names it (the member missing, the agent and the folder, the file and line). The CLI's exit status and
@@ -215,6 +215,8 @@ def test_a_users_mistake_is_one_line_naming_it(tmp_path, monkeypatch, case):
                               "which tests.user_code.SharedTestsOnly does not provide (held_out_set"),
         "held_out_tasks_in_continue_mode": ([*CUSTOM, *local[:3], "runtime.on_peer_failure=continue"],
                                             "would read every agent's held-out data: set data.test_root=DIR"),
+        "sharing_with_agent_data": (["task=image_folder", *local, "task.sharing=disjoint_classes"],
+                                    "with data.agent_root each agent has data of its own: drop task.sharing"),
     }[case]
     run_dir = tmp_path / "run"
     with pytest.raises(ValueError) as refused:

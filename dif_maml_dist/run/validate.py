@@ -89,6 +89,9 @@ def validate(cfg: Config) -> Config:
         readers = [name for name, family in FAMILIES.items() if family.reads_agent_data]
         raise ValueError(f"task={t.name} reads one shared dataset (data.root); each agent's own data "
                          f"(data.agent_root) is read by task={', '.join(readers)} or {CUSTOM}")
+    if cfg.data.agent_root is not None and t.sharing != "same":
+        raise ValueError(f"task.sharing={t.sharing} deals the shared data.root's classes or files out to the agents; "
+                         f"with data.agent_root each agent has data of its own: drop task.sharing")
     _positive(cfg.model.filters, "model.filters")
     if t.channels not in (1, 3):
         raise ValueError(f"task.channels must be 1 (grayscale) or 3 (RGB), got {t.channels}")

@@ -165,9 +165,6 @@ class TableFamily:
             if folder is not None and not Path(folder).is_dir():
                 what = "is not a folder" if Path(folder).exists() else "does not exist"
                 raise ValueError(f"data.{key}={folder} {what} (a folder of CSV files, {LAYOUT})")
-        if d.agent_root is not None and t.sharing != "same":
-            raise ValueError(f"task.sharing={t.sharing} shares data.root's files among the agents; with "
-                             f"data.agent_root each agent has files of its own: drop task.sharing")
         # The columns, fixed before any agent reads its files: every process takes them from the same file (the
         # test folder every node holds, or the shared root), so all agents' models agree on them.
         if t.features is None:
