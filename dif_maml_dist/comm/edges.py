@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dif_maml_dist.comm.liveness import PeerWatch, ProgressBoard, first_line
+from dif_maml_dist.comm.liveness import PeerWatch, ProgressBoard
 from dif_maml_dist.comm.transport import nbytes
+from dif_maml_dist.messages import first_line
 
 _PAYLOAD_TAG, _HEADER_TAG = 0, 1
 #: What a store raises once its host is gone: torch's TCPStore raises ``DistNetworkError`` / ``DistStoreError``

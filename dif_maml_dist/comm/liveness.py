@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
+from dif_maml_dist.messages import first_line
+
 
 class PeerError(RuntimeError):
     """A peer did not deliver its message: it died, hung, or did not answer within the timeout."""
@@ -28,10 +30,6 @@ class PeerError(RuntimeError):
     def __init__(self, message: str, peer: int | None = None):
         super().__init__(message)
         self.peer = peer  #: the agent that did not answer (None where no single agent can be named)
-
-
-def first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 class ProgressBoard(Protocol):

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dif_maml_dist.comm.liveness import PeerError, ProgressBoard, RoundWaiter, first_line
+from dif_maml_dist.comm.liveness import PeerError, ProgressBoard, RoundWaiter
+from dif_maml_dist.messages import first_line
 
 
 def nbytes(t: Tensor) -> int:

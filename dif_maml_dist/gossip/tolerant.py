@@ -25,6 +25,7 @@ from dif_maml_dist.gossip.combine import combine
 from dif_maml_dist.gossip.rounds import combine_round
 from dif_maml_dist.graphs.membership import Membership, churn_plan
 from dif_maml_dist.graphs.schedules import GraphSchedule
+from dif_maml_dist.messages import first_line
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class TolerantCombiner:
                 try:
                     self.start[p] = t.welcome(p, self._header(r, 0), phi)
                 except RuntimeError as err:  # it died again while coming back: stays departed
-                    log.warning("agent %d did not take its welcome (%s)", p, str(err).splitlines()[0][:200])
+                    log.warning("agent %d did not take its welcome (%s)", p, first_line(err, 200))
                     t.drop(p)
                     continue
                 self.membership.welcome(p, box["incarnation"], r, iteration)

@@ -26,6 +26,7 @@ from dif_maml_dist.config import Config
 from dif_maml_dist.engine.figures import Curves, figures
 from dif_maml_dist.engine.learner import Learner, concat_curves
 from dif_maml_dist.learning.maml import sgd_adaptation
+from dif_maml_dist.messages import first_line
 from dif_maml_dist.run.validate import validate
 
 #: Bounds of an evaluation: the curves of every task are held in memory until the end and nothing reports
@@ -72,7 +73,7 @@ def run_config(run_dir: Path) -> Config:
             raise EvaluateError(f"{run_dir} holds no run: neither summary.json nor .hydra/config.yaml is there")
         return validate(from_omegaconf(OmegaConf.merge(OmegaConf.structured(Config), node)))
     except (OSError, KeyError, json.JSONDecodeError, OmegaConfBaseException) as err:
-        raise EvaluateError(f"cannot read the run's config in {run_dir} ({str(err).splitlines()[0]})") from None
+        raise EvaluateError(f"cannot read the run's config in {run_dir} ({first_line(err)})") from None
 
 
 @dataclass
@@ -162,7 +163,7 @@ class Run:
             return Learner.build(cfg, self.device, getattr(torch, cfg.train.dtype))
         except (FileNotFoundError, ValueError) as err:
             hint = " (give --data-root DIR if the dataset has moved)" if cfg.data.root else ""
-            raise EvaluateError(f"cannot build the run's task family: {str(err).splitlines()[0]}{hint}") from None
+            raise EvaluateError(f"cannot build the run's task family: {first_line(err)}{hint}") from None
 
     def model(self, name: str, learner: Optional[Learner] = None) -> SavedModel:
         """``centroid`` or ``agent<k>``, on the run's device."""
@@ -173,7 +174,7 @@ class Run:
         try:
             named = torch.load(path, map_location=learner.device, weights_only=True)
         except Exception as err:
-            raise EvaluateError(f"{path} is not a readable model file ({str(err).splitlines()[0]})") from None
+            raise EvaluateError(f"{path} is not a readable model file ({first_line(err)})") from None
         if set(named) != set(learner.layout.names):
             raise EvaluateError(f"{path} does not hold the run's {learner.model.kind} model (parameters differ)")
         params = [named[n].to(learner.device, learner.dtype) for n in learner.layout.names]

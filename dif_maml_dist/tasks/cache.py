@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
+from dif_maml_dist.messages import first_line
+
 
 @contextmanager
 def exclusive(lock_path: Path) -> Iterator[None]:
@@ -54,7 +56,7 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         data = torch.load(path, weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 (truncated zip, foreign pickle, ...: all mean the same to the user)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        first = first_line(err, 200)
         raise ValueError(f"{path} is not a readable dataset cache ({first}); delete it and it is rebuilt from the "
                          f"dataset on the next run") from None
     if not isinstance(data, dict) or "images" not in data:

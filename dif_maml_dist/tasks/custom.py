@@ -12,6 +12,7 @@ from torch import nn
 
 from dif_maml_dist.config import Config, DataConfig
 from dif_maml_dist.learning.maml import TaskBatch
+from dif_maml_dist.messages import first_line
 from dif_maml_dist.tasks.protocol import REQUIRED_MEMBERS, TaskFamily
 
 
@@ -32,7 +33,7 @@ def import_target(target: str, key: str) -> Any:
                          f"folder to PYTHONPATH on every node") from None
     except Exception as err:  # noqa: BLE001 (the user's module raised while importing: say what, in one line)
         raise ValueError(f"{key}={target}: importing {module_name} raised {type(err).__name__}: "
-                         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
+                         f"{first_line(err)}") from None
     if not hasattr(module, name):
         raise ValueError(f"{key}={target}: module {module_name} has no {name}")
     return getattr(module, name)
@@ -124,9 +125,8 @@ def check_model(cfg: Config, family: TaskFamily, batch: TaskBatch) -> None:
         with torch.no_grad():
             out = model.forward(tuple(p.detach() for p in model.module.parameters()), x.float())
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"{which} does not fit the task: on a support set of shape {tuple(x.shape)} it raised "
-                         f"{type(err).__name__}: {first}") from None
+                         f"{type(err).__name__}: {first_line(err)}") from None
     if y.is_floating_point() and out.shape != y.shape:  # mse_loss would broadcast [N, 2] against [N, 1]
         raise ValueError(f"{which} does not fit the task: it gives outputs of shape {tuple(out.shape)} for targets "
                          f"of shape {tuple(y.shape)}")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from dif_maml_dist import seeding
 from dif_maml_dist.config import Config
 from dif_maml_dist.learning.models import Conv4
+from dif_maml_dist.messages import first_line
 from dif_maml_dist.tasks.cache import load_cached, source_fingerprint
 from dif_maml_dist.tasks.custom import agent_root
 from dif_maml_dist.tasks.episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
@@ -69,7 +70,7 @@ def decode(path: Path, channels: int, size: int) -> np.ndarray:
             img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.LANCZOS)
             pixels = np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+        raise ValueError(f"cannot read image {path}: {first_line(err)}; "
                          f"delete or replace the file") from None
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
