@@ -3,6 +3,7 @@ runs."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from dif_maml_dist import load_run
 from dif_maml_dist.evaluate import main as evaluate_main
 from dif_maml_dist.learning.maml import adaptation_curves_loop
-from tests.helpers import REPO
+from tests.helpers import REPO, read_only
 
 
 def _sinusoid_run(path, *overrides):
@@ -122,18 +123,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir, tmp_path, caps
     assert not (tmp_path / "nope").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_default_output_in_a_read_only_run_folder_is_refused_before_evaluating(run_dir, tmp_path, capsys):
     """A run folder that cannot be written (a shared, read-only copy) and no --json: one line naming the file and
     --json, exit status 2, before any evaluation. Catches the table printed and the figures then lost in a
     traceback when the default RUN/evaluation.json cannot be written."""
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("evaluation.json", "other.json"))
-    copy.chmod(0o555)
-    try:
+    with read_only(copy):
         assert evaluate_main([str(copy)]) == 2
-    finally:
-        copy.chmod(0o755)
     captured = capsys.readouterr()
     assert "cannot write" in captured.err and "--json" in captured.err and captured.out == "", captured
     assert not (copy / "evaluation.json").exists()
@@ -344,8 +341,7 @@ def test_report_overlays_two_runs_in_every_figure_labelled_by_what_differs(run_d
     ("no_metrics", "has no metrics/network.jsonl"),
     ("different_tasks", "runs of different tasks cannot share one report"),
     ("twice", "is given twice; give each run once"),
-    pytest.param("read_only_out", "cannot write into --out",
-                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")),
+    ("read_only_out", "cannot write into --out"),
     pytest.param("proc_out", "cannot write into --out /proc/report: /proc cannot be written",  # root too
                  marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no Linux /proc")),
 ])
@@ -372,8 +368,9 @@ def test_report_refuses_bad_input_in_one_line_and_writes_nothing(run_dir, tmp_pa
     elif case == "proc_out":
         out = Path("/proc/report")
     else:
-        out.mkdir(mode=0o555)
-    assert report_main([*map(str, runs), "--out", str(out)]) == 2
+        out.mkdir()
+    with read_only(out) if case == "read_only_out" else contextlib.nullcontext():
+        assert report_main([*map(str, runs), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dif_maml_dist.report: error: ") and message in err and "\n" not in err, err
     if case == "out_is_a_file":
