@@ -149,6 +149,7 @@ def test_each_agent_under_torchrun_reads_and_is_tested_on_its_own_folder_only(tm
     if launch == "agent_node":
         saved = torch.load(run_dir / "models" / "agent0.pt", weights_only=True)
         assert saved["net.0.weight"].shape == (16, 1) and "net.1.running_mean" not in saved  # model.args reached it
+        assert summary["parameters"] == sum(t.numel() for t in saved.values())  # continue mode's summary too
     sim_dir, home = tmp_path / "simulated", tmp_path / "everyone"
     home.mkdir()
     (home / "sites").symlink_to(data)

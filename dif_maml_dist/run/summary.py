@@ -191,7 +191,7 @@ def write(ctx, by: str) -> dict:
     network = {"agents": agents, "centroid": centroid, "disagreement": disagreement, **centroid_figures,
                "final_eval_seconds": time.perf_counter() - t0}
     wall = max(f.get("wall_seconds", 0.0) for f in finals.values())
-    extra = {"on_peer_failure": "continue", "survivors": survivors,
+    extra = {"parameters": layout.numel, "on_peer_failure": "continue", "survivors": survivors,
              "departed": [departed[k] for k in sorted(departed)], "missing": books["missing"],
              "returned": [books["returns"][k] for k in sorted(books["returns"])],
              "components": parts, "split": len(parts) > 1,
