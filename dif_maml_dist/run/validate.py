@@ -87,6 +87,9 @@ def validate(cfg: Config) -> Config:
     _positive(cfg.model.filters, "model.filters")
     if t.channels not in (1, 3):
         raise ValueError(f"task.channels must be 1 (grayscale) or 3 (RGB), got {t.channels}")
+    if (t.invert or not t.standardise) and t.name not in ("image_folder", CUSTOM):
+        raise ValueError(f"task.invert and task.standardise are image_folder's decoding switches; task={t.name} "
+                         f"decodes its dataset its own way: drop them")
 
     if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):
         raise ValueError(f"model.hidden must be a non-empty list of positive widths, got {cfg.model.hidden}")

@@ -6,10 +6,12 @@ Classes come split by folders (``ROOT/train/<class>/``, ``ROOT/val/<class>/``, `
 reads its training classes from its own folder (``data.agent_root``) or from the shared ``data.root``; the test
 classes come from ``data.test_root`` (required with per-agent data: every process must see the same test tasks)
 or from the shared root's test split. Images are read with PIL, composited onto white when transparent, converted
-to grayscale or RGB (``task.channels``) and resized to ``task.image_size``; with shared data, pixels are
-standardised with the training classes' channel statistics only. Every folder is decoded once into a cache file in ``data.cache_dir``
-named by a fingerprint of the folder's contents (relative paths, sizes, modification times), so a dataset moved
-or mounted elsewhere, or read-only, is found again.
+to grayscale or RGB (``task.channels``), resized to ``task.image_size`` and, with ``task.invert``, inverted; with
+shared data, pixels are standardised with the training classes' channel statistics only (``task.standardise``).
+Classes may hold different numbers of images: every image is kept, and an episode draws a class's images among its
+own. Every folder is decoded once into a cache file in ``data.cache_dir`` named by a fingerprint of the folder's
+contents (relative paths, sizes, modification times), so a dataset moved or mounted elsewhere, or read-only, is
+found again.
 """
 
 from __future__ import annotations
@@ -40,10 +42,19 @@ VAL_FRACTION, TEST_FRACTION = 0.1, 0.2
 
 @dataclass(frozen=True)
 class FolderImages:
-    """``images[c, i]``: image i of class c, uint8 ``[channels, size, size]``."""
+    """Every image of every class, uint8 ``[images, channels, size, size]``: the ``counts[c]`` images of class c
+    follow those of the classes before it."""
 
     images: torch.Tensor
+    counts: tuple[int, ...]
     classes: tuple[str, ...]
+
+    def select(self, idx: list[int]) -> "FolderImages":
+        """Classes ``idx`` only, in that order."""
+        starts = np.cumsum([0, *self.counts])
+        rows = torch.cat([torch.arange(starts[c], starts[c + 1]) for c in idx])
+        return FolderImages(self.images[rows], tuple(self.counts[c] for c in idx),
+                            tuple(self.classes[c] for c in idx))
 
 
 def default_cache_dir() -> Path:
@@ -62,9 +73,11 @@ def _images_of(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def decode(path: Path, channels: int, size: int) -> np.ndarray:
+def decode(path: Path, channels: int, size: int, invert: bool = False) -> np.ndarray:
     """One image as uint8 ``[channels, size, size]``: transparency composited onto white (a drawing exported with
-    a transparent background keeps its strokes), then grayscale or RGB, resized. ``ValueError`` naming the file."""
+    a transparent background keeps its strokes), then grayscale or RGB, resized, and with ``invert`` turned to
+    255 - pixel (dark strokes on light paper become bright on dark, as task=omniglot decodes its drawings).
+    ``ValueError`` naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -78,13 +91,16 @@ def decode(path: Path, channels: int, size: int) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
                          f"delete or replace the file") from None
+    if invert:
+        pixels = 255 - pixels
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
-def fingerprint(folders: list[Path], root: Path, channels: int, size: int) -> str:
+def fingerprint(folders: list[Path], root: Path, channels: int, size: int, invert: bool) -> str:
     """Of the images under ``root``: relative paths, sizes and modification times (the same after a move or under
     another mount point), and the decoding settings."""
-    h = hashlib.sha256(json.dumps({"format": FORMAT, "channels": channels, "size": size}).encode())
+    settings = {"format": FORMAT, "channels": channels, "size": size, "invert": invert}
+    h = hashlib.sha256(json.dumps(settings).encode())
     for folder in folders:
         for f in _images_of(folder):
             st = f.stat()
@@ -92,9 +108,10 @@ def fingerprint(folders: list[Path], root: Path, channels: int, size: int) -> st
     return h.hexdigest()
 
 
-def load_folder(root: Path, channels: int, size: int, need: int, cache_dir: Optional[Path]) -> FolderImages:
-    """Every class folder of ``root`` decoded (from the cache when it holds them). Classes are cut to the smallest
-    class's image count; a class with fewer than ``need`` images is a ``ValueError`` naming it."""
+def load_folder(root: Path, channels: int, size: int, invert: bool, need: int,
+                cache_dir: Optional[Path]) -> FolderImages:
+    """Every image of every class folder of ``root`` decoded (from the cache when it holds them); a class with
+    fewer than ``need`` images is a ``ValueError`` naming it."""
     root = Path(root)
     folders = class_folders(root)
     counts = {f: len(_images_of(f)) for f in folders}
@@ -104,20 +121,18 @@ def load_folder(root: Path, channels: int, size: int, need: int, cache_dir: Opti
                          f"takes from a class (task.k_shot + task.q_query)")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = fingerprint(folders, root, channels, size)
+    key = fingerprint(folders, root, channels, size, invert)
 
     def build() -> dict:
-        n = min(counts.values())
-        images = np.zeros((len(folders), n, channels, size, size), dtype=np.uint8)
-        for c, folder in enumerate(folders):
-            for i, f in enumerate(_images_of(folder)):
-                pixels = decode(f, channels, size)  # every file, so that a bad one is named even if cut
-                if i < n:
-                    images[c, i] = pixels
-        return {"images": torch.from_numpy(images), "classes": [f.name for f in folders]}
+        listed = [_images_of(folder) for folder in folders]  # listed once: the counts are those of the images
+        images = np.zeros((sum(map(len, listed)), channels, size, size), dtype=np.uint8)
+        for i, f in enumerate(f for files in listed for f in files):
+            images[i] = decode(f, channels, size, invert)
+        return {"images": torch.from_numpy(images), "counts": [len(files) for files in listed],
+                "classes": [f.name for f in folders]}
 
     data = load_or_build(cache_dir / f"image_folder-{key[:32]}.pt", build, key)
-    return FolderImages(data["images"], tuple(data["classes"]))
+    return FolderImages(data["images"], tuple(data["counts"]), tuple(data["classes"]))
 
 
 def drawn_split(num_classes: int, seed: int) -> dict[str, list[int]]:
@@ -150,7 +165,7 @@ class ImageFolderFamily:
     # -- where the classes are ------------------------------------------------------------------------------------
     def _folder(self, root: Path) -> FolderImages:
         t = self.cfg.task
-        return load_folder(root, t.channels, t.image_size, self.need, self.cfg.data.cache_dir)
+        return load_folder(root, t.channels, t.image_size, t.invert, self.need, self.cfg.data.cache_dir)
 
     def _load(self, root: Path) -> dict[str, FolderImages]:
         """``root``'s classes by split: its split folders, or its class folders split with ``task.split_seed``."""
@@ -159,8 +174,7 @@ class ImageFolderFamily:
             return {s: self._folder(root / s) for s in SPLIT_FOLDERS if (root / s).is_dir()}
         every = self._folder(root)
         split = drawn_split(len(every.classes), t.split_seed)
-        return {s: FolderImages(every.images[idx], tuple(every.classes[i] for i in idx))
-                for s, idx in split.items() if idx}
+        return {s: every.select(idx) for s, idx in split.items() if idx}
 
     def _shared_splits(self) -> dict[str, FolderImages]:
         if self._shared is None:
@@ -186,15 +200,17 @@ class ImageFolderFamily:
     def _stats(self) -> tuple[Optional[list[float]], Optional[list[float]]]:
         """The channel statistics pixels are standardised with: the shared training classes'. With each agent's own
         data no statistics are common to all agents without exchanging them, so pixels stay on [0, 1] (the Conv4's
-        first batch norm standardises its input's features per task anyway)."""
-        if self.cfg.data.agent_root is not None:
+        first batch norm standardises its input's features per task anyway), as they do with
+        ``task.standardise=false``."""
+        if self.cfg.data.agent_root is not None or not self.cfg.task.standardise:
             return None, None
         return channel_stats(self._shared_splits()["train"].images)
 
     def _episodes(self, data: FolderImages, classes, rotations: bool) -> FewShotEpisodes:
         t = self.cfg.task
         mean, std = self._stats
-        return FewShotEpisodes(data.images, classes, t.n_way, t.k_shot, t.q_query, rotations, mean=mean, std=std)
+        return FewShotEpisodes(data.images, classes, t.n_way, t.k_shot, t.q_query, rotations, mean=mean, std=std,
+                               counts=data.counts)
 
     # -- the protocol ------------------------------------------------------------------------------------------
     def build_model(self) -> Conv4:
@@ -220,6 +236,6 @@ class ImageFolderFamily:
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel pixel mean and standard deviation of uint8 ``[classes, n, C, H, W]`` images, on [0, 1]."""
-    pixels = images.float().div(255.0).transpose(0, 2).reshape(images.shape[2], -1)
+    """Per-channel pixel mean and standard deviation of uint8 ``[images, C, H, W]`` images, on [0, 1]."""
+    pixels = images.float().div(255.0).transpose(0, 1).reshape(images.shape[1], -1)
     return pixels.mean(dim=1).tolist(), pixels.std(dim=1).clamp_min(1e-6).tolist()
