@@ -50,8 +50,13 @@ class TaskConfig:
     image_size: int = 28  #: images are resized to image_size x image_size (28 Omniglot, 84 MiniImagenet)
     rotations: bool = True  #: rotations by 90, 180, 270 degrees count as extra training classes (Omniglot)
     channels: int = 1  #: image_folder: 1 (grayscale) or 3 (RGB); transparent images are composited onto white
-    #: training classes per agent: same (all), disjoint_classes (a partition), alphabets (whole alphabets, Omniglot);
-    #: table_tasks: of the shared training files
+    #: image_folder: pixels decoded as 255 - pixel, so that dark strokes on light paper (scans, Omniglot's PNGs)
+    #: become bright on a dark 0 background, as task=omniglot decodes its drawings
+    invert: bool = False
+    #: image_folder with shared data (data.root): standardise pixels per channel with the training classes' mean
+    #: and deviation; false: pixels stay on [0, 1], as task=omniglot feeds them (with data.agent_root they always do)
+    standardise: bool = True
+    #: training classes (tables: files) per agent: same (all), disjoint_classes (a partition), alphabets (Omniglot)
     sharing: str = "same"
     #: Omniglot: seed of the train / validation / test character split (MiniImagenet has its own); image_folder,
     #: table_tasks: of the class or file split when the folders do not give it

@@ -16,6 +16,7 @@ from PIL import Image
 from dif_maml_dist.config import Config
 from dif_maml_dist.tasks.image_folder import ImageFolderFamily, decode
 from tests.helpers import REPO
+from tests.test_omniglot import make_fixture
 
 
 def make_classes(root: Path, counts: dict[str, int], seed: int = 0, mode: str = "L") -> Path:
@@ -189,3 +190,100 @@ def test_each_agent_is_tested_on_held_out_classes_of_its_own_and_the_run_evaluat
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((run_dir / "evaluation.json").read_text())["tasks"] == 3
+    # ... and on the user's own episode, its images decoded as the run decodes its folders (family.image)
+    for c in range(3):
+        for part, i in (("support", 0), ("query", 1), ("query", 2)):
+            (tmp_path / "episodes" / "e0" / part / f"s{c}").mkdir(parents=True, exist_ok=True)
+            shutil.copy(tmp_path / "shared_test" / f"s{c}" / f"{i}.png", tmp_path / "episodes" / "e0" / part / f"s{c}")
+    mine = subprocess.run([*evaluate, "--episodes", str(tmp_path / "episodes")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert mine.returncode == 0, mine.stderr[-2000:]
+    assert json.loads((run_dir / "evaluation.json").read_text())["tasks"] == 1
+
+
+def test_ragged_classes_keep_every_image_and_episodes_stay_within_each_class(tmp_path):
+    """Six classes of 3 to 10 images, each image a flat grey of its own, split by task.split_seed (training:
+    a, b, e, f): every episode image is one of the training classes' own, all images under one label are of one
+    class, and all 10 images of the big class b are drawn. Catches classes cut to the smallest class's count
+    (images 3..9 of b never drawn), offsets into a neighbouring class or past a class's last image, and a split
+    that picks the wrong rows of the flat image tensor."""
+    counts = {"a": 3, "b": 10, "c": 4, "d": 5, "e": 4, "f": 6}
+    owner = {}  # grey level -> (class, image)
+    for name, n in counts.items():
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(n):
+            owner[20 + 6 * len(owner)] = (name, i)
+            Image.fromarray(np.full((12, 12), 14 + 6 * len(owner), dtype=np.uint8)).save(
+                tmp_path / "data" / name / f"{i:02d}.png")
+    cfg = cfg_for(root=tmp_path / "data", cache_dir=tmp_path / "cache")
+    cfg.task.image_size, cfg.task.standardise = 12, False
+    batch = ImageFolderFamily(cfg).sampler(0, 1).sample(torch.Generator().manual_seed(0), 60)
+    drawn = set()
+    for x, y in ((batch.support_x, batch.support_y), (batch.query_x, batch.query_y)):
+        grey = (x * 255).round().long()
+        assert torch.equal(grey, grey[..., :1, :1].expand_as(grey))  # flat images, not blends of two
+        for task in range(60):
+            label_class = {}
+            for level, label in zip(grey[task, :, 0, 0, 0].tolist(), y[task].tolist()):
+                name, i = owner[level]
+                assert label_class.setdefault(label, name) == name
+                drawn.add((name, i))
+    assert {name for name, _ in drawn} == {"a", "b", "e", "f"}  # drawn_split(6, seed 0)'s training classes
+    assert {i for name, i in drawn if name == "b"} == set(range(10))
+
+
+@pytest.mark.parametrize("split", ["random", "background_evaluation"])
+def test_omniglot_exported_to_folders_gives_task_omniglots_episodes(tmp_path, split):
+    """examples/omniglot_to_folders.py on a fixture in Omniglot's layout (each drawing marked apart), read by
+    task=image_folder with task.invert=true task.standardise=false: each agent's training episodes (rotations,
+    disjoint classes) and the test episodes are the very tensors task=omniglot makes from the same seeds, so the
+    two families train and test alike (docs/results.md checks it on the real dataset).
+
+    Catches an export split otherwise than task=omniglot's, class folders that sort in another order (other
+    classes drawn for the same seed), drawings in another order, ink not inverted, and pixels standardised."""
+    import importlib.util
+
+    from dif_maml_dist.run.validate import validate
+    from dif_maml_dist.tasks.omniglot import OmniglotFamily
+
+    # evaluation alphabets that sort among the background ones, as Omniglot's do
+    make_fixture(tmp_path, {"images_background": {"Beta": 3, "Delta": 3, "Epsilon": 3, "Zeta": 3},
+                            "images_evaluation": {"Alpha": 3, "Gamma": 3}})
+    for png in (tmp_path / "omniglot-py").rglob("*.png"):
+        ink, d = np.array(Image.open(png)), int(png.stem[-2:])
+        ink[5 * d:5 * d + 3, 90:100] = False  # a mark of the drawing's own
+        Image.fromarray(ink).save(png)
+    spec = importlib.util.spec_from_file_location("omniglot_to_folders", REPO / "examples" / "omniglot_to_folders.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    export.main([str(tmp_path), str(tmp_path / "folders"), f"--split={split}", "--val-alphabets=1"])
+
+    def configured(**data) -> Config:
+        cfg = cfg_for(**data)
+        cfg.task.image_size, cfg.task.rotations, cfg.task.sharing, cfg.task.split = 28, True, "disjoint_classes", split
+        cfg.task.val_alphabets = 1
+        return cfg
+
+    omniglot = configured(root=tmp_path)
+    omniglot.task.name = "omniglot"
+    folders = configured(root=tmp_path / "folders", cache_dir=tmp_path / "cache")
+    folders.task.split, folders.task.invert, folders.task.standardise = "random", True, False
+    families = OmniglotFamily(validate(omniglot)), ImageFolderFamily(validate(folders))
+    for agent in (0, 1):
+        a, b = (f.sampler(agent, 2).sample(torch.Generator().manual_seed(agent), 12) for f in families)
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors())), agent
+    a, b = (f.eval_set(3, 20).slice(0, 20) for f in families)
+    assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
+    assert a.support_x.max() == 1.0 and a.support_x[..., -1].max() == 0.0  # bright ink, a dark page
+
+
+def test_image_folders_decoding_switches_are_refused_for_other_families():
+    """task.invert / task.standardise=false with a built-in family that decodes its own way: one line (they would
+    be silently ignored)."""
+    from dif_maml_dist.run.validate import validate
+
+    cfg = Config()
+    cfg.task.name, cfg.data.root, cfg.task.invert = "omniglot", "/data", True
+    with pytest.raises(ValueError, match=r"^task.invert and task.standardise are image_folder's decoding switches; "
+                                         r"task=omniglot decodes its dataset its own way: drop them$"):
+        validate(cfg)

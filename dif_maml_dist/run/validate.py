@@ -108,6 +108,9 @@ def validate(cfg: Config) -> Config:
         if t.target in t.features:
             raise ValueError(f"task.features holds the target column {t.target!r} (task.target): drop it from the "
                              f"features")
+    if (t.invert or not t.standardise) and t.name not in ("image_folder", CUSTOM):
+        raise ValueError(f"task.invert and task.standardise are image_folder's decoding switches; task={t.name} "
+                         f"decodes its dataset its own way: drop them")
 
     if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):
         raise ValueError(f"model.hidden must be a non-empty list of positive widths, got {cfg.model.hidden}")

@@ -1,7 +1,8 @@
-"""N-way K-shot episodes from a class-indexed image tensor, shared by Omniglot and MiniImagenet.
+"""N-way K-shot episodes from a class-indexed image tensor, shared by Omniglot, MiniImagenet and image folders.
 
 Images are stored as uint8 ``[classes, images_per_class, H, W]`` (grayscale) or ``[classes, images_per_class,
-3, H, W]`` (RGB) and only turned into floats for the few images an episode draws.
+3, H, W]`` (RGB) when every class holds as many, or one after another with each class's count when classes differ
+(an image folder's), and only turned into floats for the few images an episode draws.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ SHARING_MODES = ("same", "disjoint_classes")  #: every dataset; Omniglot adds "a
 class FewShotEpisodes:
     """N-way K-shot episodes with Q queries per class, drawn from ``images[classes]``.
 
+    ``images`` is ``[classes, n, (C,) H, W]`` when every class holds n images or, with ``counts``, ``[images, (C,)
+    H, W]``: the ``counts[c]`` images of class c after those of the classes before it (classes of different sizes,
+    every image kept). An episode draws each class's images among its own count only.
+
     With ``rotations``, each class under each of the rotations 0/90/180/270 degrees is its own class (4x the
     classes), as in MAML's Omniglot training set. Pixels are scaled to [0, 1], then, if ``mean``/``std`` are given
     (one value per channel), standardised per channel.
@@ -26,18 +31,27 @@ class FewShotEpisodes:
 
     def __init__(self, images: torch.Tensor, classes: Sequence[int], n_way: int, k_shot: int, q_query: int,
                  rotations: bool = False, mean: Optional[Sequence[float]] = None,
-                 std: Optional[Sequence[float]] = None):
-        if images.dim() not in (4, 5):
-            raise ValueError(f"images must be [classes, n, H, W] or [classes, n, C, H, W], got {tuple(images.shape)}")
+                 std: Optional[Sequence[float]] = None, counts: Optional[Sequence[int]] = None):
+        if counts is None:
+            if images.dim() not in (4, 5):
+                raise ValueError(f"images must be [classes, n, H, W] or [classes, n, C, H, W], got "
+                                 f"{tuple(images.shape)}")
+            counts, images = [images.shape[1]] * images.shape[0], images.flatten(0, 1)
+        elif images.dim() not in (3, 4) or sum(counts) != images.shape[0]:
+            raise ValueError(f"images with per-class counts must be [images, H, W] or [images, C, H, W] with "
+                             f"sum(counts) = {sum(counts)} images, got {tuple(images.shape)}")
         self.images, self.n_way, self.k_shot, self.q_query = images, n_way, k_shot, q_query
+        self.counts = [int(n) for n in counts]
+        self.offsets = torch.tensor([0, *self.counts[:-1]], dtype=torch.long).cumsum(0)
         self.classes = [(c, r) for c in classes for r in (range(4) if rotations else (0,))]
         if n_way > len(self.classes):
             raise ValueError(f"{n_way}-way episodes need {n_way} classes, but only {len(self.classes)} are available; "
                              f"lower task.n_way")
-        if k_shot + q_query > images.shape[1]:
-            raise ValueError(f"{k_shot} shots + {q_query} queries per class exceed the {images.shape[1]} images of "
-                             f"a class; lower task.k_shot or task.q_query")
-        self.item_shape = (1, *images.shape[2:]) if images.dim() == 4 else tuple(images.shape[2:])
+        smallest = min(classes, key=lambda c: self.counts[c])
+        if k_shot + q_query > self.counts[smallest]:
+            raise ValueError(f"{k_shot} shots + {q_query} queries per class exceed the {self.counts[smallest]} images "
+                             f"of class {smallest}; lower task.k_shot or task.q_query")
+        self.item_shape = (1, *images.shape[1:]) if images.dim() == 3 else tuple(images.shape[1:])
         channels = self.item_shape[0]
         if (mean is None) != (std is None) or (mean is not None and (len(mean) != channels or len(std) != channels)):
             raise ValueError(f"mean and std need one value per channel ({channels}), got {mean} and {std}")
@@ -47,20 +61,21 @@ class FewShotEpisodes:
 
     def draw(self, gen: torch.Generator, num_tasks: int) -> torch.Tensor:
         """Which images make up ``num_tasks`` episodes: ``[tasks, way, shot + query, 3]`` integer rows of
-        (class, image, quarter turns); the first ``k_shot`` images of each class are its support."""
+        (class, image of that class, quarter turns); the first ``k_shot`` images of each class are its support."""
         per_class = self.k_shot + self.q_query
         picks = torch.empty(num_tasks, self.n_way, per_class, 3, dtype=torch.long)
         for t in range(num_tasks):
             for w, idx in enumerate(torch.randperm(len(self.classes), generator=gen)[:self.n_way].tolist()):
                 c, rot = self.classes[idx]
                 picks[t, w, :, 0], picks[t, w, :, 2] = c, rot
-                picks[t, w, :, 1] = torch.randperm(self.images.shape[1], generator=gen)[:per_class]
+                picks[t, w, :, 1] = torch.randperm(self.counts[c], generator=gen)[:per_class]
         return picks
 
     def gather(self, picks: torch.Tensor) -> TaskBatch:
         """The episodes ``picks`` (from :meth:`draw`) as float images, labels 0..way-1 in class order."""
         num_tasks = picks.shape[0]
-        images = self.images[picks[..., 0], picks[..., 1]]  # [tasks, way, shot + query, (C,) H, W], uint8
+        # [tasks, way, shot + query, (C,) H, W], uint8
+        images = self.images[self.offsets[picks[..., 0]] + picks[..., 1]]
         for quarter in (1, 2, 3):
             turned = picks[..., 2] == quarter
             if turned.any():

@@ -5,9 +5,11 @@ Classes come split by folders (``ROOT/train/<class>/``, ``ROOT/val/<class>/``, `
 ``ROOT`` holds class folders directly, drawn into train / validation / test with ``task.split_seed``. Each agent
 reads its training classes from its own folder (``data.agent_root``) or from the shared ``data.root``; the test
 classes come from ``data.test_root`` (a folder every node holds), the shared root's test split, or, with each
-agent's own data and no ``data.test_root``, each agent's own test split (``held_out_set``). Images are read with PIL, composited onto white when transparent, converted
-to grayscale or RGB (``task.channels``) and resized to ``task.image_size``; with shared data, pixels are
-standardised with the training classes' channel statistics only. Every folder is decoded once into a cache file in
+agent's own data and no ``data.test_root``, each agent's own test split (``held_out_set``). Images are read with
+PIL, composited onto white when transparent, converted to grayscale or RGB (``task.channels``), resized to
+``task.image_size`` and, with ``task.invert``, inverted; with shared data, pixels are standardised with the training
+classes' channel statistics only (``task.standardise``). Classes may hold different numbers of images: every image
+is kept, and an episode draws a class's images among its own. Every folder is decoded once into a cache file in
 ``data.cache_dir`` (see :mod:`dif_maml_dist.tasks.cache`), so a dataset moved or mounted elsewhere, or read-only, is
 found again.
 """
@@ -38,10 +40,19 @@ VAL_FRACTION, TEST_FRACTION = 0.1, 0.2
 
 @dataclass(frozen=True)
 class FolderImages:
-    """``images[c, i]``: image i of class c, uint8 ``[channels, size, size]``."""
+    """Every image of every class, uint8 ``[images, channels, size, size]``: the ``counts[c]`` images of class c
+    follow those of the classes before it."""
 
     images: torch.Tensor
+    counts: tuple[int, ...]
     classes: tuple[str, ...]
+
+    def select(self, idx: list[int]) -> "FolderImages":
+        """Classes ``idx`` only, in that order."""
+        starts = np.cumsum([0, *self.counts])
+        rows = torch.cat([torch.arange(starts[c], starts[c + 1]) for c in idx])
+        return FolderImages(self.images[rows], tuple(self.counts[c] for c in idx),
+                            tuple(self.classes[c] for c in idx))
 
 
 def class_folders(root: Path) -> list[Path]:
@@ -56,9 +67,11 @@ def _images_of(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def decode(path: Path, channels: int, size: int) -> np.ndarray:
+def decode(path: Path, channels: int, size: int, invert: bool = False) -> np.ndarray:
     """One image as uint8 ``[channels, size, size]``: transparency composited onto white (a drawing exported with
-    a transparent background keeps its strokes), then grayscale or RGB, resized. ``ValueError`` naming the file."""
+    a transparent background keeps its strokes), then grayscale or RGB, resized, and with ``invert`` turned to
+    255 - pixel (dark strokes on light paper become bright on dark, as task=omniglot decodes its drawings).
+    ``ValueError`` naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -72,13 +85,15 @@ def decode(path: Path, channels: int, size: int) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image {path}: {first_line(err)}; "
                          f"delete or replace the file") from None
+    if invert:
+        pixels = 255 - pixels
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
-def load_folder(root: Path, channels: int, size: int, need: int,
+def load_folder(root: Path, channels: int, size: int, invert: bool, need: int,
                 cache_dir: Optional[str | Path]) -> FolderImages:
-    """Every class folder of ``root`` decoded (from the cache when it holds them). Classes are cut to the smallest
-    class's image count; a class with fewer than ``need`` images is a ``ValueError`` naming it."""
+    """Every image of every class folder of ``root`` decoded (from the cache when it holds them); a class with
+    fewer than ``need`` images is a ``ValueError`` naming it."""
     root = Path(root)
     folders = class_folders(root)
     files = {f: _images_of(f) for f in folders}
@@ -87,20 +102,17 @@ def load_folder(root: Path, channels: int, size: int, need: int,
         raise ValueError(f"class folder {short[0]} holds {len(files[short[0]])} images, fewer than the {need} an "
                          f"episode takes from a class (task.k_shot + task.q_query)")
     key = source_fingerprint(root, [f for images in files.values() for f in images], dataset="image_folder",
-                             channels=channels, size=size)
+                             channels=channels, size=size, invert=invert)
 
     def build() -> dict:
-        n = min(len(images) for images in files.values())
-        images = np.zeros((len(folders), n, channels, size, size), dtype=np.uint8)
-        for c, folder in enumerate(folders):
-            for i, f in enumerate(files[folder]):
-                pixels = decode(f, channels, size)  # every file, so that a bad one is named even if cut
-                if i < n:
-                    images[c, i] = pixels
-        return {"images": torch.from_numpy(images), "classes": [f.name for f in folders]}
+        images = np.zeros((sum(map(len, files.values())), channels, size, size), dtype=np.uint8)
+        for i, f in enumerate(f for folder in folders for f in files[folder]):
+            images[i] = decode(f, channels, size, invert)
+        return {"images": torch.from_numpy(images), "counts": [len(files[folder]) for folder in folders],
+                "classes": [f.name for f in folders]}
 
     data = load_cached(cache_dir, f"image_folder-{size}", build, key)
-    return FolderImages(data["images"], tuple(data["classes"]))
+    return FolderImages(data["images"], tuple(data["counts"]), tuple(data["classes"]))
 
 
 def drawn_split(num_classes: int, seed: int, val_fraction: float = VAL_FRACTION) -> dict[str, list[int]]:
@@ -132,7 +144,7 @@ class ImageFolderFamily:
     # -- where the classes are ------------------------------------------------------------------------------------
     def _folder(self, root: Path) -> FolderImages:
         t = self.cfg.task
-        return load_folder(root, t.channels, t.image_size, self.need, self.cfg.data.cache_dir)
+        return load_folder(root, t.channels, t.image_size, t.invert, self.need, self.cfg.data.cache_dir)
 
     def _split(self, root: Path) -> dict[str, FolderImages]:
         """``root``'s classes by split: its split folders, or its class folders split with ``task.split_seed``
@@ -143,8 +155,7 @@ class ImageFolderFamily:
             else:
                 every = self._folder(root)
                 split = drawn_split(len(every.classes), self.cfg.task.split_seed)
-                self._splits[root] = {s: FolderImages(every.images[idx], tuple(every.classes[i] for i in idx))
-                                      for s, idx in split.items() if idx}
+                self._splits[root] = {s: every.select(idx) for s, idx in split.items() if idx}
         return self._splits[root]
 
     def _training(self, agent: int) -> FolderImages:
@@ -167,15 +178,17 @@ class ImageFolderFamily:
     def _stats(self) -> tuple[Optional[list[float]], Optional[list[float]]]:
         """The channel statistics pixels are standardised with: the shared training classes'. With each agent's own
         data no statistics are common to all agents without exchanging them, so pixels stay on [0, 1] (the Conv4's
-        first batch norm standardises its input's features per task anyway)."""
-        if self.cfg.data.agent_root is not None:
+        first batch norm standardises its input's features per task anyway), as they do with
+        ``task.standardise=false``."""
+        if self.cfg.data.agent_root is not None or not self.cfg.task.standardise:
             return None, None
         return channel_stats(self._split(Path(self.cfg.data.root))["train"].images)
 
     def _episodes(self, data: FolderImages, classes, rotations: bool) -> FewShotEpisodes:
         t = self.cfg.task
         mean, std = self._stats
-        return FewShotEpisodes(data.images, classes, t.n_way, t.k_shot, t.q_query, rotations, mean=mean, std=std)
+        return FewShotEpisodes(data.images, classes, t.n_way, t.k_shot, t.q_query, rotations, mean=mean, std=std,
+                               counts=data.counts)
 
     # -- the protocol ------------------------------------------------------------------------------------------
     def build_model(self) -> Conv4:
@@ -207,6 +220,14 @@ class ImageFolderFamily:
         test = self._test(agent_root(self.cfg.data, agent))
         return self._test_episodes(test, seeding.generator(seed, seeding.Stream.EVAL, agent), num_tasks)
 
+    def image(self, path: Path) -> torch.Tensor:
+        """A user's image (``evaluate --episodes``) as this family's episodes hold theirs: decoded as the run
+        decodes its folders, scaled to [0, 1] and standardised as they are, ``[channels, H, W]``."""
+        t = self.cfg.task
+        x = torch.from_numpy(decode(Path(path), t.channels, t.image_size, t.invert)).float().div(255.0)
+        mean, std = self._stats
+        return x if mean is None else (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+
     def _test_episodes(self, test: FolderImages, gen: torch.Generator, num_tasks: int) -> EpisodeSet:
         try:
             episodes = self._episodes(test, list(range(len(test.classes))), False)
@@ -216,6 +237,6 @@ class ImageFolderFamily:
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel pixel mean and standard deviation of uint8 ``[classes, n, C, H, W]`` images, on [0, 1]."""
-    pixels = images.float().div(255.0).transpose(0, 2).reshape(images.shape[2], -1)
+    """Per-channel pixel mean and standard deviation of uint8 ``[images, C, H, W]`` images, on [0, 1]."""
+    pixels = images.float().div(255.0).transpose(0, 1).reshape(images.shape[1], -1)
     return pixels.mean(dim=1).tolist(), pixels.std(dim=1).clamp_min(1e-6).tolist()

@@ -12,14 +12,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dif_maml_dist import seeding
-from dif_maml_dist.config import Config
+from dif_maml_dist.config import Config, TaskConfig
 from dif_maml_dist.learning.models import Conv4
 from dif_maml_dist.tasks.cache import exclusive, load_cached, source_fingerprint
 from dif_maml_dist.tasks.episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
@@ -147,11 +147,11 @@ def split_classes(num_classes: int, seed: int) -> dict[str, list[int]]:
             "test": sorted(order[train + val:])}
 
 
-def background_evaluation_split(data: OmniglotImages, val_alphabets: int, seed: int) -> dict[str, list[int]]:
+def background_evaluation_split(alphabets: Sequence[str], val_alphabets: int, seed: int) -> dict[str, list[int]]:
     """Lake et al.'s protocol: train on the background alphabets, less ``val_alphabets`` of them (drawn with
-    ``seed``) held out for validation; test on the evaluation alphabets."""
-    background = sorted({a for a in data.alphabets if a.startswith("background/")})
-    if not background or len(background) == len(set(data.alphabets)):
+    ``seed``) held out for validation; test on the evaluation alphabets. ``alphabets``: each character's."""
+    background = sorted({a for a in alphabets if a.startswith("background/")})
+    if not background or len(background) == len(set(alphabets)):
         half = EVALUATION if background else BACKGROUND
         raise ValueError(f"task.split=background_evaluation needs both halves of Omniglot, but {half} holds no "
                          f"characters: extract the whole dataset, or use task.split=random")
@@ -161,10 +161,18 @@ def background_evaluation_split(data: OmniglotImages, val_alphabets: int, seed: 
     order = np.random.default_rng(seed).permutation(len(background)).tolist()
     held_out = {background[i] for i in order[:val_alphabets]}
     split: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-    for c, alphabet in enumerate(data.alphabets):
+    for c, alphabet in enumerate(alphabets):
         part = "test" if not alphabet.startswith("background/") else "val" if alphabet in held_out else "train"
         split[part].append(c)
     return split
+
+
+def character_split(alphabets: Sequence[str], t: TaskConfig) -> dict[str, list[int]]:
+    """The train / val / test character ids of ``task.split`` (``alphabets``: each character's, in
+    :func:`character_folders` order)."""
+    if t.split == "background_evaluation":
+        return background_evaluation_split(alphabets, t.val_alphabets, t.split_seed)
+    return split_classes(len(alphabets), t.split_seed)
 
 
 def agent_classes(data: OmniglotImages, train: list[int], sharing: str, agent: int, num_agents: int) -> list[int]:
@@ -194,8 +202,7 @@ class OmniglotFamily:
         t = cfg.task
         self.data = load_omniglot(Path(cfg.data.root), t.image_size, download=cfg.data.download,
                                   cache_dir=cfg.data.cache_dir)
-        self.split = (background_evaluation_split(self.data, t.val_alphabets, t.split_seed)
-                      if t.split == "background_evaluation" else split_classes(self.data.num_classes, t.split_seed))
+        self.split = character_split(self.data.alphabets, t)
 
     def build_model(self) -> Conv4:
         t = self.cfg.task
