@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -14,10 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
-from dif_maml_dist.learning.maml import TaskBatch, meta_gradient
+from dif_maml_dist.learning import models
+from dif_maml_dist.learning.maml import TaskBatch, make_loss, meta_gradient
 from dif_maml_dist.learning.models import functional
-from tests.helpers import REPO, free_port, wait_until
+from tests import user_code
+from tests.helpers import REPO, free_port, reference_meta_gradient, wait_until
 
 EXAMPLE = REPO / "examples" / "site_curves"
 #: the example's family and model, as a user names them
@@ -49,9 +54,9 @@ def _reference_forward(p, x):
 
 @pytest.mark.parametrize("path", ["loop", "vmap"])
 def test_any_modules_meta_gradient_equals_a_written_out_reference(path):
-    """A user's nn.Module with BatchNorm1d through the general path (functional_call), float64, 2 inner steps,
-    second order: equal to plain autograd, one task at a time, on the model written out by hand with per-task
-    batch statistics.
+    """A user's nn.Module with BatchNorm1d through the general path (traced), float64, 2 inner steps, second
+    order: equal to plain autograd, one task at a time, on the model written out by hand with per-task batch
+    statistics.
 
     Catches running statistics leaking in (the module's buffers instead of the task's own statistics), PyTorch's
     batch-norm kernel under vmap (inexact: 1e-4 to 1e-2), and parameters matched to the wrong names."""
@@ -71,7 +76,8 @@ def test_any_modules_meta_gradient_equals_a_written_out_reference(path):
     def loss(forward):
         return lambda p, x, y: F.mse_loss(forward(p, x), y)
 
-    grads, _ = meta_gradient(path, loss(model.forward), loss(model.batched_forward), params, batch, 0.1, 2)
+    grads, _ = meta_gradient(path, loss(model.forward), loss(model.batched_forward), params, batch, 0.1, 2,
+                             query_loss=loss(model.first_order_forward))
     expected = [torch.zeros_like(p) for p in params]
     for t in range(len(batch)):
         theta = [p.clone().requires_grad_() for p in params]
@@ -85,6 +91,81 @@ def test_any_modules_meta_gradient_equals_a_written_out_reference(path):
             e += g / len(batch)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+#: user modules, the shape of one example, and whether torch.fx traces them (else: functional_call)
+GENERAL = [(user_code.Regressor, (1,), True), (BatchNormNet, (3,), True), (user_code.ConvBatchNorm, (1, 8, 8), True),
+           (user_code.Standardised, (3,), True), (user_code.Tied, (3,), True), (user_code.ShapeBranch, (3,), False)]
+
+
+def _user_model(cls):
+    """The module as its author left it (float64, train mode: PyTorch's batch norm on each batch's statistics;
+    batch norm not the identity transform, so a wrong normalisation shows), and the general path's model of a
+    copy."""
+    torch.manual_seed(0)
+    pristine = cls().double().train()
+    with torch.no_grad():
+        for m in pristine.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return pristine, functional(copy.deepcopy(pristine))
+
+
+@pytest.mark.parametrize("cls, shape, traced", GENERAL, ids=[c.__name__ for c, *_ in GENERAL])
+def test_general_path_runs_a_module_as_the_module_itself(cls, shape, traced):
+    """Each forward of the general path, on parameters other than the module's own, equals PyTorch running the
+    module as written (functional_call; batch norm in training mode), on one batch and under vmap over tasks;
+    torch.fx traces the module unless it cannot. Catches a parameter read from the module instead of the tuple,
+    tied weights or a layer used twice mapped to the wrong entries, a buffer lost, batch norm on the wrong
+    statistics or without its affine transform, and a module silently left on (or wrongly taken off) the trace."""
+    pristine, model = _user_model(cls)
+    assert model.kind == "module"
+    assert isinstance(getattr(model.forward, "__self__", None), torch.fx.GraphModule) is traced
+    g = torch.Generator().manual_seed(1)
+    params = tuple(torch.randn(s, generator=g, dtype=torch.float64) for s in model.layout.shapes)
+    xs = torch.randn(3, 5, *shape, generator=g, dtype=torch.float64)
+    want = torch.stack([functional_call(pristine, dict(zip(model.layout.names, params)), (x,)) for x in xs])
+    for forward in (model.forward, model.batched_forward, model.first_order_forward):
+        torch.testing.assert_close(forward(params, xs[0]), want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.vmap(model.batched_forward, in_dims=(None, 0))(params, xs), want, rtol=1e-12,
+                               atol=1e-12)
+    own = tuple(p.detach() for p in model.module.parameters())
+    torch.testing.assert_close(model.forward(own, xs[0]), pristine(xs[0]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls, shape, traced", GENERAL, ids=[c.__name__ for c, *_ in GENERAL])
+def test_general_paths_meta_gradient_equals_plain_autograd_on_the_module(cls, shape, traced):
+    """Second order, 2 inner steps, float64: the loop (its query loss through the first-order forward, as agents
+    run it) and vmap over tasks through the general path equal plain autograd on the module as written
+    (functional_call, PyTorch's batch norm), task by task, to 1e-10 relative. Catches a trace that is right in
+    value but wrong in gradient (a parameter baked in as a constant, a tied weight's two uses not summed)."""
+    pristine, model = _user_model(cls)
+    flat = model.layout.flatten(dict(pristine.named_parameters())).detach()
+    g = torch.Generator().manual_seed(2)
+    batch = TaskBatch(*(torch.randn(4, n, *s, generator=g, dtype=torch.float64)
+                        for n, s in ((6, shape), (6, (2,)), (7, shape), (7, (2,)))))
+    want = reference_meta_gradient(pristine, flat, batch, 0.1, 2, False, F.mse_loss)
+    losses = [make_loss(f, F.mse_loss) for f in (model.forward, model.batched_forward, model.first_order_forward)]
+    for path in ("loop", "vmap"):
+        grads, _ = meta_gradient(path, losses[0], losses[1], model.layout.split(flat), batch, 0.1, 2,
+                                 query_loss=losses[2])
+        rel = float((model.layout.join(grads) - want).norm() / want.norm())
+        assert rel < 1e-10, (path, rel)
+
+
+def test_an_untraceable_module_falls_back_and_says_so_once(monkeypatch, caplog):
+    """A module torch.fx cannot trace runs through functional_call (slower), and the log says so once per module
+    class, naming it and the reason; a traceable module says nothing. Catches a silent fallback and a note
+    repeated per agent."""
+    monkeypatch.setattr(models, "_UNTRACEABLE_NOTED", set())
+    with caplog.at_level(logging.WARNING, logger=models.log.name):
+        for cls in (user_code.ShapeBranch, user_code.ShapeBranch, user_code.Regressor):
+            functional(cls())
+    notes = [r.getMessage() for r in caplog.records if r.name == models.log.name]
+    assert len(notes) == 1, notes
+    assert "tests.user_code.ShapeBranch cannot be traced" in notes[0] and "TraceError" in notes[0], notes[0]
+
 
 
 @pytest.mark.parametrize("launch", ["agent_node", "torchrun_static"])

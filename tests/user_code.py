@@ -1,7 +1,9 @@
-"""A user's code as the runtime meets it, for tests/test_custom.py: families and models that break the protocol."""
+"""A user's code as the runtime meets it, for tests/test_custom.py: families and models that break the protocol,
+and modules of the kinds the general functional path must run as the module itself does."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -55,3 +57,68 @@ class SharedTestsOnly:
         self.criterion, self.metric, self.eval_chunk = F.mse_loss, None, 10
         self.build_model, self.sampler, self.eval_set = (self._family.build_model, self._family.sampler,
                                                          self._family.eval_set)
+
+
+class Regressor(nn.Module):
+    """MLP-like: one input feature (run as a broadcast product, not a matrix product), a layer without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 6, bias=False), nn.ReLU())
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class ConvBatchNorm(nn.Module):
+    """An image model: convolutions, batch norm with and without an affine transform, pooling; 1 x 8 x 8 inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.conv2, self.norm2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False)
+        self.head = nn.Linear(4 * 2 * 2, 2)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.norm1(self.conv1(x))), 2)
+        return self.head(torch.flatten(F.relu(self.norm2(self.conv2(x))), 1))
+
+
+class Standardised(nn.Module):
+    """A non-parameter buffer (a fixed input standardisation), which stays a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.5, -1.0, 2.0]))
+        self.register_buffer("std", torch.tensor([2.0, 0.5, 1.5]))
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out((x - self.mean) / self.std)
+
+
+class Tied(nn.Module):
+    """One layer applied twice, and an output layer whose weight is the input layer's (tied: one parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.hidden, self.out = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+        self.out.weight = self.inp.weight
+
+    def forward(self, x):
+        h = F.relu(self.hidden(F.relu(self.hidden(self.inp(x)))))
+        return self.out(h)[:, :2]
+
+
+class ShapeBranch(nn.Module):
+    """Control flow on the input (its number of dimensions): torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(-1)
+        return self.out(torch.tanh(x))
