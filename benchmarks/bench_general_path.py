@@ -13,18 +13,20 @@ written as a user writes them (``nn.Sequential`` of ``nn.Linear``/``nn.ReLU``; o
 - functional_call: the user's module through ``torch.func.functional_call`` per call (the fallback, and the
   general path before the trace).
 
-Workloads: the sinusoid MLP 1-40-40-1 (10+10 points, alpha 0.01, 1 inner step) at meta-batch 1 (conf/task/
-sinusoid.yaml) and 5, both meta-gradient paths (``loop``, ``vmap``), second order, and its evaluation (vmap over
-1000 tasks, 10 steps, as ``Learner.eval_path`` does for MLPs); Conv4 at Omniglot 5w1s (conf/task/omniglot_5w1s.yaml:
-64 filters, 1x28x28, 1 query per class, alpha 0.4, meta-batch 16), both paths, and its evaluation (one task at a
-time, 10 steps, as for Conv4). Every way's meta-gradient is first checked in float64 against the written-out one
-(relative difference above 1e-10: abort); timing is float32, one thread by default.
+Workloads: the sinusoid MLP 1-40-40-1 (10+10 points, alpha 0.01, 1 inner step): its forward alone, the
+meta-gradient at meta-batch 1 (conf/task/sinusoid.yaml) and 5 by both paths (``loop``, ``vmap``), second order, and
+its evaluation (vmap over 1000 tasks, 10 steps, as ``Learner.eval_path`` does for MLPs); Conv4 at Omniglot 5w1s
+(conf/task/omniglot_5w1s.yaml: 64 filters, 1x28x28, 1 query per class, alpha 0.4, meta-batch 16): its forward
+alone, both paths, and its evaluation (one task at a time, 10 steps, as for Conv4). Every way's meta-gradient is
+first checked in float64 against the written-out one (relative difference above 1e-10: abort); timing is float32,
+one thread by default.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _cpu_share import CpuShare  # noqa: E402
 from bench_conv4 import Setting, tasks  # noqa: E402
-from bench_meta_gradient import time_pair  # noqa: E402
+from bench_meta_gradient import time_blocks  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
@@ -112,15 +114,19 @@ def check(ways, criterion, params64, batch64, inner_lr, steps, what) -> float:
     return worst
 
 
-def row(label: str, times: dict[str, float]) -> None:
-    w = times["written-out"]
-    print(f"  {label:<34} " + " ".join(f"{times[way] * 1e3:>12.3f}" for way in WAYS)
-          + f" {times['traced'] / w:>9.2f}x {times['functional_call'] / w:>9.2f}x")
+def row(label: str, blocks: dict[str, list[float]]) -> None:
+    """Median time per way, and each way's median over blocks of its time / the written-out one's in the same
+    block: other jobs' load changes between blocks more than within one, so paired ratios are steadier."""
+    def ratio(way):
+        return statistics.median(a / b for a, b in zip(blocks[way], blocks["written-out"]))
+
+    print(f"  {label:<38} " + " ".join(f"{statistics.median(blocks[way]) * 1e3:>12.3f}" for way in WAYS)
+          + f" {ratio('traced'):>9.2f}x {ratio('functional_call'):>9.2f}x")
 
 
 def header(title: str) -> None:
     print(f"\n{title}")
-    print(f"  {'':<34} " + " ".join(f"{way + ' ms':>12}" for way in WAYS[:2]) + f" {'fcall ms':>12}"
+    print(f"  {'':<38} " + " ".join(f"{way + ' ms':>12}" for way in WAYS[:2]) + f" {'fcall ms':>12}"
           f" {'traced/wo':>10} {'fcall/wo':>9}")
 
 
@@ -140,16 +146,19 @@ def bench_mlp(block_s: float, blocks: int) -> None:
                   m.inner_steps, "MLP")
     header(f"sinusoid MLP 1-40-40-1, {cfg.task.num_support}+{cfg.task.num_query} points, {m.inner_steps} inner step, "
            f"alpha {m.inner_lr}, second order (float64 check: largest relative difference {worst:.1e})")
+    support = sample(gen, 1).support_x[0].float()
+    row(f"forward alone, {len(support)} points", time_blocks(
+        {way: (lambda f=f: f(params, support)) for way, (f, _, _) in ways.items()}, block_s, blocks))
     for n in sorted({cfg.task.meta_batch, 5}):
         batch = sample(gen, n).to(dtype=torch.float32)
         for path in ("loop", "vmap"):
             calls = meta_gradient_calls(ways, F.mse_loss, params, batch, m.inner_lr, m.inner_steps, path)
-            row(f"meta-gradient {path}, {n} task(s)", time_pair(calls, block_s, blocks))
+            row(f"meta-gradient {path}, {n} task(s)", time_blocks(calls, block_s, blocks))
     chunk = type(task_family(cfg)).eval_chunk
     batch = sample(gen, chunk).to(dtype=torch.float32)
     calls = {way: (lambda b=b: adaptation_curves(b, F.mse_loss, params, batch, m.inner_lr, 10, chunk=chunk))
              for way, (_, b, _) in ways.items()}
-    row(f"evaluation, vmap {chunk} tasks x 10 steps", time_pair(calls, block_s, blocks))
+    row(f"evaluation, vmap {chunk} tasks x 10 steps", time_blocks(calls, block_s, blocks))
 
 
 def bench_conv4(block_s: float, blocks: int, meta_batch: int | None) -> None:
@@ -168,13 +177,16 @@ def bench_conv4(block_s: float, blocks: int, meta_batch: int | None) -> None:
            f"{s.inner_steps} inner step, alpha {s.inner_lr}, second order (float64 check: largest relative "
            f"difference {worst:.1e})")
     batch = tasks(s, n, g)
+    support = batch.support_x[0]
+    row(f"forward alone, {len(support)} images", time_blocks(
+        {way: (lambda f=f: f(params, support)) for way, (f, _, _) in ways.items()}, 0.05, blocks))
     for path in ("loop", "vmap"):
         calls = meta_gradient_calls(ways, F.cross_entropy, params, batch, s.inner_lr, s.inner_steps, path)
-        row(f"meta-gradient {path}, {n} tasks", time_pair(calls, block_s, blocks))
+        row(f"meta-gradient {path}, {n} tasks", time_blocks(calls, block_s, blocks))
     evals = tasks(s, 2, g)
     calls = {way: (lambda f=f: adaptation_curves_loop(f, F.cross_entropy, params, evals, s.inner_lr, 10))
              for way, (_, _, f) in ways.items()}
-    row("evaluation, 2 tasks x 10 steps, loop", time_pair(calls, block_s, blocks))
+    row("evaluation, 2 tasks x 10 steps, loop", time_blocks(calls, block_s, blocks))
 
 
 def main(argv=None) -> None:
@@ -186,14 +198,15 @@ def main(argv=None) -> None:
     mlp_blocks, conv_blocks = (7, 3) if args.quick else (25, 7)
     print(f"general path vs written-out forwards: torch {torch.__version__}, {args.threads} thread(s), python "
           f"{platform.python_version()}; median over interleaved blocks ({mlp_blocks} of ~50 ms for the MLP, "
-          f"{conv_blocks} of one call for Conv4) after 3 warm-up calls")
+          f"{conv_blocks} of one call for Conv4's meta-gradients and evaluation) after 3 warm-up calls")
     share = CpuShare().start()
     bench_mlp(0.05, mlp_blocks)
     bench_conv4(0.0, conv_blocks, 4 if args.quick else None)
     share.stop()
     print("\nms = median wall time per call (a meta-gradient: every task's adaptation and the backward through it; "
           "an evaluation: every step's forward and gradient);\ntraced/wo, fcall/wo = time of the user's module "
-          "traced / through functional_call, over the built-in model's written-out forward (1.00x: as fast).")
+          "traced / through functional_call, over the built-in model's written-out forward in the same block, median "
+          "over blocks (1.00x: as fast).")
     print(share.report())
 
 

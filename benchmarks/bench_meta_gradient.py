@@ -67,6 +67,12 @@ def check_agree(loss, params, batch, inner_lr, inner_steps, first_order) -> floa
 
 def time_pair(calls: dict, block_s: float, blocks: int) -> dict[str, float]:
     """Median seconds per call for each callable; blocks of calls are interleaved between the callables."""
+    return {name: statistics.median(s) for name, s in time_blocks(calls, block_s, blocks).items()}
+
+
+def time_blocks(calls: dict, block_s: float, blocks: int) -> dict[str, list[float]]:
+    """Seconds per call for each callable, one figure per block; block ``i`` of every callable ran one after
+    another, so same-index figures saw about the same load on a shared machine."""
     for fn in calls.values():  # warm-up (first vmap trace, allocator)
         for _ in range(3):
             fn()
@@ -87,7 +93,7 @@ def time_pair(calls: dict, block_s: float, blocks: int) -> dict[str, float]:
             for _ in range(r):
                 fn()
             samples[name].append((time.perf_counter() - t0) / r)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
 
 
 def crossover(sizes: list[int], loop_ms: list[float], vmap_ms: list[float]) -> tuple[int | None, int | None]:

@@ -223,7 +223,7 @@ def _pure_function(module: nn.Module, graph: torch.fx.Graph, native_norm: bool, 
     """The traced ``graph`` of ``module`` (changed in place) as a function of ``(parameter tuple, x)``: each
     parameter read from the tuple, by its place in ``module.parameters()`` (:class:`FlatLayout`'s order; a tied
     parameter appears once there), and buffers read from the module as constants. A call runs the graph's
-    operations on the tuple directly, where ``functional_call`` swaps every parameter into the module first (~3x
+    operations on the tuple directly, where ``functional_call`` swaps every parameter into the module first (~5x
     the sinusoid MLP's own forward). Batch norm on each batch's own statistics (:func:`batch_stat_norm`;
     ``native_norm``: PyTorch's kernel, exact one task at a time only), linear layers as :func:`_linear`, and with
     ``channels_last``, 2-d convolution outputs channels-last, as in the Conv4 forwards."""
