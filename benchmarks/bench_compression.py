@@ -30,7 +30,7 @@ from dif_maml_dist.comm.transport import nbytes  # noqa: E402
 from dif_maml_dist.config import CompressionConfig, Config  # noqa: E402
 from dif_maml_dist.gossip.schemes import FullStateGossip, make_gossip  # noqa: E402
 from dif_maml_dist.graphs.weights import CombinePlan  # noqa: E402
-from dif_maml_dist.learning import maml, models  # noqa: E402
+from dif_maml_dist.learning import functional, maml, models  # noqa: E402
 from dif_maml_dist.learning.flat import FlatLayout  # noqa: E402
 
 SETTINGS = {"none": {}, "topk 10%": {"name": "topk", "ratio": 0.1}, "topk 1%": {"name": "topk", "ratio": 0.01},
@@ -55,7 +55,7 @@ def conv4_iteration_seconds() -> float:
     """One agent's compute per Omniglot 5w1s iteration: a second-order meta-gradient of 16 tasks (5 support and 5
     query images each) and an Adam step, on synthetic images."""
     module = models.Conv4(1, 5, 64, 28)
-    fm = models.functional(module)
+    fm = functional.functional(module)
     layout = FlatLayout.of(module)
     flat = layout.flatten(dict(module.named_parameters())).detach()
     opt = torch.optim.Adam([flat], lr=1e-3)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from dif_maml_dist import seeding
+from dif_maml_dist.learning.functional import functional
 from dif_maml_dist.learning.maml import (
     TaskBatch,
     adaptation_curves,
@@ -33,7 +34,7 @@ from dif_maml_dist.learning.maml import (
     meta_gradient_loop,
     meta_gradient_vmap,
 )
-from dif_maml_dist.learning.models import Conv4, functional, reset_parameters
+from dif_maml_dist.learning.models import Conv4, reset_parameters
 from dif_maml_dist.tasks.miniimagenet import MiniImagenetFamily
 from dif_maml_dist.tasks.omniglot import OmniglotFamily
 

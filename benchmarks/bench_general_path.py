@@ -2,13 +2,13 @@
 
 Run: .venv/bin/python benchmarks/bench_general_path.py [--quick] [--threads T]
 
-The built-in MLP and Conv4 have forwards written out by hand (``models._mlp_forward``, ``models._conv4_forward``);
-any other module goes through ``models.functional``'s general path: traced once by ``torch.fx`` into a function of
+The built-in MLP and Conv4 have forwards written out by hand (``models.mlp_forward``, ``models.conv4_forward``);
+any other module goes through ``learning.functional``'s general path: traced once by ``torch.fx`` into a function of
 the parameter tuple, or where it cannot be traced, ``torch.func.functional_call``. Here the same networks are
 written as a user writes them (``nn.Sequential`` of ``nn.Linear``/``nn.ReLU``; of ``nn.Conv2d``/``nn.BatchNorm2d``/
 ``nn.ReLU``/``nn.MaxPool2d``), on the same weights, and each way is timed side by side, calls interleaved:
 
-- written-out: what ``models.functional`` gives the built-in model;
+- written-out: what ``learning.functional`` gives the built-in model;
 - traced: what it gives the user's module (the general path);
 - functional_call: the user's module through ``torch.func.functional_call`` per call (the fallback, and the
   general path before the trace).
@@ -43,6 +43,7 @@ from torch.func import functional_call  # noqa: E402
 
 from dif_maml_dist import seeding  # noqa: E402
 from dif_maml_dist.config import Config  # noqa: E402
+from dif_maml_dist.learning.functional import functional  # noqa: E402
 from dif_maml_dist.learning.maml import (  # noqa: E402
     adaptation_curves,
     adaptation_curves_loop,
@@ -50,7 +51,7 @@ from dif_maml_dist.learning.maml import (  # noqa: E402
     meta_gradient_loop,
     meta_gradient_vmap,
 )
-from dif_maml_dist.learning.models import Conv4, functional, reset_parameters  # noqa: E402
+from dif_maml_dist.learning.models import Conv4, reset_parameters  # noqa: E402
 from dif_maml_dist.tasks import SinusoidTasks, task_family  # noqa: E402
 
 WAYS = ("written-out", "traced", "functional_call")

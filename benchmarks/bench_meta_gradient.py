@@ -29,8 +29,8 @@ from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
 from dif_maml_dist import seeding  # noqa: E402
 from dif_maml_dist.config import Config  # noqa: E402
 from dif_maml_dist.engine.agent import initial_params  # noqa: E402
+from dif_maml_dist.learning.functional import functional  # noqa: E402
 from dif_maml_dist.learning.maml import AUTO_VMAP_FROM, make_loss, meta_gradient_loop, meta_gradient_vmap  # noqa: E402
-from dif_maml_dist.learning.models import functional  # noqa: E402
 from dif_maml_dist.tasks import (
     SinusoidTasks,  # noqa: E402
     task_family,  # noqa: E402

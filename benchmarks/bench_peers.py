@@ -36,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
 from torch import nn  # noqa: E402
 
-from dif_maml_dist.learning import maml, models  # noqa: E402
+from dif_maml_dist.learning import functional, maml, models  # noqa: E402
 
 TOLERANCE = 1e-6  # float64 relative difference above which a method counts as disagreeing
 PROBE_CALLS = 3
@@ -129,7 +129,7 @@ Call = Callable[[], object]
 
 
 def project_call(path: str, w: Workload, project: nn.Module, batch: maml.TaskBatch) -> Call:
-    fm = models.functional(project)
+    fm = functional.functional(project)
     flat = fm.layout.flatten(dict(project.named_parameters())).detach()
     views = fm.layout.split(flat)
     loss = maml.make_loss(fm.forward, w.criterion)

@@ -9,8 +9,9 @@ from torch import nn
 
 from dif_maml_dist import seeding
 from dif_maml_dist.learning.flat import FlatLayout
+from dif_maml_dist.learning.functional import functional
 from dif_maml_dist.learning.maml import TaskBatch, adaptation_curves, adaptation_curves_loop, make_loss, meta_gradient
-from dif_maml_dist.learning.models import BatchStatNorm2d, Conv4, functional, reset_parameters
+from dif_maml_dist.learning.models import BatchStatNorm2d, Conv4, reset_parameters
 from tests.helpers import reference_meta_gradient
 
 

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from dif_maml_dist.learning import models
+from dif_maml_dist.learning import functional as functional_module
+from dif_maml_dist.learning.functional import functional
 from dif_maml_dist.learning.maml import TaskBatch, make_loss, meta_gradient
-from dif_maml_dist.learning.models import functional
 from tests import user_code
 from tests.helpers import REPO, free_port, reference_meta_gradient, wait_until
 
@@ -158,11 +158,11 @@ def test_an_untraceable_module_falls_back_and_says_so_once(monkeypatch, caplog):
     """A module torch.fx cannot trace runs through functional_call (slower), and the log says so once per module
     class, naming it and the reason; a traceable module says nothing. Catches a silent fallback and a note
     repeated per agent."""
-    monkeypatch.setattr(models, "_UNTRACEABLE_NOTED", set())
-    with caplog.at_level(logging.WARNING, logger=models.log.name):
+    monkeypatch.setattr(functional_module, "_UNTRACEABLE_NOTED", set())
+    with caplog.at_level(logging.WARNING, logger=functional_module.log.name):
         for cls in (user_code.ShapeBranch, user_code.ShapeBranch, user_code.Regressor):
             functional(cls())
-    notes = [r.getMessage() for r in caplog.records if r.name == models.log.name]
+    notes = [r.getMessage() for r in caplog.records if r.name == functional_module.log.name]
     assert len(notes) == 1, notes
     assert "tests.user_code.ShapeBranch cannot be traced" in notes[0] and "TraceError" in notes[0], notes[0]
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from dif_maml_dist import seeding
 from dif_maml_dist.config import TaskConfig
 from dif_maml_dist.learning.flat import FlatLayout
+from dif_maml_dist.learning.functional import functional
 from dif_maml_dist.learning.maml import (
     TaskBatch,
     adaptation_curves,
@@ -19,7 +20,7 @@ from dif_maml_dist.learning.maml import (
     meta_gradient,
     meta_gradient_loop,
 )
-from dif_maml_dist.learning.models import MLP, functional
+from dif_maml_dist.learning.models import MLP
 from dif_maml_dist.tasks import SinusoidTasks
 from tests.helpers import reference_meta_gradient
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from dif_maml_dist.config import Config
 from dif_maml_dist.engine.figures import Curves
 from dif_maml_dist.learning.flat import FlatLayout
+from dif_maml_dist.learning.functional import FunctionalModel, functional
 from dif_maml_dist.learning.maml import (
     LossFn,
     TaskBatch,
@@ -20,7 +21,6 @@ from dif_maml_dist.learning.maml import (
     choose_path,
     make_loss,
 )
-from dif_maml_dist.learning.models import FunctionalModel, functional
 from dif_maml_dist.tasks import TaskFamily, TaskSet, held_out_set, task_family, tests_held_out_per_agent
 
 #: A GPU holds this many times the CPU's test tasks in flight (the task families' ``eval_chunk`` is a CPU figure).

@@ -63,7 +63,7 @@ class TaskBatch:
 
 
 def make_loss(forward: Forward, criterion=F.mse_loss) -> LossFn:
-    """Bind a model's forward (see :func:`~dif_maml_dist.learning.models.functional`) to a loss."""
+    """Bind a model's forward (see :func:`~dif_maml_dist.learning.functional.functional`) to a loss."""
 
     def loss(params: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
         return criterion(forward(params, x), y)
@@ -161,7 +161,7 @@ def meta_gradient_vmap(loss: LossFn, params: Sequence[Tensor], batch: TaskBatch,
 
 META_GRADIENT_PATHS = ("loop", "vmap")
 
-#: ``auto``: the smallest meta-batch from which vmap is faster, per model kind (``models.FunctionalModel.kind``),
+#: ``auto``: the smallest meta-batch from which vmap is faster, per model kind (``functional.FunctionalModel.kind``),
 #: measured by ``benchmarks/bench_peers.py`` on a 2-core CPU; None: the loop always wins (Conv4: batched
 #: convolutions are memory-bound, and vmap needs the slower written-out batch norm).
 AUTO_VMAP_FROM = {"mlp": 4, "conv4": None, "module": None}

@@ -116,7 +116,7 @@ def check_model(cfg: Config, family: TaskFamily, batch: TaskBatch) -> None:
     """The family's model (or ``model._target_``) on one task's support set: a regressor's output must have the
     targets' shape, a classifier must give ``task.n_way`` scores per example, and the family's criterion must
     give a scalar (``ValueError``)."""
-    from dif_maml_dist.learning.models import functional
+    from dif_maml_dist.learning.functional import functional
 
     model = functional(family.build_model())
     x, y = batch.support_x[0], batch.support_y[0]
