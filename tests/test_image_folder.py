@@ -287,3 +287,27 @@ def test_image_folders_decoding_switches_are_refused_for_other_families():
     with pytest.raises(ValueError, match=r"^task.invert and task.standardise are image_folder's decoding switches; "
                                          r"task=omniglot decodes its dataset its own way: drop them$"):
         validate(cfg)
+
+
+def test_images_of_mixed_modes_and_sizes_are_converted_alike(tmp_path):
+    """One grey picture saved as 8-bit grayscale, RGB, a palette image, RGBA (opaque) and 16-bit grayscale, at two
+    sizes: each decodes to the same grayscale pixels (within rounding) at task.image_size, and RGB decoding gives
+    three equal channels. Catches 16-bit grayscale (scientific and medical scans) clipped at 255 rather than scaled,
+    which PIL's convert("L") does and which made such images almost all white, a mode decoded differently
+    (palette indices taken as pixel values, alpha dropped), and sizes left unresized."""
+    rng = np.random.default_rng(0)
+    grey = Image.fromarray((rng.random((24, 24)) * 255).astype(np.uint8), "L")
+    saved = {"L": grey, "RGB": grey.convert("RGB"), "P": grey.convert("RGB").convert("P", palette=Image.ADAPTIVE),
+             "RGBA": grey.convert("RGBA"), "I;16": Image.fromarray(np.asarray(grey, dtype=np.uint16) * 257),
+             "small": grey.resize((16, 16), Image.LANCZOS), "wide": grey.resize((40, 24), Image.LANCZOS)}
+    decoded = {}
+    for name, img in saved.items():
+        img.save(tmp_path / f"{name.replace(';', '')}.png")
+        decoded[name] = decode(tmp_path / f"{name.replace(';', '')}.png", 1, 16).astype(int)
+        assert decoded[name].shape == (1, 16, 16), name
+    for name in ("RGB", "RGBA", "I;16"):
+        assert np.abs(decoded[name] - decoded["L"]).max() <= 1, name
+    for name in ("P", "small", "wide"):  # a palette's quantisation and a second resize blur a little
+        assert np.abs(decoded[name] - decoded["L"]).mean() < 12, name
+    rgb = decode(tmp_path / "RGB.png", 3, 16)
+    assert rgb.shape == (3, 16, 16) and (rgb[0] == rgb[1]).all() and (rgb[1] == rgb[2]).all()

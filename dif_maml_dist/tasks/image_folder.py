@@ -68,14 +68,19 @@ def _images_of(folder: Path) -> list[Path]:
 
 
 def decode(path: Path, channels: int, size: int, invert: bool = False) -> np.ndarray:
-    """One image as uint8 ``[channels, size, size]``: transparency composited onto white (a drawing exported with
-    a transparent background keeps its strokes), then grayscale or RGB, resized, and with ``invert`` turned to
+    """One image as uint8 ``[channels, size, size]``: any mode PIL reads (16-bit grayscale scaled to 8 bits),
+    transparency composited onto white (a drawing exported with a transparent background keeps its strokes), then
+    grayscale or RGB, resized, and with ``invert`` turned to
     255 - pixel (dark strokes on light paper become bright on dark, as task=omniglot decodes its drawings).
     ``ValueError`` naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I"):  # 16- or 32-bit grayscale: convert("L") would clip it at 255, not scale
+                wide = np.asarray(img, dtype=np.float64)
+                scale = 257.0 if img.mode.startswith("I;16") or wide.max() > 255 else 1.0
+                img = Image.fromarray(np.clip(np.rint(wide / scale), 0, 255).astype(np.uint8), "L")
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
