@@ -338,7 +338,7 @@ def test_the_readmes_examples_run_as_they_stand(tmp_path, run):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((tmp_path / "runs" / run / "summary.json").read_text())
     assert len(summary["agents"]) == summary["num_agents"] == {"site_curves": 4, "image_sites": 6}[run]
-    assert summary["iterations"] == {"site_curves": 200, "image_sites": 100}[run]
+    assert summary["iterations"] == {"site_curves": 200, "image_sites": 50}[run]
 
 
 def test_the_centroids_held_out_tasks_of_a_shorter_evaluation_are_a_prefix_of_a_longer_ones():

@@ -260,7 +260,7 @@ def _episode(root, support, query, image):
 @pytest.mark.parametrize("case, message", [
     ("three_classes", "has 3 support classes but the model has 5 outputs"),
     ("empty_class", "is empty: give it at least one image"),
-    ("unreadable", "cannot decode Omniglot image"),
+    ("unreadable", "cannot read image"),
     ("query_only_class", "query class 'z' has no support folder"),
     ("empty_query", "has no query images: give query/<class>/ folders"),
     ("bomb", "over PIL's decompression-bomb limit"),
@@ -573,3 +573,24 @@ def test_validation_keeps_the_centroid_of_the_iteration_with_the_best_validation
     test = run.evaluate(["best_centroid"], steps=2)["models"]["best_centroid"]
     assert summary["best_centroid"]["test_accuracy"] == pytest.approx(test["accuracy"][1], abs=1e-6)
     assert summary["best_centroid"]["accuracy_curve"] == pytest.approx(test["accuracy"], abs=1e-6)
+
+
+def test_a_transparent_drawing_among_your_episodes_keeps_its_strokes(omniglot_run, tmp_path):
+    """An Omniglot run's ``--episodes`` image drawn as black ink on a transparent background (a drawing app's RGBA
+    export) is decoded exactly as the same drawing on white paper: ink bright on a dark background. Catches the
+    alpha dropped by PIL's convert("L"), which made every such image all ink (accuracy at chance, no warning)."""
+    from PIL import Image
+
+    from dif_maml_dist import load_run
+
+    run_dir, _ = omniglot_run
+    family = load_run(run_dir).learner().family
+    rgba = np.zeros((30, 30, 4), dtype=np.uint8)  # transparent black ...
+    rgba[5:25, 13:17] = (0, 0, 0, 255)  # ... but for a stroke of opaque black
+    paper = np.full((30, 30), 255, dtype=np.uint8)
+    paper[5:25, 13:17] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "transparent.png")
+    Image.fromarray(paper, "L").save(tmp_path / "paper.png")
+    on_paper = family.image(tmp_path / "paper.png")
+    torch.testing.assert_close(family.image(tmp_path / "transparent.png"), on_paper)
+    assert on_paper.shape == (1, 28, 28) and 0.05 < float(on_paper.mean()) < 0.3  # a stroke, not all ink

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from dif_maml_dist.config import Config
-from dif_maml_dist.tasks.image_folder import ImageFolderFamily, decode
+from dif_maml_dist.tasks.image_folder import ImageFolderFamily
+from dif_maml_dist.tasks.images import decode
 from tests.helpers import REPO
 from tests.test_omniglot import make_fixture
 

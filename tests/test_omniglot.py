@@ -141,7 +141,7 @@ def test_bad_data_errors_name_the_file_or_folder(tmp_path):
     make_fixture(tmp_path / "b", LAYOUT)
     bad = tmp_path / "b/omniglot-py/images_evaluation/Gamma/character01/0005_03.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    with pytest.raises(ValueError, match=r"cannot decode Omniglot image .*Gamma/character01/0005_03\.png"):
+    with pytest.raises(ValueError, match=r"cannot read image .*Gamma/character01/0005_03\.png"):
         load_omniglot(tmp_path / "b", progress=False, cache_dir=tmp_path / "cache")
     assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".lock"]  # no cache, not even half-written
 

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from dif_maml_dist import seeding
 from dif_maml_dist.config import Config
 from dif_maml_dist.learning.models import Conv4
-from dif_maml_dist.messages import first_line
 from dif_maml_dist.tasks.cache import load_cached, source_fingerprint
 from dif_maml_dist.tasks.custom import agent_root
 from dif_maml_dist.tasks.episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
+from dif_maml_dist.tasks.images import decode
 
 SPLIT_FOLDERS = ("train", "val", "test")
 #: the share of classes in the validation and test sets when ROOT holds class folders directly
@@ -65,34 +65,6 @@ def class_folders(root: Path) -> list[Path]:
 
 def _images_of(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
-def decode(path: Path, channels: int, size: int, invert: bool = False) -> np.ndarray:
-    """One image as uint8 ``[channels, size, size]``: any mode PIL reads (16-bit grayscale scaled to 8 bits),
-    transparency composited onto white (a drawing exported with a transparent background keeps its strokes), then
-    grayscale or RGB, resized, and with ``invert`` turned to
-    255 - pixel (dark strokes on light paper become bright on dark, as task=omniglot decodes its drawings).
-    ``ValueError`` naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            if img.mode.startswith("I"):  # 16- or 32-bit grayscale: convert("L") would clip it at 255, not scale
-                wide = np.asarray(img, dtype=np.float64)
-                scale = 257.0 if img.mode.startswith("I;16") or wide.max() > 255 else 1.0
-                img = Image.fromarray(np.clip(np.rint(wide / scale), 0, 255).astype(np.uint8), "L")
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(white, rgba)
-            img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.LANCZOS)
-            pixels = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {first_line(err)}; "
-                         f"delete or replace the file") from None
-    if invert:
-        pixels = 255 - pixels
-    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
 def load_folder(root: Path, channels: int, size: int, invert: bool, need: int,

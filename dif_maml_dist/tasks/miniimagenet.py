@@ -29,6 +29,7 @@ from dif_maml_dist.config import Config
 from dif_maml_dist.learning.models import Conv4
 from dif_maml_dist.tasks.cache import load_cached, source_fingerprint
 from dif_maml_dist.tasks.episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
+from dif_maml_dist.tasks.images import read_image
 
 SPLITS = ("train", "val", "test")
 
@@ -175,13 +176,7 @@ class MiniImagenetFamily:
     def image(self, path: Path) -> torch.Tensor:
         """A user's image as this family's episodes hold theirs: RGB, resized, scaled to [0, 1] and standardised
         with the training split's channel statistics, ``[3, H, W]``."""
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as img:
-                pixels = _resize(np.asarray(img.convert("RGB")), self.cfg.task.image_size)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f"cannot read image {path}: {err}") from None
+        pixels = _resize(np.asarray(read_image(Path(path), 3)), self.cfg.task.image_size)
         x = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255.0)
         return (x - torch.tensor(self.train.mean).view(3, 1, 1)) / torch.tensor(self.train.std).view(3, 1, 1)
 

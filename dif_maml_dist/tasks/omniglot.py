@@ -23,6 +23,7 @@ from dif_maml_dist.config import Config, TaskConfig
 from dif_maml_dist.learning.models import Conv4
 from dif_maml_dist.tasks.cache import exclusive, load_cached, source_fingerprint
 from dif_maml_dist.tasks.episodes import EpisodeSet, FewShotEpisodes, accuracy, share_classes
+from dif_maml_dist.tasks.images import decode
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
 DRAWINGS_PER_CHARACTER = 20
@@ -60,14 +61,8 @@ def character_folders(root: Path) -> list[tuple[str, Path]]:
 
 
 def _decode(path: Path, size: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L").resize((size, size), Image.LANCZOS)
-            return 255 - np.asarray(img, dtype=np.uint8)  # ink = 255 on a 0 background
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot decode Omniglot image {path}: {err}; delete or replace the file") from None
+    """One drawing, ``size`` x ``size``, ink = 255 on a 0 background."""
+    return decode(path, 1, size, invert=True)[0]
 
 
 def decode_all(root: Path, size: int = 28, progress: bool = True) -> dict:
@@ -219,7 +214,7 @@ class OmniglotFamily:
     def image(self, path: Path) -> torch.Tensor:
         """A user's image as this family's episodes hold theirs: decoded like the dataset (grayscale, resized, ink
         bright on dark), scaled to [0, 1], ``[1, H, W]``."""
-        return torch.from_numpy(_decode(Path(path), self.cfg.task.image_size)).float().div(255.0).unsqueeze(0)
+        return torch.from_numpy(decode(Path(path), 1, self.cfg.task.image_size, invert=True)).float().div(255.0)
 
     def eval_set(self, seed: int, num_tasks: int) -> EpisodeSet:
         t = self.cfg.task

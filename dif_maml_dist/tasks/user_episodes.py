@@ -75,23 +75,13 @@ def _classification_episode(episode: Path, family, n_way: int) -> TaskBatch:
         images, ys = [], []
         for name, paths in classes.items():
             for path in paths:
-                images.append(_image(family, path))
+                images.append(family.image(path))
                 ys.append(labels[name])
         return torch.stack(images), torch.tensor(ys)
 
     xs, ys = tensors(support)
     xq, yq = tensors(query)
     return TaskBatch(xs[None], ys[None], xq[None], yq[None])
-
-
-def _image(family, path: Path) -> torch.Tensor:
-    from PIL import Image
-
-    try:
-        return family.image(path)
-    except Image.DecompressionBombError as err:  # not an OSError, so the families' decoders let it through
-        raise ValueError(f"image {path} is over PIL's decompression-bomb limit ({str(err).split(',')[0]}); "
-                         f"downscale it") from None
 
 
 def _regression_episode(path: Path) -> TaskBatch:
