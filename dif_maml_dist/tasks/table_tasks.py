@@ -16,10 +16,9 @@ Files are split into training and test tasks by folders (``ROOT/train/*.csv``, `
 ``ROOT`` holds the files directly, drawn with ``task.split_seed`` (a fifth for testing). Each agent reads its
 training files from its own folder (``data.agent_root``) or the shared ``data.root``; test files come from
 ``data.test_root``, the shared root's test split, or, with each agent's own data and no ``data.test_root``, the
-agent's own test split (``held_out_set``). With shared data the features
-are standardised with the training files' column means and deviations; with each agent's own data no statistics
-are common to all agents without exchanging them, so features are used as they are. Tables are small: each
-process reads its files once, with no cache.
+agent's own test split (``held_out_set``). With shared data the features are standardised with the training
+files' column means and deviations; with each agent's own data no statistics are common to all agents without
+exchanging them, so features are used as they are. Tables are small: read once per process, never cached on disk.
 """
 
 from __future__ import annotations
@@ -153,6 +152,7 @@ class TableFamily:
     def __init__(self, cfg: Config):
         t, d = cfg.task, cfg.data
         self.cfg, self.episodes = cfg, TARGET_TYPES[t.target_type]
+        self._tables: dict[Path, list[Table]] = {}
         self.criterion, self.metric = self.episodes.criterion, self.episodes.metric
         if d.agent_root is None and d.root is None:
             raise ValueError("task=table_tasks needs data: data.root=DIR (shared) or data.agent_root=DIR (each "
@@ -185,9 +185,12 @@ class TableFamily:
         return root / "train" if (root / "train").is_dir() else root
 
     def _read(self, folder: Path) -> list[Table]:
-        t = self.cfg.task
-        return [read_table(p, self.features, t.target, t.target_type == "classification", t.features is None)
-                for p in csv_files(folder)]
+        """``folder``'s tables, read once per process (an agent's serve its sampler, tests and start-up checks)."""
+        if folder not in self._tables:
+            t = self.cfg.task
+            self._tables[folder] = [read_table(p, self.features, t.target, t.target_type == "classification",
+                                               t.features is None) for p in csv_files(folder)]
+        return self._tables[folder]
 
     @cached_property
     def _shared_splits(self) -> dict[str, list[Table]]:
@@ -234,8 +237,8 @@ class TableFamily:
         return MLP(len(self.features), self.cfg.model.hidden, self.episodes.outputs(self.cfg))
 
     def _own(self, agent: int, split: str) -> list[Table]:
-        """Agent ``agent``'s own tables of ``split``: its train/ or test/ folder, or its files (all of them with a
-        shared test folder, else split with ``task.split_seed``)."""
+        """Agent ``agent``'s tables of ``split``: its train/ or test/ folder, or its files (all with a shared test
+        folder, else split with ``task.split_seed``)."""
         root = agent_root(self.cfg.data, agent)  # this agent's own folder only
         if (root / "train").is_dir():
             if not (root / split).is_dir():
