@@ -3,6 +3,9 @@
 Every field is documented where it is declared. Library code receives these dataclasses, never a raw
 ``DictConfig``: ``train.py`` converts hydra's config once with :func:`from_omegaconf` and validates it.
 This module imports no torch, so it is cheap to load from tests and launch scripts.
+
+Size: the schema is one tree of dataclasses, each field documented where it is declared; split by section, a
+user looking up a setting would have to know which file holds it.
 """
 
 from __future__ import annotations
@@ -141,6 +144,11 @@ class StrategyConfig:
     name: str = "dif_maml"  #: dif_maml (graph weights), centralized (all-reduce mean), noncooperative (no exchange)
     #: combine every N-th iteration only (local steps in between); 1: every iteration, as in the paper
     combine_every: int = 1
+    #: adapt while combining: each iteration posts the agent's current state to its neighbours, computes the
+    #: meta-gradient while the messages travel, then adds the local step to the combination,
+    #: w_i = sum_l a_lk w_{l,i-1} - mu * step(w_{k,i-1}) (README, "Overlapped combine"). false: the paper's
+    #: adapt-then-combine, where every exchange waits for the computation before it
+    overlap: bool = False
 
 
 @dataclass

@@ -39,9 +39,9 @@ def _hung_peer_worker(rank: int, port: int, out_dir: str) -> None:
         with distributed(cfg.runtime, ProcessEnv.from_environ(), torch.device("cpu")) as transport:
             if rank == HUNG_AGENT:
                 calls = [0]
-                real_exchange = transport.exchange
+                real_post = transport.post_exchange
 
-                def exchange(messages, round):
+                def post_exchange(messages, round):
                     calls[0] += 1
                     if calls[0] == HUNG_AT:
                         result["silent_at"] = time.time()
@@ -52,9 +52,9 @@ def _hung_peer_worker(rank: int, port: int, out_dir: str) -> None:
                         while not all(p.exists() for p in others) and time.time() < give_up:
                             time.sleep(0.2)
                         raise SystemExit(0)
-                    return real_exchange(messages, round)
+                    return real_post(messages, round)
 
-                transport.exchange = exchange
+                transport.post_exchange = post_exchange
             agent = networked_agent(cfg, rank, 4, schedule_for(cfg, ring), transport)
             try:
                 run_agent(agent, transport)

@@ -1,8 +1,10 @@
 """How agents talk: a small interface with an in-memory and a torch.distributed implementation.
 
 The agent loop depends only on :class:`Transport`. Training traffic is ``exchange`` (neighbours, Dif-MAML)
-and ``all_reduce_mean`` (the centralized baseline); both count the bytes this agent sends. ``all_gather_object``
-and ``barrier`` are for diagnostics and bookkeeping at evaluation steps and are not counted.
+and ``all_reduce_mean`` (the centralized baseline); both count the bytes this agent sends. Each has a ``post_``
+form that returns as soon as the messages are handed to the network, with a :class:`Pending` to wait on later
+(``strategy.overlap``: the exchange runs while the agent computes). ``all_gather_object`` and ``barrier`` are
+for diagnostics and bookkeeping at evaluation steps and are not counted.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Generic, Iterator, Mapping, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,27 @@ def ring_all_reduce_bytes(world_size: int, message_bytes: int) -> int:
     return 2 * (world_size - 1) * message_bytes // world_size
 
 
+T = TypeVar("T")
+
+
+class Pending(Generic[T]):
+    """A posted round: ``wait()`` blocks until it is complete (within the transport's timeout) and gives its
+    result; call it exactly once."""
+
+    def __init__(self, wait: Callable[[], T]):
+        self._wait: Optional[Callable[[], T]] = wait
+
+    def wait(self) -> T:
+        assert self._wait is not None, "a pending round is waited on once"
+        wait, self._wait = self._wait, None
+        return wait()
+
+
+def done(value: T) -> Pending[T]:
+    """A round that is already complete."""
+    return Pending(lambda: value)
+
+
 class Transport(ABC):
     """Point-to-point exchange and a few collectives among ``world_size`` agents; this one is ``rank``."""
 
@@ -41,7 +64,6 @@ class Transport(ABC):
     def __init__(self) -> None:
         self.bytes_sent = 0  #: training payload handed to the network by this agent so far
 
-    @abstractmethod
     def exchange(self, messages: Mapping[int, Tensor], round: int) -> dict[int, Tensor]:
         """Send ``messages[p]`` to each peer ``p`` and receive one message from each, of the same shape and dtype
         as the one sent to it (both ends of an edge send the same kind of payload), in combination round
@@ -50,11 +72,21 @@ class Transport(ABC):
         Every peer must call ``exchange`` with a message for this agent in the same round (the round's graph is
         undirected), otherwise the call waits until the timeout. The bytes of the messages are counted.
         """
+        return self.post_exchange(messages, round).wait()
 
     @abstractmethod
+    def post_exchange(self, messages: Mapping[int, Tensor], round: int) -> Pending[dict[int, Tensor]]:
+        """:meth:`exchange`, returning once the messages are posted. The messages must stay unchanged until the
+        round has been waited on (they may still be on their way)."""
+
     def all_reduce_mean(self, tensor: Tensor, round: int) -> Tensor:
         """Mean of ``tensor`` over all agents in combination round ``round`` (a new tensor; the input is left
         unchanged)."""
+        return self.post_all_reduce_mean(tensor, round).wait()
+
+    @abstractmethod
+    def post_all_reduce_mean(self, tensor: Tensor, round: int) -> Pending[Tensor]:
+        """:meth:`all_reduce_mean`, returning once it is started."""
 
     @abstractmethod
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -101,20 +133,25 @@ class InMemoryTransport(Transport):
         hub = _Hub(world_size, timeout_s)
         return [cls(hub, r) for r in range(world_size)]
 
-    def exchange(self, messages: Mapping[int, Tensor], round: int) -> dict[int, Tensor]:
+    def post_exchange(self, messages: Mapping[int, Tensor], round: int) -> Pending[dict[int, Tensor]]:
         hub = self.hub
         with hub.cond:
             for p, message in messages.items():
                 hub.mail.setdefault((self.rank, p), []).append(message.detach().clone())
                 self.bytes_sent += nbytes(message)
             hub.cond.notify_all()
+
+        def receive() -> dict[int, Tensor]:
             received = {}
-            for p in messages:
-                box = hub.mail.setdefault((p, self.rank), [])
-                if not hub.cond.wait_for(lambda: bool(box), timeout=hub.timeout_s):
-                    raise PeerError(f"no message from agent {p} within {hub.timeout_s:g} s", peer=p)
-                received[p] = box.pop(0)
-        return received
+            with hub.cond:
+                for p in messages:
+                    box = hub.mail.setdefault((p, self.rank), [])
+                    if not hub.cond.wait_for(lambda: bool(box), timeout=hub.timeout_s):
+                        raise PeerError(f"no message from agent {p} within {hub.timeout_s:g} s", peer=p)
+                    received[p] = box.pop(0)
+            return received
+
+        return Pending(receive)
 
     def _gather(self, obj: Any) -> list[Any]:
         # Two barriers: the first makes every slot visible, the second keeps a fast agent from overwriting
@@ -125,13 +162,14 @@ class InMemoryTransport(Transport):
         self.hub.barrier.wait()
         return out
 
-    def all_reduce_mean(self, tensor: Tensor, round: int) -> Tensor:
+    def post_all_reduce_mean(self, tensor: Tensor, round: int) -> Pending[Tensor]:
+        # The threads meet at a barrier inside the gather, so nothing can run ahead of it: complete at once.
         self._count_all_reduce(tensor)
         parts = self._gather(tensor.detach().clone())
         out = torch.zeros_like(tensor)
         for p in parts:  # rank order: the same sum on every agent
             out += p
-        return out / self.world_size
+        return done(out / self.world_size)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return self._gather(obj)
@@ -183,9 +221,9 @@ class TorchDistTransport(Transport):
             t = t.cpu()
         return t.contiguous()
 
-    def exchange(self, messages: Mapping[int, Tensor], round: int) -> dict[int, Tensor]:
+    def post_exchange(self, messages: Mapping[int, Tensor], round: int) -> Pending[dict[int, Tensor]]:
         if not messages:
-            return {}
+            return done({})
         self.waiter.enter(round)
         staged: dict[int, Tensor] = {}  # by id: the full-state exchange sends one tensor to every peer
         for m in messages.values():
@@ -201,14 +239,21 @@ class TorchDistTransport(Transport):
         # peer blocks on another send: plain blocking send/recv in a fixed order deadlocks on odd cycles.
         # Each pair exchanges exactly one message per direction per round, so untagged messages cannot be
         # confused across rounds (nccl ignores tags anyway).
-        # The waiter waits on every work returned (one per op on gloo, one per batch on nccl) within timeout_s:
-        # a dead peer's socket closes at once, a hung one times out; either way the error names who is behind.
-        self.waiter.post(dist.batch_isend_irecv(ops), peer_of, keep=(send, recv))
+        # The transfers progress in the backend's own threads (gloo's device loop, nccl's stream) from here on,
+        # while the caller computes. The waiter waits on every work returned (one per op on gloo, one per batch
+        # on nccl) within timeout_s: a dead peer's socket closes at once, a hung one times out; either way the
+        # error names who is behind.
+        works = dist.batch_isend_irecv(ops)
         self.bytes_sent += sum(nbytes(t) for t in send.values())
-        self._since = self.clock()
-        return {p: r.to(messages[p].device) for p, r in recv.items()}
 
-    def all_reduce_mean(self, tensor: Tensor, round: int) -> Tensor:
+        def receive() -> dict[int, Tensor]:
+            self.waiter.post(works, peer_of, keep=(send, recv))
+            self._since = self.clock()
+            return {p: r.to(messages[p].device) for p, r in recv.items()}
+
+        return Pending(receive)
+
+    def post_all_reduce_mean(self, tensor: Tensor, round: int) -> Pending[Tensor]:
         self._count_all_reduce(tensor)
         self.waiter.enter(round)
         buf = self._wire(tensor).clone()
@@ -216,9 +261,13 @@ class TorchDistTransport(Transport):
             work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=True)
         except RuntimeError as err:
             raise PeerError(f"the all-reduce over all agents failed ({first_line(err)})") from None
-        self.waiter.post([work], [p for p in range(self.world_size) if p != self.rank], keep=buf)
-        self._since = self.clock()
-        return (buf / self.world_size).to(tensor.device)
+
+        def result() -> Tensor:
+            self.waiter.post([work], [p for p in range(self.world_size) if p != self.rank], keep=buf)
+            self._since = self.clock()
+            return (buf / self.world_size).to(tensor.device)
+
+        return Pending(result)
 
     @contextmanager
     def _off_training_path(self, what: str) -> Iterator[None]:

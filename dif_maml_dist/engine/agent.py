@@ -1,4 +1,5 @@
-"""One agent: sample tasks -> meta-gradient -> local optimizer step (Adapt) -> exchange -> Combine.
+"""One agent: sample tasks -> meta-gradient -> local optimizer step (Adapt) -> exchange -> Combine; or, with
+``strategy.overlap``, the exchange of the previous state posted first and combined with the local step after.
 
 The agent receives its Combine step (a ``gossip.combiners.Combiner``), which talks to a ``comm`` transport; it
 never sees ``torch.distributed``: the same code runs as a torchrun process, as a thread over the in-memory
@@ -133,11 +134,9 @@ class Agent:
         if self.device.type == "cuda" and self.cfg.runtime.time_phases:
             torch.cuda.synchronize(self.device)
 
-    def adapt(self) -> Tensor:
-        """Adapt: sample tasks, meta-gradient, local optimizer step; ``state.params`` then holds phi_{k,i}.
-
-        Returns the (detached) mean meta-training loss of the task batch.
-        """
+    def meta_gradient(self) -> tuple[Tensor, Tensor]:
+        """Sample a task batch; the flat meta-gradient at the current parameters and the batch's (detached) mean
+        meta-training loss."""
         m, st = self.cfg.maml, self.state
         t0 = time.perf_counter()
         batch = self.tasks.sample(st.rng, self.cfg.task.meta_batch).to_device(self.device, self.dtype)
@@ -145,11 +144,27 @@ class Agent:
         grads, loss = meta_gradient(self.meta_grad_path, learner.loss, learner.batched_loss,
                                     self.layout.split(st.params), batch, m.inner_lr, m.inner_steps, m.first_order,
                                     m.vmap_chunk, learner.query_loss)
-        st.params.grad = self.layout.join(grads)
+        self._sync()
+        self.compute_seconds += time.perf_counter() - t0
+        return self.layout.join(grads), loss
+
+    def local_step(self, grad: Tensor) -> None:
+        """The local optimizer's step with ``grad``, applied to the parameters as they are now."""
+        t0 = time.perf_counter()
+        st = self.state
+        st.params.grad = grad
         st.optimizer.step()
         st.params.grad = None
         self._sync()
         self.compute_seconds += time.perf_counter() - t0
+
+    def adapt(self) -> Tensor:
+        """Adapt: sample tasks, meta-gradient, local optimizer step; ``state.params`` then holds phi_{k,i}.
+
+        Returns the (detached) mean meta-training loss of the task batch.
+        """
+        grad, loss = self.meta_gradient()
+        self.local_step(grad)
         return loss
 
     def set_combined(self, combined: Tensor) -> None:
@@ -160,18 +175,46 @@ class Agent:
                 self.state.params.copy_(combined)
         self.state.iteration += 1
 
-    def step(self) -> Tensor:
-        """One Dif-MAML iteration (Adapt, then Combine through the combiner); returns the meta-training loss."""
-        loss = self.adapt()
-        t1 = time.perf_counter()
+    def finish_overlapped(self, combined: Tensor, grad: Tensor) -> None:
+        """Complete an overlapped iteration: ``w_{k,i} = combined - mu * step(grad)``, ``combined`` being the
+        combination of the neighbours' previous states and ``grad`` the meta-gradient at this agent's previous
+        state. The optimizer's step does not depend on the parameters it is added to (Adam, SGD), so applying it
+        to the combined state is the adapt-while-combine recursion exactly."""
+        if combined is not self.state.params:  # a local step (strategy.combine_every): nothing was combined
+            with torch.no_grad():
+                self.state.params.copy_(combined)
+        self.local_step(grad)
+        self.state.iteration += 1
+
+    def _combining(self, call: Callable[[], Any]) -> Any:
         try:
-            combined = self.combiner(self.state.params, self.state.iteration + 1)
+            return call()
         except PeerError as err:
             raise PeerError(f"agent {self.rank}, iteration {self.state.iteration + 1}: {err} "
                             f"[runtime.timeout_s={self.cfg.runtime.timeout_s:g}]", err.peer) from None
-        self.set_combined(combined)
-        self._sync()
+
+    def step(self) -> Tensor:
+        """One iteration through the combiner; returns the meta-training loss. Synchronous: Adapt, then Combine.
+        Overlapped (``strategy.overlap``): this agent's state is posted to its neighbours, the meta-gradient is
+        computed while the messages travel, and the step is added to the combination (``finish_overlapped``)."""
+        if not self.cfg.strategy.overlap:
+            loss = self.adapt()
+            t1 = time.perf_counter()
+            combined = self._combining(lambda: self.combiner(self.state.params, self.state.iteration + 1))
+            self.set_combined(combined)
+            self._sync()
+            self.exchange_seconds += time.perf_counter() - t1
+            return loss
+        t0 = time.perf_counter()
+        # The posted state is the parameters themselves: they stay untouched until the round has been waited on
+        # (the meta-gradient only reads them), so no copy is made while the messages may still be in flight.
+        pending = self._combining(lambda: self.combiner.post(self.state.params, self.state.iteration + 1))
+        self.exchange_seconds += time.perf_counter() - t0
+        grad, loss = self.meta_gradient()
+        t1 = time.perf_counter()
+        combined = self._combining(pending.wait)
         self.exchange_seconds += time.perf_counter() - t1
+        self.finish_overlapped(combined, grad)
         return loss
 
     def named_params(self, params: Optional[Tensor] = None) -> dict[str, Tensor]:

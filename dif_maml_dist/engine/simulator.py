@@ -14,6 +14,9 @@ Two engines:
   optimizers), and ``W = A^T Phi`` as one (sparse, for sparse graphs) matrix product. Equal to the runtime up
   to floating-point summation order (~1e-15 relative per step in float64).
 
+With ``strategy.overlap`` both engines combine the agents' previous states and add each agent's optimizer step
+from its previous state (the per-agent engine through ``Agent.finish_overlapped``, as under torchrun).
+
 Both engines checkpoint the same state (:meth:`Simulation.state_dict`, per-agent quantities stacked by agent), so
 either continues the other's checkpoint.
 
@@ -281,8 +284,15 @@ class Simulation:
         self._known = gone
         return _RoundPlans(a), sent
 
+    def _local_steps(self, grads: Tensor) -> None:
+        """Every agent's optimizer step, as one step over the stack (elementwise: K local optimizers)."""
+        self.params.grad = grads
+        self.optimizer.step()
+        self.params.grad = None
+
     def step(self) -> Sequence[Tensor]:
         t0 = time.perf_counter()
+        overlap = self.cfg.strategy.overlap
         r = combine_round(self._iteration + 1, self.cfg.strategy.combine_every)
         sent: Optional[list[int]] = None
         gone = self.departed(self._iteration + 1)
@@ -305,9 +315,8 @@ class Simulation:
                 parts = list(self._chunk_pool.map(lambda chunk: self._meta_gradients(*chunk), chunks))
             grads = torch.cat([self.layout.join(g) for g, _ in parts])
             losses = torch.cat([v for _, v in parts])
-            self.params.grad = grads
-            self.optimizer.step()
-            self.params.grad = None
+            if not overlap:
+                self._local_steps(grads)
             t1 = time.perf_counter()
             if r is not None:
                 with torch.no_grad():
@@ -319,7 +328,19 @@ class Simulation:
                     else:
                         self.params.copy_(self._mixer(r) @ self.params)
                         sent = self._full_state_bytes(r)
+            if overlap:  # the step from the previous state, added to its combination (Agent.finish_overlapped)
+                self._local_steps(grads)
             losses = list(losses.detach())
+        elif overlap:
+            steps = [a.meta_gradient() for a in self.agents]  # each at w_{k,i-1}, while "the messages travel"
+            t1 = time.perf_counter()
+            combined = [a.state.params for a in self.agents]
+            if r is not None:
+                combined, sent = gossip_round(self.gossips, [a.state.params.clone() for a in self.agents],
+                                              self.schedule, r)
+            for agent, w, (grad, _) in zip(self.agents, combined, steps):
+                agent.finish_overlapped(w, grad)
+            losses = [loss for _, loss in steps]
         else:
             losses = [a.adapt() for a in self.agents]
             t1 = time.perf_counter()

@@ -8,7 +8,9 @@ the Adapt step's output ``phi`` at the end of each iteration.
 - ``tolerant.TolerantCombiner`` (``dif_maml`` with ``runtime.on_peer_failure=continue``): the full-state combine
   over the neighbours still alive.
 
-Which iterations combine is ``rounds.combine_round``'s to say.
+Which iterations combine is ``rounds.combine_round``'s to say. The first three can also *post* a round
+(``strategy.overlap``): the messages leave at once and the combined state is computed when the caller waits, so
+the exchange runs while the agent computes its meta-gradient (``engine/agent.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable, Optional, Protocol
 import networkx as nx
 from torch import Tensor
 
-from dif_maml_dist.comm.transport import Transport
+from dif_maml_dist.comm.transport import Pending, Transport, done
 from dif_maml_dist.config import Config
 from dif_maml_dist.gossip.rounds import combine_round
 from dif_maml_dist.gossip.schemes import Gossip, make_gossip
@@ -33,6 +35,10 @@ class Combiner(Protocol):
         """The combined state ``w`` for iteration ``iteration`` (1-based) from this agent's ``phi``; ``phi`` itself
         in a local step (``strategy.combine_every``)."""
 
+    def post(self, state: Tensor, iteration: int) -> Pending[Tensor]:
+        """The same round started and left in flight (``strategy.overlap``; not every combiner has it: config
+        validation refuses the others)."""
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, sd: dict[str, Any]) -> None: ...
@@ -46,9 +52,16 @@ class Combiner(Protocol):
 
 
 class _EveryoneStays:
-    """The part of the protocol for combiners whose network never changes: nobody departs, nobody rejoins."""
+    """The part of the protocol for combiners whose network never changes: nobody departs, nobody rejoins; and
+    a round can be posted and waited on later (:meth:`post`), of which ``__call__`` is the synchronous form."""
 
     members: Membership
+    #: start iteration ``iteration``'s round with this agent's ``state`` (which must stay unchanged until the
+    #: round has been waited on); waiting gives the combined state
+    post: Callable[[Tensor, int], Pending[Tensor]]
+
+    def __call__(self, phi: Tensor, iteration: int) -> Tensor:
+        return self.post(phi, iteration).wait()
 
     def rejoin(self, params: Tensor) -> Optional[int]:
         return None
@@ -70,12 +83,13 @@ class NeighborCombiner(_EveryoneStays):
         self.agent, self.schedule, self.gossip, self.transport, self.every = agent, schedule, gossip, transport, every
         self.members = Membership(agent, schedule.num_agents)
 
-    def __call__(self, phi: Tensor, iteration: int) -> Tensor:
+    def post(self, state: Tensor, iteration: int) -> Pending[Tensor]:
         r = combine_round(iteration, self.every)
         if r is None:
-            return phi
+            return done(state)
         plan = self.schedule.plan(r, self.agent)
-        return self.gossip.merge(phi, self.transport.exchange(self.gossip.outgoing(phi, plan, r), r), plan, r)
+        pending = self.transport.post_exchange(self.gossip.outgoing(state, plan, r), r)
+        return Pending(lambda: self.gossip.merge(state, pending.wait(), plan, r))
 
     def state_dict(self) -> dict[str, Any]:
         return self.gossip.state_dict()
@@ -91,9 +105,9 @@ class MeanCombiner(_EveryoneStays):
         self.transport, self.every = transport, every
         self.members = Membership(agent, num_agents)
 
-    def __call__(self, phi: Tensor, iteration: int) -> Tensor:
+    def post(self, state: Tensor, iteration: int) -> Pending[Tensor]:
         r = combine_round(iteration, self.every)
-        return phi if r is None else self.transport.all_reduce_mean(phi, r)
+        return done(state) if r is None else self.transport.post_all_reduce_mean(state, r)
 
 
 class NoCombiner(_EveryoneStays):
@@ -103,8 +117,8 @@ class NoCombiner(_EveryoneStays):
     def __init__(self, agent: int, num_agents: int, incarnation: int = 0):
         self.members = Membership(agent, num_agents, incarnation)
 
-    def __call__(self, phi: Tensor, iteration: int) -> Tensor:
-        return phi
+    def post(self, state: Tensor, iteration: int) -> Pending[Tensor]:
+        return done(state)
 
 
 def _dif_maml(cfg: Config, schedule: GraphSchedule, agent: int, transport: Any,

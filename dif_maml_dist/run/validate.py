@@ -258,6 +258,8 @@ def _validate_departures(cfg: Config) -> None:
                                         "folder every node holds), or launch with runtime.on_peer_failure=stop"),
         (r.backend == "nccl", "its exchanges use per-edge gloo groups: use runtime.backend=gloo (GPU tensors are "
                               "staged through host memory)"),
+        (cfg.strategy.overlap, "a departed neighbour is noticed inside the exchange, after the local step it would "
+                               "have overlapped: use strategy.overlap=false"),
     )
     for refused, why in refusals:
         if refused:
