@@ -267,6 +267,10 @@ class RuntimeConfig:
     #: iteration (1-based) without a word, its last state is the one after the iteration before. In the simulator
     #: this studies churn; under torchrun the agent's process ends there as if it had been killed
     departures: list[list[int]] = field(default_factory=list)
+    #: stragglers, for fault injection: ``[[agent, factor], ...]`` makes each named agent's meta-gradient take
+    #: ``factor`` (>= 1) times as long as it does (it sleeps the difference), as a slower machine would. Results do
+    #: not change, only time; in the simulator every agent waits for the slowest anyway (lock-step)
+    slowdown: list[Any] = field(default_factory=list)
 
 
 @dataclass

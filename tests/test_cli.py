@@ -149,7 +149,7 @@ def test_bad_input_is_one_line_error(tmp_path, case):
                                   "departure_of_unknown_agent", "every_agent_departs", "departure_after_the_end",
                                   "departure_twice", "topk_keeping_every_entry", "ratio_below_one_entry",
                                   "resample_without_edges", "combine_every_beyond_iterations",
-                                  "overlap_with_continue"])
+                                  "overlap_with_continue", "slowdown_of_unknown_agent"])
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     """The entry point's checks (``train.prepare``: hydra's compose API on the command line's overrides, then
     the run's context), case by case: each refusal is one line naming what to change, and nothing is created.
@@ -221,6 +221,8 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
         "overlap_with_continue": (["runtime.on_peer_failure=continue", "strategy.overlap=true"],
                                   "runtime.on_peer_failure=continue: a departed neighbour is noticed inside the "
                                   "exchange"),
+        "slowdown_of_unknown_agent": (["runtime=simulate", "runtime.slowdown=[[6,2]]"],
+                                      "runtime.slowdown names agent 6, but the topology has 6 agents"),
         "run_dir_empty": (["hydra.run.dir="], "hydra.run.dir is empty"),
         "run_dir_is_file": ([f"hydra.run.dir={a_file}"], "is a file: choose a directory path"),
         "run_dir_below_file": ([f"hydra.run.dir={a_file / 'run'}"], f"is below {a_file}, which is a file"),

@@ -125,6 +125,8 @@ class Agent:
         self.meta_grad_path = choose_path(m.meta_grad_path, self.learner.model.kind, cfg.task.meta_batch,
                                           m.vmap_min_tasks)
         self.combiner = combiner
+        #: runtime.slowdown: how many times longer this agent's meta-gradient takes (fault injection)
+        self.slowdown = {int(a): float(f) for a, f in cfg.runtime.slowdown}.get(rank, 1.0)
         self.compute_seconds = 0.0  #: time in sampling + meta-gradient + optimizer step
         self.exchange_seconds = 0.0  #: time in the combine step (communication included)
 
@@ -145,6 +147,8 @@ class Agent:
                                     self.layout.split(st.params), batch, m.inner_lr, m.inner_steps, m.first_order,
                                     m.vmap_chunk, learner.query_loss)
         self._sync()
+        if self.slowdown > 1.0:
+            time.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
         self.compute_seconds += time.perf_counter() - t0
         return self.layout.join(grads), loss
 

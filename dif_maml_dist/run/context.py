@@ -41,6 +41,10 @@ def check_launch(cfg: Config, env: ProcessEnv, num_agents: int) -> None:
                           f"{env.local_world_size} agents on one node: the node would restart all of them together, "
                           f"and none would find a neighbour alive to take it back; run one node per agent "
                           f"(launch/agent_node.sh), or drop --max-restarts")
+    for agent, _ in cfg.runtime.slowdown:
+        if agent >= num_agents:
+            raise LaunchError(f"runtime.slowdown names agent {int(agent)}, but the topology has {num_agents} agents "
+                              f"(0..{num_agents - 1})")
     for agent, _ in cfg.runtime.departures:
         if agent >= num_agents:
             raise LaunchError(f"runtime.departures names agent {agent}, but the topology has {num_agents} agents "
