@@ -269,7 +269,8 @@ class RuntimeConfig:
     departures: list[list[int]] = field(default_factory=list)
     #: stragglers, for fault injection: ``[[agent, factor], ...]`` makes each named agent's meta-gradient take
     #: ``factor`` (>= 1) times as long as it does (it sleeps the difference), as a slower machine would. Results do
-    #: not change, only time; in the simulator every agent waits for the slowest anyway (lock-step)
+    #: not change, only time. The simulator's per-agent engine sleeps too (lock-step: everyone waits for it); the
+    #: vectorised engine computes all agents at once and has no agent to slow
     slowdown: list[Any] = field(default_factory=list)
 
 

@@ -249,42 +249,45 @@ class EmulatedNetwork:
         return ["ip", "netns", "exec", self.namespaces[agent], "env", f"GLOO_SOCKET_IFNAME={INTERFACE}"]
 
 
-def _record(run_dir: Path, network: EmulatedNetwork, extra: dict) -> Path:
+def _record_path(run_dir: Path) -> Path:
     """``RUN_DIR/network.json``, or ``network.N.json`` next to the records of earlier launches (a resumed run)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path, n = run_dir / "network.json", 1
     while path.exists():
         n += 1
         path = run_dir / f"network.{n}.json"
-    path.write_text(json.dumps({**network.settings(), **extra}, indent=2) + "\n")
     return path
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return [*args.overrides, f"hydra.run.dir={Path(args.run_dir).resolve()}"]
+
+
+def _preflight(args: argparse.Namespace) -> int:
+    """Every check an agent makes at start-up (the run directory's included: a finished run is refused unless
+    resumed), before any namespace is made; its one-line error is the launch's."""
+    return subprocess.run([sys.executable, "-m", "dif_maml_dist.preflight", f"--nproc={args.agents}",
+                           "--nproc-per-node=1", "--max-restarts=0", f"--launch=--agents {args.agents}", "--",
+                           *_overrides(args)]).returncode
+
+
 def _run(args: argparse.Namespace, network: EmulatedNetwork) -> int:
-    run_dir = Path(args.run_dir).resolve()
-    overrides = [*args.overrides, f"hydra.run.dir={run_dir}"]
-    resumed = any(o.replace(" ", "") in ("train.resume=true", "train.resume=True") for o in overrides)
-    if (run_dir / "summary.json").exists() and not resumed:
-        raise ValueError(f"--run-dir {run_dir} already holds a finished run: choose a new folder, or add "
-                         f"train.resume=true to extend it")
-    py = [sys.executable]
-    check = subprocess.run([*py, "-m", "dif_maml_dist.preflight", f"--nproc={network.agents}", "--nproc-per-node=1",
-                            "--max-restarts=0", f"--launch=--agents {network.agents}", "--", *overrides])
-    if check.returncode != 0:
-        return check.returncode
-    record = _record(run_dir, network, {"command": shlex.join(sys.argv)})
+    overrides = _overrides(args)
+    # Written before the agents start, so that a run that fails still says which network it ran on; what the
+    # links carried is added at the end.
+    record = _record_path(Path(args.run_dir).resolve())
+    settings = {**network.settings(), "command": shlex.join(sys.argv)}
+    record.write_text(json.dumps(settings, indent=2) + "\n")
     procs = []
     for k in range(network.agents):
-        cmd = [*network.exec_args(k), *py, "-m", "torch.distributed.run", f"--nnodes={network.agents}",
+        cmd = [*network.exec_args(k), sys.executable, "-m", "torch.distributed.run", f"--nnodes={network.agents}",
                "--nproc-per-node=1", "--rdzv-backend=static", f"--node-rank={k}",
                f"--master-addr={network.address(0)}", f"--master-port={args.port}", "--max-restarts=0",
                "-m", "dif_maml_dist.train", *overrides]
         procs.append(subprocess.Popen(cmd))
     codes = [p.wait() for p in procs]
     assert network.shaper is not None
-    settings = json.loads(record.read_text())
-    settings["links"] = network.shaper.counters()
-    record.write_text(json.dumps(settings, indent=2) + "\n")
+    record.write_text(json.dumps({**settings, "links": network.shaper.counters()}, indent=2) + "\n")
     return next((c for c in codes if c != 0), 0)
 
 
@@ -319,6 +322,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "run" and not args.run_dir:
             raise ValueError("run needs --run-dir DIR (where the run and its network.json go)")
+        if args.command == "run" and (code := _preflight(args)) != 0:
+            return code
         with EmulatedNetwork(args.agents, link, args.name, args.mtu, args.seed) as network:
             if args.command == "run":
                 return _run(args, network)

@@ -40,10 +40,12 @@ def test_a_slowed_agent_computes_factor_times_longer_and_learns_the_same(monkeyp
 
 
 @pytest.mark.parametrize("slowdown, expect", [([[1, 0.5]], "factor >= 1"), ([[-1, 2]], "agent >= 0"),
-                                              ([[1, 2], [1, 3]], "names an agent twice"), ([[1]], "[agent, factor]")])
+                                              ([[1, 2], [1, 3]], "names an agent twice"), ([[1]], "[agent, factor]"),
+                                              ([2], "entry 2 is not [agent, factor]")])
 def test_bad_slowdowns_are_refused(slowdown, expect):
-    """A factor below 1 (a faster agent is not a fault), a negative agent, an agent named twice and a malformed
-    entry are refused in one line naming the setting."""
+    """A factor below 1 (a faster agent is not a fault), a negative agent, an agent named twice and malformed
+    entries (too short, or a bare number instead of a pair: a TypeError while building the message, before) are
+    refused in one line naming the setting."""
     cfg = small_config()
     cfg.runtime.slowdown = slowdown
     with pytest.raises(ValueError, match="runtime.slowdown") as refused:

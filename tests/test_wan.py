@@ -142,19 +142,26 @@ def test_a_run_across_the_emulated_network_records_it_and_equals_the_simulator(t
     assert [a["adaptation_curve"] for a in simulated["agents"]] == [a["adaptation_curve"] for a in summary["agents"]]
 
 
-def test_bad_settings_are_one_line_errors_and_leave_no_namespace():
-    """A negative delay, a loss of 100 % and a namespace name already taken are refused in one line with exit
-    status 2, and nothing is left behind. Catches tracebacks and half-built networks."""
+def test_bad_settings_are_one_line_errors_and_leave_no_namespace(tmp_path):
+    """A negative delay, a loss of 100 %, a namespace name already taken and a run directory holding a finished
+    run are refused in one line with exit status 2, and nothing is left behind: no namespace, the finished run's
+    folder as it was. Catches tracebacks, half-built networks and a launch that writes into a finished run."""
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "summary.json").write_text("earlier results\n")
     subprocess.run(["ip", "netns", "add", "dmdtaken-0"], check=True)
     try:
-        for args, expect in [(["--delay-ms", "-1"], "--delay-ms must not be negative"),
-                             (["--loss-pct", "100"], "--loss-pct must be in [0, 100)"),
-                             (["--name", "dmdtaken"], "network namespace dmdtaken-0 exists already")]:
-            proc = subprocess.run([sys.executable, str(SCRIPT), "up", "--agents", "2", *args], capture_output=True,
-                                  text=True, timeout=60)
+        for args, expect in [(["up", "--delay-ms", "-1"], "--delay-ms must not be negative"),
+                             (["up", "--loss-pct", "100"], "--loss-pct must be in [0, 100)"),
+                             (["up", "--name", "dmdtaken"], "network namespace dmdtaken-0 exists already"),
+                             (["run", "--run-dir", str(finished), "--", "topology=ring", "topology.num_agents=2"],
+                              "already holds a run")]:
+            proc = subprocess.run([sys.executable, str(SCRIPT), *args[:1], "--agents", "2", *args[1:]],
+                                  cwd=REPO, capture_output=True, text=True, timeout=120)
             lines = proc.stderr.strip().splitlines()
             assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0], proc.stderr
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
         assert [n for n in names if n.startswith("dmd") and n != "dmdtaken-0"] == []
+        assert sorted(p.name for p in finished.iterdir()) == ["summary.json"]
     finally:
         subprocess.run(["ip", "netns", "del", "dmdtaken-0"])

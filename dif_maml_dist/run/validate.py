@@ -229,7 +229,7 @@ def validate(cfg: Config) -> Config:
     for entry in r.slowdown:
         numbers = isinstance(entry, (list, tuple)) and all(isinstance(x, (int, float)) for x in entry)
         if not numbers or len(entry) != 2 or entry[0] < 0 or entry[0] != int(entry[0]) or not entry[1] >= 1:
-            raise ValueError(f"runtime.slowdown entry {list(entry)} is not [agent, factor] with agent >= 0 and "
+            raise ValueError(f"runtime.slowdown entry {entry} is not [agent, factor] with agent >= 0 and "
                              f"factor >= 1 (how many times slower the agent computes)")
     if len({e[0] for e in r.slowdown}) != len(r.slowdown):
         raise ValueError("runtime.slowdown names an agent twice; give each slow agent one factor")
