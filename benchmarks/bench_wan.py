@@ -1,9 +1,11 @@
 """Time per iteration over emulated links (launch/emulated_wan.py; root needed): 6 agents as six torchrun nodes in
 their own network namespaces, per link and workload, synchronous (adapt-then-combine) next to overlapped
-(strategy.overlap=true) and to the same agents with no exchange at all (noncooperative: the compute-only time).
+(strategy.overlap=true), to bounded staleness (strategy.staleness=S) and to the same agents with no exchange at all
+(noncooperative: the compute-only time); with each run's final test loss (and accuracy, for classification).
 
     sudo .venv/bin/python benchmarks/bench_wan.py [--workloads sinusoid omniglot] [--links lan wan poor]
-        [--iterations N] [--data-root DIR] [--out results.json] [--extra OVERRIDE ...]
+        [--modes ...] [--staleness S] [--iterations N] [--data-root DIR] [--out results.json]
+        [--extra OVERRIDE ...]
 
 The time per iteration is an agent's time in its training steps (compute_s + exchange_s: sampling, meta-gradient,
 optimizer step, exchange and combine) between its first logged iteration and its last, for the slowest agent
@@ -31,7 +33,8 @@ WORKLOADS = {"sinusoid": ["task=sinusoid"],
              "omniglot": ["task=omniglot_5w1s", "task.eval_tasks=16", "task.final_eval_tasks=16"]}
 #: name -> overrides of the way agents cooperate
 MODES = {"compute only": ["strategy=noncooperative"], "synchronous": ["strategy=dif_maml"],
-         "overlapped": ["strategy=dif_maml", "strategy.overlap=true"]}
+         "overlapped": ["strategy=dif_maml", "strategy.overlap=true"],
+         "stale": ["strategy=dif_maml"]}  # + strategy.staleness=S (--staleness)
 
 
 def seconds_per_iteration(run_dir: Path, agents: int) -> float:
@@ -47,7 +50,9 @@ def seconds_per_iteration(run_dir: Path, agents: int) -> float:
 
 
 def run(link: str, workload: list[str], mode: list[str], iterations: int, extra: list[str], scratch: Path,
-        name: str) -> float:
+        name: str) -> tuple[float, dict[str, float]]:
+    """Seconds per iteration and the run's final figures (mean over agents of the test loss after adaptation,
+    and accuracy where there is one)."""
     delay, jitter, rate, loss = LINKS[link]
     run_dir = scratch / name
     log_every = max(iterations // 5, 1)
@@ -60,14 +65,19 @@ def run(link: str, workload: list[str], mode: list[str], iterations: int, extra:
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"bench_wan: {name} failed:\n{done.stderr[-3000:]}")
-    return seconds_per_iteration(run_dir, 6)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = {"loss": summary["mean_final_test_loss"]}
+    if summary.get("mean_final_test_accuracy") is not None:
+        final["accuracy"] = summary["mean_final_test_accuracy"]
+    return seconds_per_iteration(run_dir, 6), final
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", nargs="+", default=["sinusoid"], choices=list(WORKLOADS))
     ap.add_argument("--links", nargs="+", default=list(LINKS), choices=list(LINKS))
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--modes", nargs="+", default=["compute only", "synchronous", "overlapped"], choices=list(MODES))
+    ap.add_argument("--staleness", type=int, default=4, help="mode stale: strategy.staleness")
     ap.add_argument("--iterations", type=int, default=100)
     ap.add_argument("--data-root", help="omniglot: the dataset folder (data.root)")
     ap.add_argument("--extra", nargs="*", default=[], help="more hydra overrides for every run (e.g. compression=qsgd)")
@@ -80,26 +90,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch, CpuShare() as share:
         for workload in args.workloads:
             for link in args.links:
-                figures = {}
+                figures, finals = {}, {}
                 for mode in args.modes:
                     name = f"{workload}-{link}-{mode.replace(' ', '_')}"
-                    figures[mode] = run(link, WORKLOADS[workload], MODES[mode], args.iterations, extra,
-                                        Path(scratch), name)
-                    print(f"  {name}: {1e3 * figures[mode]:.1f} ms/iteration", flush=True)
-                rows.append({"workload": workload, "link": link, "link_settings": LINKS[link], **figures})
+                    overrides = MODES[mode] + ([f"strategy.staleness={args.staleness}"] if mode == "stale" else [])
+                    figures[mode], finals[mode] = run(link, WORKLOADS[workload], overrides, args.iterations, extra,
+                                                      Path(scratch), name)
+                    print(f"  {name}: {1e3 * figures[mode]:.1f} ms/iteration, final {finals[mode]}", flush=True)
+                rows.append({"workload": workload, "link": link, "link_settings": LINKS[link], **figures,
+                             "final": finals})
     print(share.report())
+    label = {m: f"stale s={args.staleness}" if m == "stale" else m for m in args.modes}
     print(f"\n6 agents, paper6 graph, {args.iterations} iterations, extra overrides {extra or 'none'}")
-    print(f"{'workload':10} {'link':6} " + " ".join(f"{m + ' ms':>16}" for m in args.modes)
-          + ("   sync/compute  overlap/compute" if {"compute only", "synchronous", "overlapped"} <= set(args.modes)
-             else ""))
+    print("ms per iteration (ratio to compute only)")
+    print(f"{'workload':10} {'link':6} " + " ".join(f"{label[m]:>22}" for m in args.modes))
     for r in rows:
-        line = f"{r['workload']:10} {r['link']:6} " + " ".join(f"{1e3 * r[m]:16.1f}" for m in args.modes)
-        if {"compute only", "synchronous", "overlapped"} <= set(args.modes):
-            c = r["compute only"]
-            line += f"   {r['synchronous'] / c:12.2f}  {r['overlapped'] / c:15.2f}"
-        print(line)
+        c = r.get("compute only")
+        cells = [f"{1e3 * r[m]:10.1f}" + (f" ({r[m] / c:5.2f}x)" if c else "") for m in args.modes]
+        print(f"{r['workload']:10} {r['link']:6} " + " ".join(f"{cell:>22}" for cell in cells))
+    print("final test loss after adaptation, mean over agents (accuracy)")
+    for r in rows:
+        cells = [f"{f['loss']:.4f}" + (f" ({100 * f['accuracy']:.1f} %)" if "accuracy" in f else "")
+                 for f in (r["final"][m] for m in args.modes)]
+        print(f"{r['workload']:10} {r['link']:6} " + " ".join(f"{cell:>22}" for cell in cells))
     if args.out:
-        Path(args.out).write_text(json.dumps({"iterations": args.iterations, "extra": extra, "rows": rows},
+        Path(args.out).write_text(json.dumps({"iterations": args.iterations, "staleness": args.staleness,
+                                              "extra": extra, "rows": rows},
                                              indent=2) + "\n")
 
 

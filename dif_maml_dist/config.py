@@ -149,6 +149,14 @@ class StrategyConfig:
     #: w_i = sum_l a_lk w_{l,i-1} - mu * step(w_{k,i-1}) (README, "Overlapped combine"). false: the paper's
     #: adapt-then-combine, where every exchange waits for the computation before it
     overlap: bool = False
+    #: bounded staleness: each combination round corrects the agent's fresh state by the disagreement of ``s``
+    #: rounds before, w_{k,i} = phi_{k,i} + gamma * sum_l a_lk (phi_{l,i-s} - phi_{k,i-s}) (the initial models before
+    #: round 0), so a message has s iterations to arrive before it is needed (README, "Bounded staleness").
+    #: 0: every round waits for the neighbours' states of the same round
+    staleness: int = 0
+    #: staleness: the consensus step gamma in (0, 1]. None: 0.9 x the largest stable one for the graph's weights,
+    #: 2 cos(s pi / (2s + 1)) / (1 - lambda_min(A)), at most 1 (gossip/stale.py)
+    stale_step: Optional[float] = None
 
 
 @dataclass

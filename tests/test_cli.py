@@ -149,7 +149,8 @@ def test_bad_input_is_one_line_error(tmp_path, case):
                                   "departure_of_unknown_agent", "every_agent_departs", "departure_after_the_end",
                                   "departure_twice", "topk_keeping_every_entry", "ratio_below_one_entry",
                                   "resample_without_edges", "combine_every_beyond_iterations",
-                                  "overlap_with_continue", "slowdown_of_unknown_agent"])
+                                  "overlap_with_continue", "slowdown_of_unknown_agent", "staleness_with_overlap",
+                                  "staleness_with_compression", "staleness_negative", "stale_step_alone"])
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     """The entry point's checks (``train.prepare``: hydra's compose API on the command line's overrides, then
     the run's context), case by case: each refusal is one line naming what to change, and nothing is created.
@@ -223,6 +224,17 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
                                   "exchange"),
         "slowdown_of_unknown_agent": (["runtime=simulate", "runtime.slowdown=[[6,2]]"],
                                       "runtime.slowdown names agent 6, but the topology has 6 agents"),
+        "staleness_with_overlap": (["strategy.staleness=2", "strategy.overlap=true"],
+                                   "strategy.staleness=2: a stale round already computes while its messages "
+                                   "travel: drop strategy.overlap"),
+        "staleness_with_compression": (["strategy.staleness=1", "compression=topk"],
+                                       "strategy.staleness=1: compressed gossip updates each edge's reference "
+                                       "copies at both ends in the same round: use compression=none"),
+        "staleness_negative": (["runtime=simulate", "strategy.staleness=-1"],
+                               "strategy.staleness must be 0 (synchronous) or a number of rounds, got -1"),
+        "stale_step_alone": (["runtime=simulate", "strategy.stale_step=0.5"],
+                             "strategy.stale_step is the step of strategy.staleness's combine: set "
+                             "strategy.staleness too, or drop it"),
         "run_dir_empty": (["hydra.run.dir="], "hydra.run.dir is empty"),
         "run_dir_is_file": ([f"hydra.run.dir={a_file}"], "is a file: choose a directory path"),
         "run_dir_below_file": ([f"hydra.run.dir={a_file / 'run'}"], f"is below {a_file}, which is a file"),

@@ -24,23 +24,29 @@ STRATEGIES = ("dif_maml", "centralized", "noncooperative")
 ITERS = 50
 #: Every compressor and every schedule, with local steps, synchronous and overlapped, in few runs:
 #: (compression, schedule, combine_every, strategy.overlap, strategy).
-VARIANTS = {"topk/matching/every2": ({"name": "topk", "ratio": 0.1}, "random_matching", 2, False, "dif_maml"),
-            "randk/exponential": ({"name": "randk", "ratio": 0.2}, "one_peer_exponential", 1, False, "dif_maml"),
-            "qsgd/resample": ({"name": "qsgd", "bits": 3}, "resample", 1, False, "dif_maml"),
-            "sign/static": ({"name": "sign"}, "static", 1, False, "dif_maml"),
-            "none/exponential/every3": ({"name": "none"}, "one_peer_exponential", 3, False, "dif_maml"),
-            "overlap/none/static": ({"name": "none"}, "static", 1, True, "dif_maml"),
-            "overlap/qsgd/matching/every2": ({"name": "qsgd", "bits": 4}, "random_matching", 2, True, "dif_maml"),
-            "overlap/centralized": ({"name": "none"}, "static", 1, True, "centralized")}
+#: name -> the overrides of small_config's (section.field -> value) that make the variant
+VARIANTS = {"topk/matching/every2": {"compression.name": "topk", "compression.ratio": 0.1,
+                                     "topology.schedule": "random_matching", "strategy.combine_every": 2},
+            "randk/exponential": {"compression.name": "randk", "compression.ratio": 0.2,
+                                  "topology.schedule": "one_peer_exponential"},
+            "qsgd/resample": {"compression.name": "qsgd", "compression.bits": 3, "topology.schedule": "resample"},
+            "sign/static": {"compression.name": "sign"},
+            "none/exponential/every3": {"topology.schedule": "one_peer_exponential", "strategy.combine_every": 3},
+            "overlap/none/static": {"strategy.overlap": True},
+            "overlap/qsgd/matching/every2": {"compression.name": "qsgd", "compression.bits": 4, "strategy.overlap": True,
+                                             "topology.schedule": "random_matching", "strategy.combine_every": 2},
+            "overlap/centralized": {"strategy.name": "centralized", "strategy.overlap": True},
+            "staleness2/every2": {"strategy.staleness": 2, "strategy.combine_every": 2},
+            "staleness3": {"strategy.staleness": 3}}
 VARIANT_ITERS = 12
 
 
 def variant_config(name: str):
-    compression, schedule, every, overlap, strategy = VARIANTS[name]
-    cfg = small_config(strategy, iterations=VARIANT_ITERS)
-    for key, value in compression.items():
-        setattr(cfg.compression, key, value)
-    cfg.topology.schedule, cfg.strategy.combine_every, cfg.strategy.overlap = schedule, every, overlap
+    overrides = VARIANTS[name]
+    cfg = small_config(overrides.get("strategy.name", "dif_maml"), iterations=VARIANT_ITERS)
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        setattr(getattr(cfg, section), field, value)
     return cfg
 
 
@@ -153,7 +159,9 @@ def test_compressed_and_scheduled_gloo_runs_equal_the_per_agent_simulator(tmp_pa
     agents disagreeing on a round's graph (a hang: the timeout fails the test), a byte counter that counts the
     uncompressed state, and local steps that still exchange. The overlapped runs (strategy.overlap) end where the
     simulator's overlapped recursion ends: catches a posted state changed before its messages left, or a step
-    applied before the combination instead of after it.
+    applied before the combination instead of after it. The stale runs (strategy.staleness, several rounds in
+    flight on every edge) end where the simulator's delay lines end: catches rounds matched out of order on a
+    pair, a sent state changed while it waits to be received, or a round's messages used at the wrong delay.
     """
     outs = _spawned(tmp_path)
     for name in VARIANTS:

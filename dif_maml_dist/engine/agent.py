@@ -198,14 +198,17 @@ class Agent:
                             f"[runtime.timeout_s={self.cfg.runtime.timeout_s:g}]", err.peer) from None
 
     def step(self) -> Tensor:
-        """One iteration through the combiner; returns the meta-training loss. Synchronous: Adapt, then Combine.
-        Overlapped (``strategy.overlap``): this agent's state is posted to its neighbours, the meta-gradient is
-        computed while the messages travel, and the step is added to the combination (``finish_overlapped``)."""
+        """One iteration through the combiner; returns the meta-training loss. Synchronous: Adapt, then Combine
+        (with ``strategy.staleness``, the neighbours' states of an earlier round). Overlapped
+        (``strategy.overlap``): this agent's state is posted to its neighbours, the meta-gradient is computed while
+        the messages travel, and the step is added to the combination (``finish_overlapped``)."""
         if not self.cfg.strategy.overlap:
             loss = self.adapt()
             t1 = time.perf_counter()
             combined = self._combining(lambda: self.combiner(self.state.params, self.state.iteration + 1))
             self.set_combined(combined)
+            if self.state.iteration == self.cfg.train.iterations:  # the last: no transfer left running at exit
+                self._combining(self.combiner.settle)
             self._sync()
             self.exchange_seconds += time.perf_counter() - t1
             return loss

@@ -15,7 +15,8 @@ Two engines:
   to floating-point summation order (~1e-15 relative per step in float64).
 
 With ``strategy.overlap`` both engines combine the agents' previous states and add each agent's optimizer step
-from its previous state (the per-agent engine through ``Agent.finish_overlapped``, as under torchrun).
+from its previous state (the per-agent engine through ``Agent.finish_overlapped``, as under torchrun). With
+``strategy.staleness`` both combine through each agent's delay line (``gossip/stale.py``), as torchrun's combiners do.
 
 Both engines checkpoint the same state (:meth:`Simulation.state_dict`, per-agent quantities stacked by agent), so
 either continues the other's checkpoint.
@@ -46,6 +47,7 @@ from dif_maml_dist.engine.learner import Learner, interleave_by_agent
 from dif_maml_dist.engine.loop import BestCentroid
 from dif_maml_dist.gossip.rounds import combine_round
 from dif_maml_dist.gossip.schemes import gossip_round, make_gossip
+from dif_maml_dist.gossip.stale import make_stale_rounds
 from dif_maml_dist.gossip.tolerant import header_bytes
 from dif_maml_dist.graphs.membership import declared_degrees, round_weights
 from dif_maml_dist.graphs.schedules import GraphSchedule, static_schedule
@@ -189,7 +191,12 @@ class Simulation:
         # The vectorised engine combines full states with one matrix product; compressed messages go through the
         # same per-agent gossip objects as torchrun's, as does everything in the per-agent engine.
         compressed = cfg.strategy.name == "dif_maml" and cfg.compression.name != "none"
-        self.gossips = [make_gossip(cfg, a, initial) for a in range(k)] if compressed or not vectorize else None
+        staleness = cfg.strategy.staleness
+        self.gossips = ([make_gossip(cfg, a, initial) for a in range(k)] if compressed or staleness or not vectorize
+                        else None)
+        #: strategy.staleness: each agent's delay line of received states (gossip/stale.py), as under torchrun
+        self.stale = ([make_stale_rounds(a, staleness, cfg.strategy.stale_step, self.weights, initial)
+                       for a in range(k)] if staleness else None)
         #: runtime.departures: agent -> the iteration it leaves at; its state stays the one it left with
         self.leave_at = {a: i for a, i in cfg.runtime.departures}
         self._frozen: dict[int, Tensor] = {}
@@ -228,6 +235,7 @@ class Simulation:
                 "rngs": [g.get_state() for g in rngs],
                 # None where the vectorised engine combines by a matrix product, with nothing to keep
                 "gossips": None if self.gossips is None else [g.state_dict() for g in self.gossips],
+                "stale": None if self.stale is None else [line.state_dict() for line in self.stale],
                 "frozen": {a: t.clone() for a, t in self._frozen.items()}, "known": sorted(self._known),
                 "bytes_sent": list(self.bytes_sent), "compute_s": self.compute_seconds,
                 "exchange_s": self.exchange_seconds, "best": None if self.best is None else self.best.state_dict()}
@@ -248,6 +256,9 @@ class Simulation:
         if self.gossips is not None and sd["gossips"] is not None:
             for g, state in zip(self.gossips, sd["gossips"]):
                 g.load_state_dict(_to(state, self.device))
+        if self.stale is not None:
+            for line, state in zip(self.stale, sd.get("stale") or [{}] * self.num_agents):
+                line.load_state_dict(_to(state, self.device))
         self._frozen = {int(a): t.to(self.device, self.dtype) for a, t in sd["frozen"].items()}
         self._known = frozenset(int(a) for a in sd["known"])
         self.bytes_sent = [int(b) for b in sd["bytes_sent"]]
@@ -323,7 +334,9 @@ class Simulation:
                     if churn is not None:
                         self.params.copy_(_mixing_operator(churn.weights, self.dtype, self.device) @ self.params)
                     elif self.gossips is not None:
-                        combined, sent = gossip_round(self.gossips, list(self.params.detach()), self.schedule, r)
+                        # rows of the stack, which changes in place: a delay line needs copies
+                        phis = self.params.detach().clone() if self.stale else self.params.detach()
+                        combined, sent = gossip_round(self.gossips, list(phis), self.schedule, r, self.stale)
                         self.params.copy_(torch.stack(combined))
                     else:
                         self.params.copy_(self._mixer(r) @ self.params)
@@ -346,7 +359,7 @@ class Simulation:
             t1 = time.perf_counter()
             if r is not None:
                 phis = [a.state.params.clone() for a in self.agents]  # everyone combines the same phi_i
-                combined, sent_now = gossip_round(self.gossips, phis, churn or self.schedule, r)
+                combined, sent_now = gossip_round(self.gossips, phis, churn or self.schedule, r, self.stale)
                 sent = sent if churn is not None else sent_now
                 for agent, w in zip(self.agents, combined):
                     agent.set_combined(w)

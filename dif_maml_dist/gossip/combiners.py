@@ -24,6 +24,7 @@ from dif_maml_dist.comm.transport import Pending, Transport, done
 from dif_maml_dist.config import Config
 from dif_maml_dist.gossip.rounds import combine_round
 from dif_maml_dist.gossip.schemes import Gossip, make_gossip
+from dif_maml_dist.gossip.stale import StaleRounds, make_stale_rounds
 from dif_maml_dist.graphs.membership import Membership
 from dif_maml_dist.graphs.schedules import GraphSchedule
 
@@ -38,6 +39,9 @@ class Combiner(Protocol):
     def post(self, state: Tensor, iteration: int) -> Pending[Tensor]:
         """The same round started and left in flight (``strategy.overlap``; not every combiner has it: config
         validation refuses the others)."""
+
+    def settle(self) -> None:
+        """Wait for every round still in flight (``strategy.staleness``); called after the last iteration."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -66,6 +70,9 @@ class _EveryoneStays:
     def rejoin(self, params: Tensor) -> Optional[int]:
         return None
 
+    def settle(self) -> None:
+        pass
+
     def view(self, graph: nx.Graph) -> dict:
         return self.members.view(graph)
 
@@ -79,8 +86,11 @@ class _EveryoneStays:
 class NeighborCombiner(_EveryoneStays):
     """Dif-MAML in one process: this agent's gossip over the transport, on the schedule's graph of each round."""
 
-    def __init__(self, agent: int, schedule: GraphSchedule, gossip: Gossip, transport: Transport, every: int = 1):
+    def __init__(self, agent: int, schedule: GraphSchedule, gossip: Gossip, transport: Transport, every: int = 1,
+                 stale: Optional[StaleRounds] = None):
+        """``stale``: the delay line of ``strategy.staleness`` (None: each round waits for its own messages)."""
         self.agent, self.schedule, self.gossip, self.transport, self.every = agent, schedule, gossip, transport, every
+        self.stale = stale
         self.members = Membership(agent, schedule.num_agents)
 
     def post(self, state: Tensor, iteration: int) -> Pending[Tensor]:
@@ -88,14 +98,26 @@ class NeighborCombiner(_EveryoneStays):
         if r is None:
             return done(state)
         plan = self.schedule.plan(r, self.agent)
+        if self.stale is not None:
+            # waited on s iterations later, after the state has changed: the messages are a copy
+            sent = state.detach().clone()
+            return self.stale.combine(sent, self.transport.post_exchange(self.gossip.outgoing(sent, plan, r), r),
+                                      plan, state)
         pending = self.transport.post_exchange(self.gossip.outgoing(state, plan, r), r)
         return Pending(lambda: self.gossip.merge(state, pending.wait(), plan, r))
 
+    def settle(self) -> None:
+        if self.stale is not None:
+            self.stale.settle()
+
     def state_dict(self) -> dict[str, Any]:
-        return self.gossip.state_dict()
+        sd = self.gossip.state_dict()
+        return sd if self.stale is None else {**sd, "stale": self.stale.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.gossip.load_state_dict(sd)
+        self.gossip.load_state_dict({key: value for key, value in sd.items() if key != "stale"})
+        if self.stale is not None:
+            self.stale.load_state_dict(sd.get("stale", {}))
 
 
 class MeanCombiner(_EveryoneStays):
@@ -128,7 +150,10 @@ def _dif_maml(cfg: Config, schedule: GraphSchedule, agent: int, transport: Any,
 
         members = Membership(agent, schedule.num_agents, transport.incarnation)
         return TolerantCombiner(agent, schedule, transport, members, cfg.strategy.combine_every)
-    return NeighborCombiner(agent, schedule, make_gossip(cfg, agent, initial), transport, cfg.strategy.combine_every)
+    s = cfg.strategy
+    stale = make_stale_rounds(agent, s.staleness, s.stale_step, schedule.static_weights, initial)
+    return NeighborCombiner(agent, schedule, make_gossip(cfg, agent, initial), transport, cfg.strategy.combine_every,
+                            stale)
 
 
 #: strategy name -> its combiner, as ``make_combiner`` builds it (config validation reads the names from here)

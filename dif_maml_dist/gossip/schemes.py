@@ -34,10 +34,11 @@ import torch
 from torch import Tensor
 
 from dif_maml_dist import seeding
-from dif_maml_dist.comm.transport import nbytes
+from dif_maml_dist.comm.transport import done, nbytes
 from dif_maml_dist.config import CompressionConfig, Config
 from dif_maml_dist.gossip.combine import combine
 from dif_maml_dist.gossip.compression import Compressor, make_compressor
+from dif_maml_dist.gossip.stale import StaleRounds
 from dif_maml_dist.graphs.schedules import GraphSchedule
 from dif_maml_dist.graphs.weights import CombinePlan
 
@@ -141,12 +142,18 @@ def make_gossip(cfg: Config, agent: int, initial: Callable[[int], Tensor]) -> Go
     return ChocoGossip(agent, compressor, gamma, zeta, cfg.seed, initial)
 
 
-def gossip_round(gossips: Sequence[Gossip], phis: Sequence[Tensor], schedule: GraphSchedule,
-                 r: int) -> tuple[list[Tensor], list[int]]:
+def gossip_round(gossips: Sequence[Gossip], phis: Sequence[Tensor], schedule: GraphSchedule, r: int,
+                 stale: Optional[Sequence[StaleRounds]] = None) -> tuple[list[Tensor], list[int]]:
     """Round ``r`` for all agents of one process (the simulator): the combined states and the bytes each agent
-    sent. The messages are handed over as they are (a transport would copy their bytes unchanged)."""
+    sent. The messages are handed over as they are (a transport would copy their bytes unchanged). ``stale``:
+    each agent's delay line (``strategy.staleness``), which combines instead of the gossip; the ``phis`` then must
+    not change afterwards (they wait in the lines)."""
     plans = [schedule.plan(r, k) for k in range(len(gossips))]
     outs = [g.outgoing(phi, plan, r) for g, phi, plan in zip(gossips, phis, plans)]
-    combined = [g.merge(phi, {l: outs[l][k] for l in plan.neighbors}, plan, r)
-                for k, (g, phi, plan) in enumerate(zip(gossips, phis, plans))]
+    received = [{l: outs[l][k] for l in plan.neighbors} for k, plan in enumerate(plans)]
+    if stale is not None:
+        combined = [line.combine(phi, done(messages), plan, phi).wait()
+                    for line, messages, plan, phi in zip(stale, received, plans, phis)]
+    else:
+        combined = [g.merge(phi, messages, plan, r) for g, phi, messages, plan in zip(gossips, phis, received, plans)]
     return combined, [sum(nbytes(m) for m in out.values()) for out in outs]

@@ -147,6 +147,9 @@ class TolerantCombiner:
     def view(self, graph: nx.Graph) -> dict:
         return self.membership.view(graph)
 
+    def settle(self) -> None:  # every round is waited on within its iteration
+        pass
+
     def state_dict(self) -> dict[str, Any]:
         return {"membership": self.membership.vector()}
 

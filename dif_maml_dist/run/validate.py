@@ -3,7 +3,10 @@
 ``graphs.topology.GRAPHS``, ``graphs.weights.WEIGHT_RULES``, ``graphs.schedules.SCHEDULES``,
 ``gossip.combiners.STRATEGIES``, ``gossip.compression.COMPRESSORS``, ``engine.agent.OPTIMIZERS``,
 ``learning.maml.META_GRADIENT_PATHS``, ``tasks.TARGET_TYPES``), so a new component is a new registry entry, not a
-new check here."""
+new check here.
+
+Size: one check per setting and one refusal per pair of settings that do not combine, each with its own message;
+they are kept together so that what the runtime accepts can be read in one place."""
 
 from __future__ import annotations
 
@@ -165,6 +168,7 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"compression.gamma must be in (0, 1] (the consensus step), got {c.gamma}")
     if c.zeta is not None and not 0.0 < c.zeta <= 1.0:
         raise ValueError(f"compression.zeta must be in (0, 1] (the reference copies' step), got {c.zeta}")
+    _validate_staleness(cfg)
 
     o = cfg.optim
     _choice(o.name, tuple(OPTIMIZERS), "optim")
@@ -234,6 +238,34 @@ def validate(cfg: Config) -> Config:
     if len({e[0] for e in r.slowdown}) != len(r.slowdown):
         raise ValueError("runtime.slowdown names an agent twice; give each slow agent one factor")
     return cfg
+
+
+def _validate_staleness(cfg: Config) -> None:
+    s = cfg.strategy
+    if s.staleness < 0:
+        raise ValueError(f"strategy.staleness must be 0 (synchronous) or a number of rounds, got {s.staleness}")
+    if s.stale_step is not None and not 0.0 < s.stale_step <= 1.0:
+        raise ValueError(f"strategy.stale_step must be in (0, 1] (the stale combine's consensus step), got "
+                         f"{s.stale_step}")
+    if not s.staleness:
+        if s.stale_step is not None:
+            raise ValueError("strategy.stale_step is the step of strategy.staleness's combine: set "
+                             "strategy.staleness too, or drop it")
+        return
+    refusals = (
+        (s.name != "dif_maml", f"it delays dif_maml's neighbour messages; strategy={s.name} exchanges none: use "
+                               f"strategy=dif_maml"),
+        (s.overlap, "a stale round already computes while its messages travel: drop strategy.overlap"),
+        (cfg.compression.name != "none", "compressed gossip updates each edge's reference copies at both ends in "
+                                         "the same round: use compression=none"),
+        (cfg.topology.schedule != "static", "a stale message comes from an earlier round's neighbours, weighted by "
+                                            "this round's graph: use topology.schedule=static"),
+        (cfg.runtime.on_peer_failure == "continue", "a departure would be noticed s rounds late: use "
+                                                    "runtime.on_peer_failure=stop"),
+    )
+    for refused, why in refusals:
+        if refused:
+            raise ValueError(f"strategy.staleness={s.staleness}: {why}")
 
 
 def _validate_departures(cfg: Config) -> None:
