@@ -3,9 +3,10 @@ nodes in their own network namespaces, per link and workload, synchronous (adapt
 (strategy.overlap=true), to bounded staleness (strategy.staleness=S) and to the same agents with no exchange at all
 (noncooperative: the compute-only time); with each run's final test loss (and accuracy, for classification).
 
-    sudo .venv/bin/python benchmarks/bench_wan.py [--workloads sinusoid omniglot] [--links lan wan poor]
+    sudo .venv/bin/python benchmarks/bench_wan.py [--workloads sinusoid omniglot] [--links lan wan poor thin]
         [--modes ...] [--staleness S] [--iterations N] [--eval-every N] [--target LOSS_OR_ACCURACY]
-        [--slow-agent FACTOR] [--agents K] [--data-root DIR] [--out results.json] [--extra OVERRIDE ...]
+        [--compressions NAME ...] [--slow-agent FACTOR] [--agents K] [--data-root DIR] [--out results.json]
+        [--extra OVERRIDE ...]
 
 The time per iteration is an agent's time in its training steps (compute_s + exchange_s: sampling, meta-gradient,
 optimizer step, exchange and combine) between its first logged iteration and its last, for the slowest agent
@@ -28,7 +29,8 @@ from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
 
 REPO = Path(__file__).resolve().parent.parent
 #: name -> (delay ms, jitter ms, rate Mbit/s, loss %)
-LINKS = {"lan": (0.2, 0.0, 1000.0, 0.0), "wan": (20.0, 0.0, 100.0, 0.0), "poor": (50.0, 0.0, 10.0, 1.0)}
+LINKS = {"lan": (0.2, 0.0, 1000.0, 0.0), "wan": (20.0, 0.0, 100.0, 0.0), "poor": (50.0, 0.0, 10.0, 1.0),
+         "thin": (20.0, 0.0, 0.6, 0.0)}  # thin: a Conv4 message takes ~6 s, over 3x its compute here
 #: name -> hydra overrides
 WORKLOADS = {"sinusoid": ["task=sinusoid"],
              "omniglot": ["task=omniglot_5w1s", "task.eval_tasks=16", "task.final_eval_tasks=16"]}
@@ -100,7 +102,7 @@ def run(link: str, workload: list[str], mode: list[str], iterations: int, extra:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", nargs="+", default=["sinusoid"], choices=list(WORKLOADS))
-    ap.add_argument("--links", nargs="+", default=list(LINKS), choices=list(LINKS))
+    ap.add_argument("--links", nargs="+", default=["lan", "wan", "poor"], choices=list(LINKS))
     ap.add_argument("--modes", nargs="+", default=["compute only", "synchronous", "overlapped"], choices=list(MODES))
     ap.add_argument("--staleness", type=int, default=4, help="mode stale: strategy.staleness")
     ap.add_argument("--iterations", type=int, default=100)
@@ -109,6 +111,8 @@ def main() -> None:
                     "after adaptation (classification: this accuracy, a fraction)")
     ap.add_argument("--data-root", help="omniglot: the dataset folder (data.root)")
     ap.add_argument("--extra", nargs="*", default=[], help="more hydra overrides for every run (e.g. compression=qsgd)")
+    ap.add_argument("--compressions", nargs="+", metavar="NAME",
+                    help="run every mode with each of these compressions (compression=NAME), side by side")
     ap.add_argument("--slow-agent", type=float, metavar="FACTOR",
                     help="also run every mode with agent 0 FACTOR times slower (runtime.slowdown)")
     ap.add_argument("--agents", type=int, default=6, help="6: the paper's graph; any other number: a ring (with "
@@ -124,11 +128,15 @@ def main() -> None:
         raise SystemExit(f"bench_wan: --eval-every {eval_every} must divide --iterations {args.iterations}")
     #: column label -> the overrides of its mode
     columns: dict[str, list[str]] = {}
-    for mode in args.modes:
-        label = f"stale s={args.staleness}" if mode == "stale" else mode
-        columns[label] = MODES[mode] + ([f"strategy.staleness={args.staleness}"] if mode == "stale" else [])
-        if args.slow_agent:
-            columns[f"{label}, slow 0"] = columns[label] + [f"runtime.slowdown=[[0,{args.slow_agent:g}]]"]
+    for compression in args.compressions or [None]:
+        for mode in args.modes:
+            label = f"stale s={args.staleness}" if mode == "stale" else mode
+            overrides = MODES[mode] + ([f"strategy.staleness={args.staleness}"] if mode == "stale" else [])
+            if compression is not None:
+                label, overrides = f"{label}, {compression}", overrides + [f"compression={compression}"]
+            columns[label] = overrides
+            if args.slow_agent:
+                columns[f"{label}, slow 0"] = overrides + [f"runtime.slowdown=[[0,{args.slow_agent:g}]]"]
     rows = []
     with tempfile.TemporaryDirectory() as scratch, CpuShare() as share:
         for workload in args.workloads:

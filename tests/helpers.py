@@ -120,6 +120,73 @@ def simulated_states(cfg: Config, schedule, iterations: int, vectorize: bool = T
     return (states, list(sim.bytes_sent)) if with_bytes else states
 
 
+def resumed_simulation_states(cfg: Config, weights, stop: int, iterations: int, vectorize: bool = False):
+    """``[K, P]`` states of an uninterrupted simulation after ``iterations``, and of one stopped after ``stop``
+    and continued from its ``state_dict`` by a new Simulation."""
+    from dif_maml_dist.engine.simulator import Simulation
+
+    whole, first = (Simulation(cfg, weights, vectorize=vectorize) for _ in range(2))
+    for _ in range(stop):
+        whole.step()
+        first.step()
+    second = Simulation(cfg, weights, vectorize=vectorize)
+    second.load_state_dict(first.state_dict())
+    for _ in range(iterations - stop):
+        whole.step()
+        second.step()
+    return whole.states(), second.states()
+
+
+def in_threads(fn, items) -> list:
+    """``fn(item)`` for every item, each in its own thread (agents whose rounds meet in an in-memory network);
+    the results in order. The first exception raised in any thread is raised here, after all threads ended."""
+    import threading
+
+    out, errors = [None] * len(items), []
+
+    def body(i):
+        try:
+            out[i] = fn(items[i])
+        except BaseException as err:  # surfaced below; a dead thread would otherwise just hang its peers
+            errors.append(err)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()  # bounded by the in-memory network's timeout
+    if errors:
+        raise errors[0]
+    return out
+
+
+def reference_sgd_run(cfg: Config, weights, iterations: int, update):
+    """Every agent's plain-SGD meta-learning written out: ``w <- update(w, g, i)`` for i = 1..iterations, ``w`` the
+    ``[K, P]`` states (float64, from the initial models) and ``g`` their meta-gradients from
+    :func:`reference_meta_gradient` on the task batches each agent's own seeded stream draws (MSE loss)."""
+    import torch
+    import torch.nn.functional as F
+
+    from dif_maml_dist import seeding
+    from dif_maml_dist.engine.agent import initial_params
+    from dif_maml_dist.tasks import task_family
+
+    family = task_family(cfg)
+    module = family.build_model().double()
+    k = weights.shape[0]
+    cpu = torch.device("cpu")
+    w = torch.stack([initial_params(cfg, j, torch.float64, cpu, family) for j in range(k)])
+    samplers = [family.sampler(j, k) for j in range(k)]
+    rngs = [seeding.generator(cfg.seed, seeding.Stream.TASKS, j) for j in range(k)]
+    for i in range(1, iterations + 1):
+        g = torch.stack([
+            reference_meta_gradient(module, w[j], samplers[j].sample(rngs[j], cfg.task.meta_batch).to_device(
+                cpu, torch.float64), cfg.maml.inner_lr, cfg.maml.inner_steps, False, F.mse_loss)
+            for j in range(k)])
+        w = update(w, g, i)
+    return w
+
+
 def reference_meta_gradient(module, flat, batch, alpha: float, steps: int, first_order: bool, criterion):
     """The MAML meta-gradient written out with nothing from maml.py or the written-out forwards: the module itself
     (functional_call) on a flat vector, plain autograd, task by task, the task mean taken before differentiating.

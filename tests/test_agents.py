@@ -16,7 +16,7 @@ from dif_maml_dist.engine.learner import Learner
 from dif_maml_dist.gossip.combine import combine
 from dif_maml_dist.graphs.topology import build_topology, strategy_weights
 from dif_maml_dist.graphs.weights import combine_plan
-from tests.helpers import combine_dense, run_agent, schedule_for, simulated_states, small_config
+from tests.helpers import combine_dense, in_threads, run_agent, schedule_for, simulated_states, small_config
 
 PAPER6 = build_topology(TopologyConfig(name="paper6"))
 
@@ -39,24 +39,8 @@ def run_threads(cfg, weights):
     """All agents of ``weights`` as threads over one in-memory network; returns (agents, results)."""
     k = weights.shape[0]
     transports = InMemoryTransport.network(k, timeout_s=60)
-    agents, results, errors = [None] * k, [None] * k, []
-
-    def body(rank):
-        try:
-            agent = networked_agent(cfg, rank, k, schedule_for(cfg, PAPER6), transports[rank])
-            agents[rank] = agent
-            results[rank] = run_agent(agent, transports[rank])
-        except BaseException as err:  # surfaced below; a dead thread would otherwise just hang its peers
-            errors.append(err)
-
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(k)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()  # bounded by the hub's timeout
-    if errors:
-        raise errors[0]
-    return agents, results
+    agents = [networked_agent(cfg, rank, k, schedule_for(cfg, PAPER6), transports[rank]) for rank in range(k)]
+    return agents, in_threads(lambda agent: run_agent(agent, transports[agent.rank]), agents)
 
 
 @pytest.mark.parametrize("strategy", ["dif_maml", "centralized", "noncooperative"])

@@ -4,37 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from dif_maml_dist import seeding
 from dif_maml_dist.config import TopologyConfig
-from dif_maml_dist.engine.agent import initial_params
-from dif_maml_dist.engine.simulator import Simulation
 from dif_maml_dist.graphs.topology import build_topology, strategy_weights
-from dif_maml_dist.tasks import task_family
-from tests.helpers import reference_meta_gradient, schedule_for, simulated_states, small_config
+from tests.helpers import reference_sgd_run, resumed_simulation_states, schedule_for, simulated_states, small_config
 
 PAPER6 = build_topology(TopologyConfig(name="paper6"))
 ITERS = 6
 
 
 def _overlap_reference(cfg, weights, iterations: int):
-    """``w_{k,i} = sum_l a_lk w_{l,i-1} - lr * g_k(w_{k,i-1})`` with plain SGD, every agent's meta-gradient from
-    the reference (plain autograd, task by task) on the tasks its own seeded stream draws."""
-    family = task_family(cfg)
-    module = family.build_model().double()
-    k = weights.shape[0]
+    """``w_{k,i} = sum_l a_lk w_{l,i-1} - lr * g_k(w_{k,i-1})`` with plain SGD (``helpers.reference_sgd_run``)."""
     a = torch.as_tensor(weights, dtype=torch.float64)
-    w = torch.stack([initial_params(cfg, j, torch.float64, torch.device("cpu"), family) for j in range(k)])
-    samplers = [family.sampler(j, k) for j in range(k)]
-    rngs = [seeding.generator(cfg.seed, seeding.Stream.TASKS, j) for j in range(k)]
-    for _ in range(iterations):
-        g = torch.stack([
-            reference_meta_gradient(module, w[j], samplers[j].sample(rngs[j], cfg.task.meta_batch).to_device(
-                torch.device("cpu"), torch.float64), cfg.maml.inner_lr, cfg.maml.inner_steps, False, F.mse_loss)
-            for j in range(k)])
-        w = a.T @ w - cfg.optim.lr * g
-    return w
+    return reference_sgd_run(cfg, weights, iterations, lambda w, g, i: a.T @ w - cfg.optim.lr * g)
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
@@ -86,15 +68,5 @@ def test_an_overlapped_run_continues_from_its_checkpoint_bit_for_bit():
     checkpoint would miss. Catches a posted round or pending step carried over an iteration boundary."""
     cfg = small_config(iterations=ITERS)
     cfg.strategy.overlap = True
-    weights = strategy_weights("dif_maml", PAPER6)
-    whole = Simulation(cfg, weights, vectorize=False)
-    first = Simulation(cfg, weights, vectorize=False)
-    for _ in range(3):
-        whole.step()
-        first.step()
-    second = Simulation(cfg, weights, vectorize=False)
-    second.load_state_dict(first.state_dict())
-    for _ in range(ITERS - 3):
-        whole.step()
-        second.step()
-    assert torch.equal(whole.states(), second.states())
+    whole, resumed = resumed_simulation_states(cfg, strategy_weights("dif_maml", PAPER6), 3, ITERS)
+    assert torch.equal(whole, resumed)

@@ -5,21 +5,23 @@ and networked agents)."""
 from __future__ import annotations
 
 import io
-import threading
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from dif_maml_dist import seeding
 from dif_maml_dist.comm.transport import InMemoryTransport
 from dif_maml_dist.config import TopologyConfig
-from dif_maml_dist.engine.agent import initial_params, networked_agent
-from dif_maml_dist.engine.simulator import Simulation
+from dif_maml_dist.engine.agent import networked_agent
 from dif_maml_dist.gossip.stale import STEP_MARGIN, stale_step
 from dif_maml_dist.graphs.topology import build_topology, strategy_weights
-from dif_maml_dist.tasks import task_family
-from tests.helpers import reference_meta_gradient, schedule_for, simulated_states, small_config
+from tests.helpers import (
+    in_threads,
+    reference_sgd_run,
+    resumed_simulation_states,
+    schedule_for,
+    simulated_states,
+    small_config,
+)
 
 PAPER6 = build_topology(TopologyConfig(name="paper6"))
 ITERS = 7
@@ -27,26 +29,20 @@ ITERS = 7
 
 def _stale_reference(cfg, weights, iterations: int, staleness: int, step: float):
     """``phi_{k,i} = w_{k,i-1} - lr * g_k(w_{k,i-1})``, then ``w_{k,i} = phi_{k,i} + step * sum_l a_lk
-    (phi_{l,i-s} - phi_{k,i-s})`` with ``phi_{l,j} = w_{l,0}`` for ``j <= 0``: plain SGD, every agent's
-    meta-gradient from the reference (plain autograd, task by task) on the tasks its own seeded stream draws."""
-    family = task_family(cfg)
-    module = family.build_model().double()
-    k = weights.shape[0]
+    (phi_{l,i-s} - phi_{k,i-s})`` with ``phi_{l,j} = w_{l,0}`` for ``j <= 0``, with plain SGD
+    (``helpers.reference_sgd_run``)."""
     a = torch.as_tensor(weights, dtype=torch.float64)
-    w = torch.stack([initial_params(cfg, j, torch.float64, torch.device("cpu"), family) for j in range(k)])
-    samplers = [family.sampler(j, k) for j in range(k)]
-    rngs = [seeding.generator(cfg.seed, seeding.Stream.TASKS, j) for j in range(k)]
-    phis = [w] * staleness  # phi_{1-s}, ..., phi_0: the initial models
-    for _ in range(iterations):
-        g = torch.stack([
-            reference_meta_gradient(module, w[j], samplers[j].sample(rngs[j], cfg.task.meta_batch).to_device(
-                torch.device("cpu"), torch.float64), cfg.maml.inner_lr, cfg.maml.inner_steps, False, F.mse_loss)
-            for j in range(k)])
+    phis = []  # phi_1, phi_2, ...
+
+    def update(w, g, i):
+        if not phis:
+            phis.extend([w] * staleness)  # phi_{1-s}, ..., phi_0: the initial models
         phi = w - cfg.optim.lr * g
         then = phis[-staleness]
-        w = phi + step * (a.T @ then - then)
         phis.append(phi)
-    return w
+        return phi + step * (a.T @ then - then)
+
+    return reference_sgd_run(cfg, weights, iterations, update)
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
@@ -90,18 +86,8 @@ def test_a_stale_run_continues_from_its_checkpoint_bit_for_bit(vectorize):
     (the continued run would combine with the initial models again)."""
     cfg = small_config(iterations=ITERS)
     cfg.strategy.staleness = 2
-    weights = strategy_weights("dif_maml", PAPER6)
-    whole = Simulation(cfg, weights, vectorize=vectorize)
-    first = Simulation(cfg, weights, vectorize=vectorize)
-    for _ in range(3):
-        whole.step()
-        first.step()
-    second = Simulation(cfg, weights, vectorize=vectorize)
-    second.load_state_dict(first.state_dict())
-    for _ in range(ITERS - 3):
-        whole.step()
-        second.step()
-    assert torch.equal(whole.states(), second.states())
+    whole, resumed = resumed_simulation_states(cfg, strategy_weights("dif_maml", PAPER6), 3, ITERS, vectorize)
+    assert torch.equal(whole, resumed)
 
 
 def _delayed_consensus_spread(weights, staleness: int, step: float, rounds: int) -> float:
@@ -133,26 +119,14 @@ def test_the_default_stale_step_is_where_delayed_consensus_is_stable(staleness):
 
 
 def _threaded_steps(agents, iterations: int, then=None) -> list:
-    """``iterations`` steps of every agent, one thread each (their rounds meet in the in-memory network); then
-    ``then(agent)`` in the same thread; its results by rank."""
-    out, errors = [None] * len(agents), []
+    """``iterations`` steps of every agent, one thread each; then ``then(agent)`` in the same thread; its results
+    by rank."""
+    def steps(agent):
+        for _ in range(iterations):
+            agent.step()
+        return then(agent) if then else None
 
-    def body(agent):
-        try:
-            for _ in range(iterations):
-                agent.step()
-            out[agent.rank] = then(agent) if then else None
-        except BaseException as err:  # surfaced below; a dead thread would otherwise just hang its peers
-            errors.append(err)
-
-    threads = [threading.Thread(target=body, args=(a,)) for a in agents]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()  # bounded by the hub's timeout
-    if errors:
-        raise errors[0]
-    return out
+    return in_threads(steps, agents)
 
 
 def _networked(cfg) -> list:
