@@ -124,8 +124,10 @@ def main() -> None:
     extra = [*args.extra, *([f"data.root={args.data_root}"] if args.data_root else []),
              *([] if args.agents == 6 else ["topology=ring", f"topology.num_agents={args.agents}"])]
     eval_every = args.eval_every or max(args.iterations // 5, 1)
-    if args.iterations % eval_every:
-        raise SystemExit(f"bench_wan: --eval-every {eval_every} must divide --iterations {args.iterations}")
+    if args.iterations % eval_every or args.iterations < 2 * eval_every:
+        raise SystemExit(f"bench_wan: --eval-every {eval_every} must divide --iterations {args.iterations} at least "
+                         f"twice (it is also the logging interval, and the time per iteration is measured between "
+                         f"the first logged iteration and the last)")
     #: column label -> the overrides of its mode
     columns: dict[str, list[str]] = {}
     for compression in args.compressions or [None]:
