@@ -40,12 +40,16 @@ MODES = {"compute only": ["strategy=noncooperative"], "synchronous": ["strategy=
          "stale": ["strategy=dif_maml"]}  # + strategy.staleness=S (--staleness)
 
 
+def records(run_dir: Path, name: str) -> list[dict[str, Any]]:
+    """A run's metrics stream ``metrics/NAME.jsonl``, record by record."""
+    return [json.loads(x) for x in (run_dir / "metrics" / f"{name}.jsonl").read_text().splitlines()]
+
+
 def seconds_per_iteration(run_dir: Path, agents: int) -> float:
     """The slowest agent's time in training steps per iteration, between its first logged iteration and its last."""
     worst = 0.0
     for k in range(agents):
-        records = [json.loads(x) for x in (run_dir / "metrics" / f"agent{k}.jsonl").read_text().splitlines()]
-        logged = [r for r in records if "meta_train_loss" in r]
+        logged = [r for r in records(run_dir, f"agent{k}") if "meta_train_loss" in r]
         first, last = logged[0], logged[-1]
         busy = (last["compute_s"] + last["exchange_s"]) - (first["compute_s"] + first["exchange_s"])
         worst = max(worst, busy / (last["iteration"] - first["iteration"]))
@@ -58,14 +62,12 @@ def time_to_target(run_dir: Path, agents: int, target: float, metric: str) -> Op
     None if it never did."""
     key, better = (("centroid_test_loss_post", lambda v: v <= target) if metric == "loss"
                    else ("centroid_test_acc_post", lambda v: v >= target))
-    network = [json.loads(x) for x in (run_dir / "metrics" / "network.jsonl").read_text().splitlines()]
-    for record in network:
+    for record in records(run_dir, "network"):
         if record["iteration"] > 0 and key in record and better(record[key]):
             it = record["iteration"]
             busy = 0.0
             for k in range(agents):
-                rows = [json.loads(x) for x in (run_dir / "metrics" / f"agent{k}.jsonl").read_text().splitlines()]
-                at = next(r for r in rows if r["iteration"] == it and "compute_s" in r)
+                at = next(r for r in records(run_dir, f"agent{k}") if r["iteration"] == it and "compute_s" in r)
                 busy = max(busy, at["compute_s"] + at["exchange_s"])
             return it, busy
     return None

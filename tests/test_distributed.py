@@ -33,8 +33,9 @@ VARIANTS = {"topk/matching/every2": {"compression.name": "topk", "compression.ra
             "sign/static": {"compression.name": "sign"},
             "none/exponential/every3": {"topology.schedule": "one_peer_exponential", "strategy.combine_every": 3},
             "overlap/none/static": {"strategy.overlap": True},
-            "overlap/qsgd/matching/every2": {"compression.name": "qsgd", "compression.bits": 4, "strategy.overlap": True,
-                                             "topology.schedule": "random_matching", "strategy.combine_every": 2},
+            "overlap/qsgd/matching/every2": {"compression.name": "qsgd", "compression.bits": 4,
+                                             "strategy.overlap": True, "topology.schedule": "random_matching",
+                                             "strategy.combine_every": 2},
             "overlap/centralized": {"strategy.name": "centralized", "strategy.overlap": True},
             "staleness2/every2": {"strategy.staleness": 2, "strategy.combine_every": 2},
             "staleness3": {"strategy.staleness": 3}}

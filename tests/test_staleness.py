@@ -68,8 +68,8 @@ def test_stale_simulation_follows_the_delayed_recursion(vectorize, staleness):
 
 def test_stale_engines_agree_with_local_steps():
     """With combine_every=2 (staleness counts combination rounds, not iterations) and Adam, the vectorised engine
-    equals the per-agent one (the torchrun code path; up to the meta-gradients' summation order), and a delay of 2 rounds differs from a delay of
-    1. Catches a line advanced at local steps, or engines that disagree on which round a message belongs to."""
+    equals the per-agent one (the torchrun code path; up to the meta-gradients' summation order), and a delay of 2
+    rounds differs from a delay of 1. Catches a line advanced at local steps, or engines that disagree on which round a message belongs to."""
     cfg = small_config(iterations=8)
     cfg.strategy.combine_every, cfg.strategy.staleness = 2, 2
     weights = strategy_weights("dif_maml", PAPER6)

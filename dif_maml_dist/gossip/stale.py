@@ -101,4 +101,3 @@ def make_stale_rounds(agent: int, staleness: int, step: Optional[float], weights
                       initial: Callable[[int], Tensor]) -> Optional[StaleRounds]:
     """Agent ``agent``'s delay line for ``strategy.staleness`` (None for 0: the synchronous exchange)."""
     return StaleRounds(agent, staleness, stale_step(weights, staleness, step), initial) if staleness else None
-

@@ -240,6 +240,13 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _refuse(setting: str, refusals: tuple[tuple[bool, str], ...]) -> None:
+    """The first of ``refusals`` (condition, why) that holds, as ``setting: why``."""
+    for refused, why in refusals:
+        if refused:
+            raise ValueError(f"{setting}: {why}")
+
+
 def _validate_staleness(cfg: Config) -> None:
     s = cfg.strategy
     if s.staleness < 0:
@@ -263,9 +270,7 @@ def _validate_staleness(cfg: Config) -> None:
         (cfg.runtime.on_peer_failure == "continue", "a departure would be noticed s rounds late: use "
                                                     "runtime.on_peer_failure=stop"),
     )
-    for refused, why in refusals:
-        if refused:
-            raise ValueError(f"strategy.staleness={s.staleness}: {why}")
+    _refuse(f"strategy.staleness={s.staleness}", refusals)
 
 
 def _validate_departures(cfg: Config) -> None:
@@ -300,6 +305,4 @@ def _validate_departures(cfg: Config) -> None:
         (cfg.strategy.overlap, "a departed neighbour is noticed inside the exchange, after the local step it would "
                                "have overlapped: use strategy.overlap=false"),
     )
-    for refused, why in refusals:
-        if refused:
-            raise ValueError(f"runtime.on_peer_failure=continue: {why}")
+    _refuse("runtime.on_peer_failure=continue", refusals)
