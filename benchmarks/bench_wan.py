@@ -2,10 +2,12 @@
 nodes in their own network namespaces, per link and workload, synchronous (adapt-then-combine) next to overlapped
 (strategy.overlap=true), to bounded staleness (strategy.staleness=S) and to the same agents with no exchange at all
 (noncooperative: the compute-only time); with each run's final test loss (and accuracy, for classification).
+``--exchanges`` repeats every exchanging mode per way of exchanging (a compressor, a one-peer or matching schedule,
+local steps), side by side.
 
     sudo .venv/bin/python benchmarks/bench_wan.py [--workloads sinusoid omniglot] [--links lan wan poor thin]
         [--modes ...] [--staleness S] [--iterations N] [--eval-every N] [--target LOSS_OR_ACCURACY]
-        [--compressions NAME ...] [--slow-agent FACTOR] [--agents K] [--data-root DIR] [--out results.json]
+        [--exchanges NAME ...] [--slow-agent FACTOR] [--agents K] [--data-root DIR] [--out results.json]
         [--extra OVERRIDE ...]
 
 The time per iteration is an agent's time in its training steps (compute_s + exchange_s: sampling, meta-gradient,
@@ -38,6 +40,10 @@ WORKLOADS = {"sinusoid": ["task=sinusoid"],
 MODES = {"compute only": ["strategy=noncooperative"], "synchronous": ["strategy=dif_maml"],
          "overlapped": ["strategy=dif_maml", "strategy.overlap=true"],
          "stale": ["strategy=dif_maml"]}  # + strategy.staleness=S (--staleness)
+#: name -> overrides of what a round sends, and to whom (--exchanges)
+EXCHANGES = {"none": [], "topk": ["compression=topk"], "randk": ["compression=randk"], "qsgd": ["compression=qsgd"],
+             "sign": ["compression=sign"], "one-peer": ["topology.schedule=one_peer_exponential"],
+             "matching": ["topology.schedule=random_matching"], "every 2": ["strategy.combine_every=2"]}
 
 
 def records(run_dir: Path, name: str) -> list[dict[str, Any]]:
@@ -113,8 +119,9 @@ def main() -> None:
                     "after adaptation (classification: this accuracy, a fraction)")
     ap.add_argument("--data-root", help="omniglot: the dataset folder (data.root)")
     ap.add_argument("--extra", nargs="*", default=[], help="more hydra overrides for every run (e.g. compression=qsgd)")
-    ap.add_argument("--compressions", nargs="+", metavar="NAME",
-                    help="run every mode with each of these compressions (compression=NAME), side by side")
+    ap.add_argument("--exchanges", nargs="+", default=["none"], choices=list(EXCHANGES),
+                    help="run every exchanging mode with each of these (EXCHANGES: a compressor, a schedule, "
+                    "'every 2' = strategy.combine_every=2), side by side; staleness runs only with none")
     ap.add_argument("--slow-agent", type=float, metavar="FACTOR",
                     help="also run every mode with agent 0 FACTOR times slower (runtime.slowdown)")
     ap.add_argument("--agents", type=int, default=6, help="6: the paper's graph; any other number: a ring (with "
@@ -132,12 +139,14 @@ def main() -> None:
                          f"the first logged iteration and the last)")
     #: column label -> the overrides of its mode
     columns: dict[str, list[str]] = {}
-    for compression in args.compressions or [None]:
+    for exchange in args.exchanges:
         for mode in args.modes:
+            if (mode == "compute only" and exchange != args.exchanges[0]) or (mode == "stale" and exchange != "none"):
+                continue  # compute only exchanges nothing; staleness refuses compression and changing graphs
             label = f"stale s={args.staleness}" if mode == "stale" else mode
             overrides = MODES[mode] + ([f"strategy.staleness={args.staleness}"] if mode == "stale" else [])
-            if compression is not None:
-                label, overrides = f"{label}, {compression}", overrides + [f"compression={compression}"]
+            if mode != "compute only" and args.exchanges != ["none"]:
+                label, overrides = f"{label}, {exchange}", overrides + EXCHANGES[exchange]
             columns[label] = overrides
             if args.slow_agent:
                 columns[f"{label}, slow 0"] = overrides + [f"runtime.slowdown=[[0,{args.slow_agent:g}]]"]
