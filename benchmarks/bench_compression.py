@@ -27,10 +27,12 @@ import torch  # noqa: E402
 from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
 
 from dif_maml_dist.comm.transport import nbytes  # noqa: E402
-from dif_maml_dist.config import CompressionConfig, Config  # noqa: E402
+from dif_maml_dist.config import CompressionConfig, Config, MamlConfig  # noqa: E402
 from dif_maml_dist.gossip.schemes import FullStateGossip, make_gossip  # noqa: E402
 from dif_maml_dist.graphs.weights import CombinePlan  # noqa: E402
-from dif_maml_dist.learning import functional, maml, models  # noqa: E402
+from dif_maml_dist.learning import functional, models  # noqa: E402
+from dif_maml_dist.learning.algorithms import build_algorithm  # noqa: E402
+from dif_maml_dist.learning.batch import Losses, TaskBatch, make_loss  # noqa: E402
 from dif_maml_dist.learning.flat import FlatLayout  # noqa: E402
 
 SETTINGS = {"none": {}, "topk 10%": {"name": "topk", "ratio": 0.1}, "topk 1%": {"name": "topk", "ratio": 0.01},
@@ -62,12 +64,13 @@ def conv4_iteration_seconds() -> float:
     g = torch.Generator().manual_seed(0)
     xs, xq = torch.randn(16, 5, 1, 28, 28, generator=g), torch.randn(16, 5, 1, 28, 28, generator=g)
     ys = yq = torch.arange(5).repeat(16, 1)
-    batch = maml.TaskBatch(xs, ys, xq, yq)
-    loss = lambda params, x, y: torch.nn.functional.cross_entropy(fm.forward(params, x), y)  # noqa: E731
-    query = lambda params, x, y: torch.nn.functional.cross_entropy(fm.first_order_forward(params, x), y)  # noqa: E731
+    batch = TaskBatch(xs, ys, xq, yq)
+    ce = torch.nn.functional.cross_entropy
+    losses = Losses(make_loss(fm.forward, ce), make_loss(fm.first_order_forward, ce), make_loss(fm.batched_forward, ce))
+    alg = build_algorithm(MamlConfig(inner_lr=0.4, inner_steps=1, first_order=False), fm.layout)
 
     def step():
-        grads, _ = maml.meta_gradient("loop", loss, None, layout.split(flat), batch, 0.4, 1, False, None, query)
+        grads, _ = alg.meta_gradient("loop", losses, layout.split(flat), batch, 1)
         flat.grad = layout.join(grads)
         opt.step()
         flat.grad = None

@@ -6,8 +6,9 @@ Run: .venv/bin/python benchmarks/bench_conv4.py [--threads N] [--repeats R] [--s
 For each few-shot config (the shapes and step counts of conf/task/<name>.yaml; random pixels, since the cost does not
 depend on them; second order; timed in float32, agreement checked in float64):
 - meta-gradient of 1 task and of one meta-batch: per-task autograd loop (native batch norm) vs grad∘vmap over
-  tasks (written-out batch norm), both checked to agree before timing — this is what ``maml.AUTO_VMAP_FROM["conv4"]``
-  rests on;
+  tasks (written-out batch norm), both checked to agree before timing (``learning.algorithms``:
+  ``build_algorithm(...).meta_gradient("loop" | "vmap", ...)``) — this is what
+  ``learning.algorithms.AUTO_VMAP_FROM["conv4"]`` rests on;
 - evaluation: adapting ``eval_chunk`` test tasks for 10 steps one task at a time (``adaptation_curves_loop``) vs all
   at once under vmap (``adaptation_curves``) — ``Learner.eval_path`` makes the same choice.
 """
@@ -25,15 +26,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from dif_maml_dist import seeding
+from dif_maml_dist.config import MamlConfig
+from dif_maml_dist.learning.adaptation import adaptation_curves, adaptation_curves_loop
+from dif_maml_dist.learning.algorithms import build_algorithm
+from dif_maml_dist.learning.batch import Losses, TaskBatch, make_loss
 from dif_maml_dist.learning.functional import functional
-from dif_maml_dist.learning.maml import (
-    TaskBatch,
-    adaptation_curves,
-    adaptation_curves_loop,
-    make_loss,
-    meta_gradient_loop,
-    meta_gradient_vmap,
-)
 from dif_maml_dist.learning.models import Conv4, reset_parameters
 from dif_maml_dist.tasks.miniimagenet import MiniImagenetFamily
 from dif_maml_dist.tasks.omniglot import OmniglotFamily
@@ -106,6 +103,8 @@ def bench(name: str, s: Setting, repeats: int, device: torch.device = torch.devi
     params = layout.split(flat)
     loss, batched = make_loss(fm.forward, F.cross_entropy), make_loss(fm.batched_forward, F.cross_entropy)
     query = make_loss(fm.first_order_forward, F.cross_entropy)  # the loop's query loss, as the agents run it
+    losses = Losses(loss, query, batched)  # loop: loss and query; vmap: batched
+    alg = build_algorithm(MamlConfig(inner_lr=s.inner_lr, inner_steps=s.inner_steps, first_order=False), layout)
     g = torch.Generator().manual_seed(0)
     print(f"\n{name}: Conv4 {s.filters} filters on {s.channels}x{s.size}x{s.size} ({layout.numel} parameters), "
           f"{s.way}-way {s.shot}-shot, {s.query} queries/class, {s.inner_steps} inner step(s), alpha {s.inner_lr}")
@@ -113,28 +112,27 @@ def bench(name: str, s: Setting, repeats: int, device: torch.device = torch.devi
     params64 = layout.split(flat.double())
     for n in sorted({1, s.meta_batch, *meta_batches}):
         batch = tasks(s, n, g, device)
-        rest = (batch, s.inner_lr, s.inner_steps, False)
         # Agreement is checked in float64: with random pixels the images of a task are nearly alike, batch
         # norm divides by a tiny variance, and float32 rounding is amplified past any useful tolerance (the
         # float32 loop itself is then far from the float64 one) — a property of the input, not of either path.
         # One task only: a float64 vmap over MiniImagenet 5-shot batches needs several GB (tests/test_conv4.py
         # checks batched agreement on smaller shapes).
-        rest64 = (batch.slice(0, 1).to(dtype=torch.float64), s.inner_lr, s.inner_steps, False)
-        loop = layout.join(meta_gradient_loop(loss, params64, *rest64, query_loss=query)[0])
-        vmap = layout.join(meta_gradient_vmap(batched, params64, *rest64)[0])
+        batch64 = batch.slice(0, 1).to(dtype=torch.float64)
+        loop = layout.join(alg.meta_gradient("loop", losses, params64, batch64, 1)[0])
+        vmap = layout.join(alg.meta_gradient("vmap", losses, params64, batch64, 1)[0])
         rel = float((loop - vmap).norm() / loop.norm())
         if rel > 1e-10:
             raise SystemExit(f"{name}: loop and vmap disagree: relative difference {rel:.3g}")
-        t_loop = median_time(lambda: meta_gradient_loop(loss, params, *rest, query_loss=query), repeats, device)
-        t_vmap = median_time(lambda: meta_gradient_vmap(batched, params, *rest), repeats, device)
+        t_loop = median_time(lambda: alg.meta_gradient("loop", losses, params, batch, 1), repeats, device)
+        t_vmap = median_time(lambda: alg.meta_gradient("vmap", losses, params, batch, 1), repeats, device)
         print(f"  {'':13} {n:5d} | {t_loop:8.3f} {t_vmap:8.3f} | {t_loop / t_vmap:8.2f}x | "
               f"{'vmap' if t_vmap < t_loop else 'loop'} (float64, 1 task: relative difference {rel:.1e})")
     if not evaluation:
         return
     batch = tasks(s, s.eval_chunk, g, device)
-    one_by_one = median_time(lambda: adaptation_curves_loop(fm.forward, F.cross_entropy, params, batch, s.inner_lr,
+    one_by_one = median_time(lambda: adaptation_curves_loop(fm.forward, F.cross_entropy, alg.inner, params, batch,
                                                             10), repeats, device)
-    at_once = median_time(lambda: adaptation_curves(fm.batched_forward, F.cross_entropy, params, batch, s.inner_lr,
+    at_once = median_time(lambda: adaptation_curves(fm.batched_forward, F.cross_entropy, alg.inner, params, batch,
                                                     10, chunk=s.eval_chunk), repeats, device)
     print(f"  evaluation, {s.eval_chunk} tasks x 10 steps: one at a time {one_by_one:.3f} s, vmap over "
           f"{s.eval_chunk} {at_once:.3f} s ({one_by_one / at_once:.2f}x)")

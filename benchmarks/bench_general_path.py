@@ -42,15 +42,11 @@ from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
 from dif_maml_dist import seeding  # noqa: E402
-from dif_maml_dist.config import Config  # noqa: E402
+from dif_maml_dist.config import Config, MamlConfig  # noqa: E402
+from dif_maml_dist.learning.adaptation import adaptation_curves, adaptation_curves_loop  # noqa: E402
+from dif_maml_dist.learning.algorithms import Algorithm, build_algorithm  # noqa: E402
+from dif_maml_dist.learning.batch import Losses, make_loss  # noqa: E402
 from dif_maml_dist.learning.functional import functional  # noqa: E402
-from dif_maml_dist.learning.maml import (  # noqa: E402
-    adaptation_curves,
-    adaptation_curves_loop,
-    make_loss,
-    meta_gradient_loop,
-    meta_gradient_vmap,
-)
 from dif_maml_dist.learning.models import Conv4, reset_parameters  # noqa: E402
 from dif_maml_dist.tasks import SinusoidTasks, task_family  # noqa: E402
 
@@ -85,28 +81,30 @@ def forwards(builtin: nn.Module, user: nn.Module) -> dict[str, tuple]:
             "functional_call": (call, call, call)}
 
 
-def meta_gradient_calls(ways, criterion, params, batch, inner_lr, steps, path):
+def maml(layout, inner_lr: float, inner_steps: int) -> Algorithm:
+    """Plain second-order MAML for a model with parameters ``layout``."""
+    return build_algorithm(MamlConfig(inner_lr=inner_lr, inner_steps=inner_steps, first_order=False), layout)
+
+
+def meta_gradient_calls(ways, criterion, params, batch, alg: Algorithm, path):
     calls = {}
     for way, (forward, batched, first_order) in ways.items():
-        loss, query = make_loss(forward, criterion), make_loss(first_order, criterion)
-        if path == "loop":  # as the agents run it: the query loss through the first-order forward
-            calls[way] = (lambda loss=loss, query=query:
-                          meta_gradient_loop(loss, params, batch, inner_lr, steps, query_loss=query))
-        else:
-            calls[way] = lambda b=make_loss(batched, criterion): meta_gradient_vmap(b, params, batch, inner_lr, steps)
+        # loop: as the agents run it, the query loss through the first-order forward; vmap: the batched loss
+        losses = Losses(make_loss(forward, criterion), make_loss(first_order, criterion), make_loss(batched, criterion))
+        calls[way] = lambda losses=losses: alg.meta_gradient(path, losses, params, batch, 1)
     return calls
 
 
-def check(ways, criterion, params64, batch64, inner_lr, steps, what) -> float:
+def check(ways, criterion, params64, batch64, alg: Algorithm, what) -> float:
     """Largest relative difference, in float64, of each way's meta-gradient (both paths) from the written-out
     loop's; exits above 1e-10."""
     def flat(grads):
         return torch.cat([g.reshape(-1) for g in grads])
 
-    ref = flat(meta_gradient_calls(ways, criterion, params64, batch64, inner_lr, steps, "loop")["written-out"]()[0])
+    ref = flat(meta_gradient_calls(ways, criterion, params64, batch64, alg, "loop")["written-out"]()[0])
     worst = 0.0
     for path in ("loop", "vmap"):
-        for way, fn in meta_gradient_calls(ways, criterion, params64, batch64, inner_lr, steps, path).items():
+        for way, fn in meta_gradient_calls(ways, criterion, params64, batch64, alg, path).items():
             rel = float((flat(fn()[0]) - ref).norm() / ref.norm())
             if rel > 1e-10:
                 sys.exit(f"ABORT: {what}, {way} {path}: meta-gradient differs from the written-out loop's by {rel:.2e} "
@@ -141,10 +139,10 @@ def bench_mlp(block_s: float, blocks: int) -> None:
     flat = layout.flatten(dict(builtin.named_parameters())).detach()
     params = layout.split(flat)
     m = cfg.maml
+    alg = maml(layout, m.inner_lr, m.inner_steps)
     gen = seeding.generator(0, 99)
     sample = SinusoidTasks(cfg.task).sample
-    worst = check(ways, F.mse_loss, layout.split(flat.double()), sample(gen, 3).to(dtype=torch.float64), m.inner_lr,
-                  m.inner_steps, "MLP")
+    worst = check(ways, F.mse_loss, layout.split(flat.double()), sample(gen, 3).to(dtype=torch.float64), alg, "MLP")
     header(f"sinusoid MLP 1-40-40-1, {cfg.task.num_support}+{cfg.task.num_query} points, {m.inner_steps} inner step, "
            f"alpha {m.inner_lr}, second order (float64 check: largest relative difference {worst:.1e})")
     support = sample(gen, 1).support_x[0].float()
@@ -153,11 +151,11 @@ def bench_mlp(block_s: float, blocks: int) -> None:
     for n in sorted({cfg.task.meta_batch, 5}):
         batch = sample(gen, n).to(dtype=torch.float32)
         for path in ("loop", "vmap"):
-            calls = meta_gradient_calls(ways, F.mse_loss, params, batch, m.inner_lr, m.inner_steps, path)
+            calls = meta_gradient_calls(ways, F.mse_loss, params, batch, alg, path)
             row(f"meta-gradient {path}, {n} task(s)", time_blocks(calls, block_s, blocks))
     chunk = type(task_family(cfg)).eval_chunk
     batch = sample(gen, chunk).to(dtype=torch.float32)
-    calls = {way: (lambda b=b: adaptation_curves(b, F.mse_loss, params, batch, m.inner_lr, 10, chunk=chunk))
+    calls = {way: (lambda b=b: adaptation_curves(b, F.mse_loss, alg.inner, params, batch, 10, chunk=chunk))
              for way, (_, b, _) in ways.items()}
     row(f"evaluation, vmap {chunk} tasks x 10 steps", time_blocks(calls, block_s, blocks))
 
@@ -170,9 +168,10 @@ def bench_conv4(block_s: float, blocks: int, meta_batch: int | None) -> None:
     layout = functional(builtin).layout
     flat = layout.flatten(dict(builtin.named_parameters())).detach()
     params = layout.split(flat)
+    alg = maml(layout, s.inner_lr, s.inner_steps)
     g = torch.Generator().manual_seed(0)
-    worst = check(ways, F.cross_entropy, layout.split(flat.double()), tasks(s, 2, g).to(dtype=torch.float64),
-                  s.inner_lr, s.inner_steps, "Conv4")
+    worst = check(ways, F.cross_entropy, layout.split(flat.double()), tasks(s, 2, g).to(dtype=torch.float64), alg,
+                  "Conv4")
     n = meta_batch or s.meta_batch
     header(f"Conv4 Omniglot 5w1s: {s.filters} filters on {s.channels}x{s.size}x{s.size}, {s.query} query/class, "
            f"{s.inner_steps} inner step, alpha {s.inner_lr}, second order (float64 check: largest relative "
@@ -182,10 +181,10 @@ def bench_conv4(block_s: float, blocks: int, meta_batch: int | None) -> None:
     row(f"forward alone, {len(support)} images", time_blocks(
         {way: (lambda f=f: f(params, support)) for way, (f, _, _) in ways.items()}, 0.05, blocks))
     for path in ("loop", "vmap"):
-        calls = meta_gradient_calls(ways, F.cross_entropy, params, batch, s.inner_lr, s.inner_steps, path)
+        calls = meta_gradient_calls(ways, F.cross_entropy, params, batch, alg, path)
         row(f"meta-gradient {path}, {n} tasks", time_blocks(calls, block_s, blocks))
     evals = tasks(s, 2, g)
-    calls = {way: (lambda f=f: adaptation_curves_loop(f, F.cross_entropy, params, evals, s.inner_lr, 10))
+    calls = {way: (lambda f=f: adaptation_curves_loop(f, F.cross_entropy, alg.inner, params, evals, 10))
              for way, (_, _, f) in ways.items()}
     row("evaluation, 2 tasks x 10 steps, loop", time_blocks(calls, block_s, blocks))
 

@@ -1,9 +1,10 @@
 """Time one MAML meta-gradient, per-task loop vs torch.func vmap, across meta-batch sizes.
 
 The sinusoid learner of the paper: MLP 1-40-40-1, float32, 10 support + 10 query points per task, one inner
-SGD step with alpha = 0.01. For every meta-batch size both paths of ``dif_maml_dist.learning.maml`` are first checked to
-agree (``torch.allclose``), then timed side by side: blocks of calls are interleaved between the paths and the
-median of the per-call times over the blocks is reported. The last lines give the measured crossover (the
+SGD step with alpha = 0.01. For every meta-batch size both paths of MAML's meta-gradient
+(``dif_maml_dist.learning.algorithms``: ``build_algorithm(...).meta_gradient("loop" | "vmap", ...)``) are first
+checked to agree (``torch.allclose``), then timed side by side: blocks of calls are interleaved between the paths
+and the median of the per-call times over the blocks is reported. The last lines give the measured crossover (the
 smallest meta-batch from which vmap is faster) and compare it with the config default ``maml.vmap_min_tasks``.
 
     .venv/bin/python benchmarks/bench_meta_gradient.py            # full run (about 45 s on 2 cores)
@@ -27,17 +28,23 @@ import torch  # noqa: E402
 from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
 
 from dif_maml_dist import seeding  # noqa: E402
-from dif_maml_dist.config import Config  # noqa: E402
+from dif_maml_dist.config import Config, MamlConfig  # noqa: E402
 from dif_maml_dist.engine.agent import initial_params  # noqa: E402
+from dif_maml_dist.learning.algorithms import (  # noqa: E402
+    AUTO_VMAP_FROM,
+    META_GRADIENT_PATHS,
+    Algorithm,
+    build_algorithm,
+)
+from dif_maml_dist.learning.batch import Losses, make_loss  # noqa: E402
 from dif_maml_dist.learning.functional import functional  # noqa: E402
-from dif_maml_dist.learning.maml import AUTO_VMAP_FROM, make_loss, meta_gradient_loop, meta_gradient_vmap  # noqa: E402
 from dif_maml_dist.tasks import (
     SinusoidTasks,  # noqa: E402
     task_family,  # noqa: E402
 )
 
 SIZES = (1, 2, 3, 4, 5, 8, 25, 100)
-PATHS = {"loop": meta_gradient_loop, "vmap": meta_gradient_vmap}
+PATHS = META_GRADIENT_PATHS  # ("loop", "vmap")
 RTOL, ATOL = 1e-4, 1e-6  # float32; the two paths sum in different orders
 
 
@@ -51,15 +58,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_agree(loss, params, batch, inner_lr, inner_steps, first_order) -> float:
+def maml(layout, inner_lr: float, inner_steps: int, first_order: bool) -> Algorithm:
+    """Plain MAML (second order unless ``first_order``) for a model with parameters ``layout``."""
+    return build_algorithm(MamlConfig(inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order), layout)
+
+
+def check_agree(alg: Algorithm, losses: Losses, params, batch, first_order: bool) -> float:
     """Both paths give the same meta-gradient and loss; returns the max abs gradient difference. Exits if not."""
-    g_loop, l_loop = meta_gradient_loop(loss, params, batch, inner_lr, inner_steps, first_order)
-    g_vmap, l_vmap = meta_gradient_vmap(loss, params, batch, inner_lr, inner_steps, first_order)
+    g_loop, l_loop = alg.meta_gradient("loop", losses, params, batch, 1)
+    g_vmap, l_vmap = alg.meta_gradient("vmap", losses, params, batch, 1)
     g_loop, g_vmap = torch.cat([g.reshape(-1) for g in g_loop]), torch.cat([g.reshape(-1) for g in g_vmap])
     diff = (g_loop - g_vmap).abs().max().item()
-    if not (torch.allclose(g_loop, g_vmap, rtol=RTOL, atol=ATOL) and torch.allclose(l_loop, l_vmap, rtol=RTOL, atol=ATOL)):
+    if not (torch.allclose(g_loop, g_vmap, rtol=RTOL, atol=ATOL)
+            and torch.allclose(l_loop, l_vmap, rtol=RTOL, atol=ATOL)):
         order = "first-order" if first_order else "second-order"
-        sys.exit(f"ABORT: meta_gradient_loop and meta_gradient_vmap disagree ({order}, meta-batch {len(batch)}): "
+        sys.exit(f"ABORT: the loop and vmap meta-gradient paths disagree ({order}, meta-batch {len(batch)}): "
                  f"max |grad diff| = {diff:.3e} (|grad|max = {g_loop.abs().max().item():.3e}), "
                  f"loss {l_loop.item():.6g} vs {l_vmap.item():.6g}; rtol={RTOL}, atol={ATOL}. Timing skipped.")
     return diff
@@ -119,6 +132,7 @@ def main(argv=None) -> None:
     fm = functional(task_family(cfg).build_model())
     layout = fm.layout
     loss = make_loss(fm.forward)  # the MLP's forward is exact under vmap too
+    losses = Losses(loss, loss, loss)  # the MLP's per-task, query and vmap-exact forwards are one
     flat = layout.split(initial_params(cfg, 0, torch.float32, torch.device("cpu")))
     m = cfg.maml
     print(f"MAML meta-gradient, sinusoid MLP 1-{'-'.join(map(str, cfg.model.hidden))}-1 ({layout.numel} parameters), "
@@ -135,9 +149,10 @@ def main(argv=None) -> None:
         batch = SinusoidTasks(cfg.task).sample(seeding.generator(0, 99), n).to(dtype=torch.float32)
         row = [n]
         for fo in orders:
-            diff = check_agree(loss, flat, batch, m.inner_lr, m.inner_steps, fo)
-            calls = {name: (lambda fn=fn: fn(loss, flat, batch, m.inner_lr, m.inner_steps, fo))
-                     for name, fn in PATHS.items()}
+            alg = maml(layout, m.inner_lr, m.inner_steps, fo)
+            diff = check_agree(alg, losses, flat, batch, fo)
+            calls = {name: (lambda name=name, alg=alg: alg.meta_gradient(name, losses, flat, batch, 1))
+                     for name in PATHS}
             t = time_pair(calls, block_s, blocks)
             lo_ms, vm_ms = t["loop"] * 1e3, t["vmap"] * 1e3
             results[fo][0].append(lo_ms)
@@ -186,7 +201,7 @@ def main(argv=None) -> None:
                 verdict = f"disagrees: vmap already wins from {stable} tasks"
             else:
                 verdict = f"disagrees: the loop is still faster (or tied) at {prev} tasks"
-            print(f"  maml.AUTO_VMAP_FROM['mlp'] = {default} (what meta_grad_path=auto uses): the measurement "
+            print(f"  algorithms.AUTO_VMAP_FROM['mlp'] = {default} (what meta_grad_path=auto uses): the measurement "
                   f"{verdict}.")
             near = [i for i, s in enumerate(sizes) if abs(results[fo][0][i] / results[fo][1][i] - 1) < 0.1]
             if near:

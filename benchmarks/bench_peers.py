@@ -1,11 +1,12 @@
 """The project's second-order MAML meta-gradient next to peer libraries, on identical weights and inputs.
 
-Methods: the project's ``maml.meta_gradient`` (``auto`` path, plus the explicit ``loop`` and ``vmap`` paths),
-TorchOpt (``MetaSGD``), higher (``innerloop_ctx``), the learn2learn pattern (clone, adapt, backward; written
-out here) and plain ``torch.func`` (grad of a vmap over tasks). Per workload: every method's meta-gradient is
-first compared in float64 with the project's loop path; then all methods are timed in float32 in this one
-process, interleaved (2 warm-up calls each, then rounds of ~0.2 s blocks in rotating order; median over rounds
-of the time per call); then each method's peak memory growth over 3 calls is measured in its own subprocess.
+Methods: the project's meta-gradient (``learning.algorithms``: ``build_algorithm(...).meta_gradient``; ``auto``
+path, plus the explicit ``loop`` and ``vmap`` paths), TorchOpt (``MetaSGD``), higher (``innerloop_ctx``), the
+learn2learn pattern (clone, adapt, backward; written out here) and plain ``torch.func`` (grad of a vmap over
+tasks). Per workload: every method's meta-gradient is first compared in float64 with the project's loop path;
+then all methods are timed in float32 in this one process, interleaved (2 warm-up calls each, then rounds of
+~0.2 s blocks in rotating order; median over rounds of the time per call); then each method's peak memory growth
+over 3 calls is measured in its own subprocess.
 
     .venv/bin/python benchmarks/bench_peers.py                     # every workload (~30 min on 2 cores)
     .venv/bin/python benchmarks/bench_peers.py --quick --workloads sinusoid-1 omniglot-5w1s-q1
@@ -36,7 +37,10 @@ import torch.nn.functional as F  # noqa: E402
 from _cpu_share import CpuShare  # noqa: E402  (benchmarks/_cpu_share.py)
 from torch import nn  # noqa: E402
 
-from dif_maml_dist.learning import functional, maml, models  # noqa: E402
+from dif_maml_dist.config import MamlConfig  # noqa: E402
+from dif_maml_dist.learning import functional, models  # noqa: E402
+from dif_maml_dist.learning.algorithms import build_algorithm, choose_path  # noqa: E402
+from dif_maml_dist.learning.batch import Losses, TaskBatch, make_loss  # noqa: E402
 
 TOLERANCE = 1e-6  # float64 relative difference above which a method counts as disagreeing
 PROBE_CALLS = 3
@@ -82,14 +86,14 @@ METHODS = PROJECT + PEERS
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-def make_batch(w: Workload, seed: int = 0) -> maml.TaskBatch:
+def make_batch(w: Workload, seed: int = 0) -> TaskBatch:
     g = torch.Generator().manual_seed(seed)
     n = w.tasks
     if w.kind == "mlp":
         amp = torch.empty(n, 1, 1).uniform_(0.1, 5.0, generator=g)
         phase = torch.empty(n, 1, 1).uniform_(0.0, math.pi, generator=g)
         xs, xq = (torch.empty(n, 10, 1).uniform_(-5.0, 5.0, generator=g) for _ in range(2))
-        return maml.TaskBatch(xs, amp * torch.sin(xs - phase), xq, amp * torch.sin(xq - phase))
+        return TaskBatch(xs, amp * torch.sin(xs - phase), xq, amp * torch.sin(xq - phase))
 
     def images(per: int) -> torch.Tensor:
         return torch.rand(n, w.way * per, w.channels, w.size, w.size, generator=g)
@@ -97,7 +101,7 @@ def make_batch(w: Workload, seed: int = 0) -> maml.TaskBatch:
     def labels(per: int) -> torch.Tensor:
         return torch.arange(w.way).repeat_interleave(per).repeat(n, 1)
 
-    return maml.TaskBatch(images(w.shot), labels(w.shot), images(w.query), labels(w.query))
+    return TaskBatch(images(w.shot), labels(w.shot), images(w.query), labels(w.query))
 
 
 def project_module(w: Workload) -> nn.Module:
@@ -128,31 +132,31 @@ def peer_module(w: Workload, project: nn.Module) -> nn.Module:
 Call = Callable[[], object]
 
 
-def project_call(path: str, w: Workload, project: nn.Module, batch: maml.TaskBatch) -> Call:
+def project_call(path: str, w: Workload, project: nn.Module, batch: TaskBatch) -> Call:
     fm = functional.functional(project)
     flat = fm.layout.flatten(dict(project.named_parameters())).detach()
     views = fm.layout.split(flat)
-    loss = maml.make_loss(fm.forward, w.criterion)
-    query_loss = maml.make_loss(fm.first_order_forward, w.criterion)  # as the agents run it (engine/learner.py)
-    batched_loss = maml.make_loss(fm.batched_forward, w.criterion)
-    lr, steps = w.inner_lr, w.inner_steps
+    loss = make_loss(fm.forward, w.criterion)
+    query_loss = make_loss(fm.first_order_forward, w.criterion)  # as the agents run it (engine/learner.py)
+    batched_loss = make_loss(fm.batched_forward, w.criterion)
+    losses = Losses(loss, query_loss, batched_loss)  # loop: loss and query_loss; vmap: batched_loss
+    alg = build_algorithm(MamlConfig(inner_lr=w.inner_lr, inner_steps=w.inner_steps, first_order=False), fm.layout)
 
     def auto():
-        chosen = maml.choose_path("auto", fm.kind, len(batch))
-        grads, _ = maml.meta_gradient(chosen, loss, batched_loss, views, batch, lr, steps, first_order=False,
-                                      query_loss=query_loss)
+        chosen = choose_path("auto", fm.kind, len(batch))
+        grads, _ = alg.meta_gradient(chosen, losses, views, batch, 1)
         return fm.layout.join(grads)
 
     def loop():
-        return fm.layout.join(maml.meta_gradient_loop(loss, views, batch, lr, steps, query_loss=query_loss)[0])
+        return fm.layout.join(alg.meta_gradient("loop", losses, views, batch, 1)[0])
 
     def vmap():
-        return fm.layout.join(maml.meta_gradient_vmap(batched_loss, views, batch, lr, steps)[0])
+        return fm.layout.join(alg.meta_gradient("vmap", losses, views, batch, 1)[0])
 
     return {"auto": auto, "loop": loop, "vmap": vmap}[path]
 
 
-def torchopt_call(w: Workload, net: nn.Module, batch: maml.TaskBatch) -> Call:
+def torchopt_call(w: Workload, net: nn.Module, batch: TaskBatch) -> Call:
     import torchopt
 
     opt = torchopt.MetaSGD(net, lr=w.inner_lr)
@@ -176,7 +180,7 @@ def torchopt_call(w: Workload, net: nn.Module, batch: maml.TaskBatch) -> Call:
     return run
 
 
-def higher_call(w: Workload, net: nn.Module, batch: maml.TaskBatch) -> Call:
+def higher_call(w: Workload, net: nn.Module, batch: TaskBatch) -> Call:
     import higher
 
     inner_opt = torch.optim.SGD(net.parameters(), lr=w.inner_lr)
@@ -204,7 +208,7 @@ def _differentiable_clone(module: nn.Module) -> nn.Module:
     return clone
 
 
-def l2l_call(w: Workload, net: nn.Module, batch: maml.TaskBatch) -> Call:
+def l2l_call(w: Workload, net: nn.Module, batch: TaskBatch) -> Call:
     xs, ys, xq, yq = batch.tensors()
     n, crit = len(batch), w.criterion
 
@@ -226,7 +230,7 @@ def l2l_call(w: Workload, net: nn.Module, batch: maml.TaskBatch) -> Call:
     return run
 
 
-def torch_func_call(w: Workload, net: nn.Module, batch: maml.TaskBatch) -> Call:
+def torch_func_call(w: Workload, net: nn.Module, batch: TaskBatch) -> Call:
     from torch.func import functional_call, grad, vmap
 
     params = {k: p.detach() for k, p in net.named_parameters()}
@@ -249,7 +253,7 @@ def torch_func_call(w: Workload, net: nn.Module, batch: maml.TaskBatch) -> Call:
     return run
 
 
-def build(method: str, w: Workload, project: nn.Module, batch: maml.TaskBatch) -> Call:
+def build(method: str, w: Workload, project: nn.Module, batch: TaskBatch) -> Call:
     """``method``'s timed call on its own copy of the weights (``project``'s dtype)."""
     if method in PROJECT:
         return project_call(method.split()[1], w, project, batch)
@@ -466,7 +470,7 @@ def main(argv=None) -> None:
         if not args.no_memory:
             print(f"[{name}] memory probes ...", file=sys.stderr, flush=True)
             mems = measure_memory(name, list(METHODS), args.threads)
-        auto_path = maml.choose_path("auto", w.kind, w.tasks)
+        auto_path = choose_path("auto", w.kind, w.tasks)
         summary.append((name, *print_table(name, w, auto_path, times, mems, check, check_tasks)))
     share.stop()
 

@@ -18,7 +18,7 @@ _PUBLIC = {
     "TaskSampler": "dif_maml_dist.tasks",
     "TaskSet": "dif_maml_dist.tasks",
     "agent_root": "dif_maml_dist.tasks",  # an agent's own data folder (data.agent_root), checked
-    "TaskBatch": "dif_maml_dist.learning.maml",  # a batch of tasks' support and query sets
+    "TaskBatch": "dif_maml_dist.learning.batch",  # a batch of tasks' support and query sets
 }
 __all__ = sorted(_PUBLIC)
 

@@ -185,15 +185,31 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  #: Adam only
     eps: float = 1e-8  #: Adam only
     momentum: float = 0.0  #: SGD only (the paper uses plain SGD)
+    #: constant | cosine: mu annealed from optim.lr at the first iteration to optim.min_lr at the last (MAML++'s
+    #: outer schedule): engine.agent.LR_SCHEDULES
+    schedule: str = "constant"
+    min_lr: float = 0.0  #: cosine only: mu at the last iteration
 
 
 @dataclass
 class MamlConfig:
-    """Inner adaptation and the meta-gradient."""
+    """The meta-learning algorithm: inner adaptation and the meta-gradient (README, *Algorithms*)."""
 
-    inner_lr: float = 0.01  #: alpha, the inner (adaptation) step size
+    #: maml | anil (adapt the head only) | metasgd (a learned rate per parameter) | reptile (the step towards the
+    #: adapted model, no second order and no query loss in the update): learning.algorithms.ALGORITHMS
+    algorithm: str = "maml"
+    inner_lr: float = 0.01  #: alpha, the inner (adaptation) step size; learned rates start at it
     inner_steps: int = 1  #: inner SGD steps in training
     first_order: bool = False  #: drop the Hessian term (FO-MAML); default is the exact second-order gradient
+    #: MAML++'s learned rates: none | per_layer_per_step (a rate per parameter tensor and inner step, LSLR) |
+    #: per_parameter (Meta-SGD's); learned rates are in the state: combined, checkpointed, saved, used to adapt
+    learned_inner_lr: str = "none"
+    #: MAML++'s multi-step loss: the objective weighs the query loss after every inner step, annealed from equal
+    #: weights to the last step's (learning.algorithms.maml.step_loss_weights)
+    multi_step_loss: bool = False
+    multi_step_loss_until: int = 0  #: the iteration by which the multi-step weights have annealed (0: at once)
+    #: MAML++'s derivative-order annealing: first order up to and including this iteration, second order after
+    order_annealing_until: int = 0
     eval_inner_steps: int = 1  #: adaptation steps for the "after adaptation" test loss logged during training
     final_adapt_steps: int = 10  #: the final loss-vs-steps curve covers 0..final_adapt_steps
     #: loop | vmap | auto: per model kind, the faster on a 2-core CPU (maml.AUTO_VMAP_FROM, benchmarks/bench_peers.py)

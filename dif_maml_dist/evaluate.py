@@ -59,7 +59,9 @@ def table(result: dict) -> str:
     if acc:
         head += " | " + " | ".join(f"accuracy@{s}" for s in shown)
     what = f"episodes from {result['episodes']}" if "episodes" in result else "test tasks"
-    lines = [f"{result['tasks']} {what}, {steps} adaptation step(s), alpha {result['inner_lr']:g}",
+    rates = result.get("learned_inner_lr", "fixed")
+    rule = f"alpha {result['inner_lr']:g}" if rates == "fixed" else f"the run's learned inner rates ({rates})"
+    lines = [f"{result['tasks']} {what}, {steps} adaptation step(s) of {result.get('algorithm', 'maml')}, {rule}",
              f"{'model':<10} | {head}"]
     for name, f in result["models"].items():
         row = " | ".join(f"{_number(f['loss'][s], '.4f'):>{len(f'loss@{s}')}}" for s in shown)

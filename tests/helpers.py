@@ -259,11 +259,20 @@ class LocalProgressBoard:
         return dict(self.shared)
 
 
-def figures_of(learner, params, inner_lr: float, max_steps: int, final: bool = False) -> dict:
+def figures_of(learner, params, max_steps: int, final: bool = False) -> dict:
     """``params``' test figures after 0..max_steps adaptation steps on the learner's shared test tasks."""
     from dif_maml_dist.engine.figures import figures
 
-    return figures(learner.test_curves(params, inner_lr, max_steps, final))
+    return figures(learner.test_curves(params, max_steps, final))
+
+
+def maml(layout, alpha: float, steps: int = 1, first_order: bool = False, **options):
+    """The runtime's algorithm for ``maml.algorithm`` (default MAML) with inner rate ``alpha`` and ``steps`` inner
+    steps, for a model of ``layout`` (``options``: further ``MamlConfig`` fields)."""
+    from dif_maml_dist.config import MamlConfig
+    from dif_maml_dist.learning.algorithms import build_algorithm
+
+    return build_algorithm(MamlConfig(inner_lr=alpha, inner_steps=steps, first_order=first_order, **options), layout)
 
 
 def is_primitive(a, tol: float = 1e-12) -> bool:

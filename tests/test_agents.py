@@ -87,7 +87,7 @@ def test_sharded_evaluation_equals_unsharded_task_for_task(world):
     cfg.task.eval_tasks, cfg.task.final_eval_tasks = 7, 7
     learner = Learner.build(cfg, torch.device("cpu"), torch.float64)
     params = initial_params(cfg, 0, torch.float64, torch.device("cpu"), learner.family)
-    ref = learner.curves(params, cfg.maml.inner_lr, 3, 0, 7)[0]
+    ref = learner.curves(params, 3, 0, 7)[0]
     transports = InMemoryTransport.network(world, timeout_s=60)
     got = [None] * world
 

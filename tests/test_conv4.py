@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dif_maml_dist import seeding
+from dif_maml_dist.learning.adaptation import adaptation_curves, adaptation_curves_loop
+from dif_maml_dist.learning.batch import Losses, TaskBatch, make_loss
 from dif_maml_dist.learning.flat import FlatLayout
 from dif_maml_dist.learning.functional import functional
-from dif_maml_dist.learning.maml import TaskBatch, adaptation_curves, adaptation_curves_loop, make_loss, meta_gradient
 from dif_maml_dist.learning.models import BatchStatNorm2d, Conv4, reset_parameters
-from tests.helpers import reference_meta_gradient
+from tests.helpers import maml, reference_meta_gradient
 
 
 def test_batch_stat_norm_equals_torch_batch_norm_in_training_mode():
@@ -69,7 +70,8 @@ def test_conv4_meta_gradient_paths_equal_references(first_order):
     channels_last = make_loss(fm.first_order_forward, F.cross_entropy)
     for path, chunk, query in (("loop", None, None), ("loop", None, channels_last), ("vmap", None, None),
                                ("vmap", 2, None)):
-        grads, _ = meta_gradient(path, loss, batched, views, batch, 0.4, 1, first_order, chunk, query)
+        grads, _ = maml(fm.layout, 0.4, 1, first_order).meta_gradient(path, Losses(loss, query or loss, batched), views,
+                                                                       batch, 1, chunk)
         torch.testing.assert_close(fm.layout.join(grads), ref, rtol=1e-9, atol=1e-11, msg=f"{path} chunk {chunk}")
     assert ref.abs().sum() > 0
 
@@ -94,8 +96,9 @@ def test_conv4_evaluation_paths_agree():
     def accuracy(logits, y):
         return (logits.argmax(-1) == y).to(logits.dtype).mean()
 
-    looped = adaptation_curves_loop(fm.first_order_forward, F.cross_entropy, views, batch, 0.4, 3, accuracy)
-    vmapped = adaptation_curves(fm.batched_forward, F.cross_entropy, views, batch, 0.4, 3, accuracy, chunk=2)
+    rule = maml(fm.layout, 0.4).inner
+    looped = adaptation_curves_loop(fm.first_order_forward, F.cross_entropy, rule, views, batch, 3, accuracy)
+    vmapped = adaptation_curves(fm.batched_forward, F.cross_entropy, rule, views, batch, 3, accuracy, chunk=2)
     torch.testing.assert_close(looped[0], vmapped[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(looped[1], vmapped[1], rtol=0, atol=0)
 

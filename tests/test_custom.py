@@ -19,10 +19,10 @@ from torch import nn
 from torch.func import functional_call
 
 from dif_maml_dist.learning import functional as functional_module
+from dif_maml_dist.learning.batch import Losses, TaskBatch, make_loss
 from dif_maml_dist.learning.functional import functional
-from dif_maml_dist.learning.maml import TaskBatch, make_loss, meta_gradient
 from tests import user_code
-from tests.helpers import REPO, free_port, reference_meta_gradient, wait_until
+from tests.helpers import REPO, free_port, maml, reference_meta_gradient, wait_until
 
 EXAMPLE = REPO / "examples" / "site_curves"
 #: the example's family and model, as a user names them
@@ -76,8 +76,8 @@ def test_any_modules_meta_gradient_equals_a_written_out_reference(path):
     def loss(forward):
         return lambda p, x, y: F.mse_loss(forward(p, x), y)
 
-    grads, _ = meta_gradient(path, loss(model.forward), loss(model.batched_forward), params, batch, 0.1, 2,
-                             query_loss=loss(model.first_order_forward))
+    losses = Losses(loss(model.forward), loss(model.first_order_forward), loss(model.batched_forward))
+    grads, _ = maml(model.layout, 0.1, 2).meta_gradient(path, losses, params, batch, 1)
     expected = [torch.zeros_like(p) for p in params]
     for t in range(len(batch)):
         theta = [p.clone().requires_grad_() for p in params]
@@ -146,10 +146,10 @@ def test_general_paths_meta_gradient_equals_plain_autograd_on_the_module(cls, sh
     batch = TaskBatch(*(torch.randn(4, n, *s, generator=g, dtype=torch.float64)
                         for n, s in ((6, shape), (6, (2,)), (7, shape), (7, (2,)))))
     want = reference_meta_gradient(pristine, flat, batch, 0.1, 2, False, F.mse_loss)
-    losses = [make_loss(f, F.mse_loss) for f in (model.forward, model.batched_forward, model.first_order_forward)]
+    losses = Losses(*(make_loss(f, F.mse_loss) for f in (model.forward, model.first_order_forward,
+                                                         model.batched_forward)))
     for path in ("loop", "vmap"):
-        grads, _ = meta_gradient(path, losses[0], losses[1], model.layout.split(flat), batch, 0.1, 2,
-                                 query_loss=losses[2])
+        grads, _ = maml(model.layout, 0.1, 2).meta_gradient(path, losses, model.layout.split(flat), batch, 1)
         rel = float((model.layout.join(grads) - want).norm() / want.norm())
         assert rel < 1e-10, (path, rel)
 

@@ -38,7 +38,13 @@ VARIANTS = {"topk/matching/every2": {"compression.name": "topk", "compression.ra
                                              "strategy.combine_every": 2},
             "overlap/centralized": {"strategy.name": "centralized", "strategy.overlap": True},
             "staleness2/every2": {"strategy.staleness": 2, "strategy.combine_every": 2},
-            "staleness3": {"strategy.staleness": 3}}
+            "staleness3": {"strategy.staleness": 3},
+            # the algorithms (maml.algorithm, MAML++'s options): learned rates in the exchanged state
+            "anil": {"maml.algorithm": "anil"},
+            "metasgd/qsgd": {"maml.algorithm": "metasgd", "compression.name": "qsgd", "compression.bits": 4},
+            "mamlpp": {"maml.inner_steps": 2, "maml.learned_inner_lr": "per_layer_per_step",
+                       "maml.multi_step_loss": True, "maml.multi_step_loss_until": 8, "maml.order_annealing_until": 3},
+            "reptile": {"maml.algorithm": "reptile", "maml.inner_steps": 3}}
 VARIANT_ITERS = 12
 
 
@@ -162,7 +168,11 @@ def test_compressed_and_scheduled_gloo_runs_equal_the_per_agent_simulator(tmp_pa
     simulator's overlapped recursion ends: catches a posted state changed before its messages left, or a step
     applied before the combination instead of after it. The stale runs (strategy.staleness, several rounds in
     flight on every edge) end where the simulator's delay lines end: catches rounds matched out of order on a
-    pair, a sent state changed while it waits to be received, or a round's messages used at the wrong delay.
+    pair, a sent state changed while it waits to be received, or a round's messages used at the wrong delay. The
+    algorithms' runs (ANIL, Meta-SGD with compression, MAML++'s options together, Reptile) end where the simulator's
+    both engines end (the per-agent one's loop path bit for bit, the vectorised one's vmap path to 1e-10): catches
+    learned rates left out of the exchanged state or the byte count, and an annealing schedule read at another
+    iteration in the processes than in the simulator.
     """
     outs = _spawned(tmp_path)
     for name in VARIANTS:
@@ -177,6 +187,6 @@ def test_compressed_and_scheduled_gloo_runs_equal_the_per_agent_simulator(tmp_pa
         assert [o[name]["bytes"] for o in outs] == [o[name]["handed"] for o in outs] == sim_bytes, name
         vectorized = simulated_states(cfg, schedule_for(cfg, PAPER6), VARIANT_ITERS)
         torch.testing.assert_close(got, vectorized, rtol=1e-10, atol=1e-12)
-    sign_bytes = 8 + -(-got.shape[1] // 8)
+    sign_bytes = 8 + -(-outs[0]["sign/static"]["params"].numel() // 8)
     assert [o["sign/static"]["bytes"] for o in outs] == [combine_plan(PAPER6.weights, r).degree * sign_bytes * VARIANT_ITERS
                                                          for r in range(6)]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from dif_maml_dist import load_run
 from dif_maml_dist.evaluate import main as evaluate_main
-from dif_maml_dist.learning.maml import adaptation_curves_loop
+from dif_maml_dist.learning.adaptation import adaptation_curves_loop
 from tests.helpers import REPO, read_only
 
 
@@ -70,8 +70,8 @@ def test_api_adapt_equals_the_training_codes_adaptation_and_a_written_out_sgd_lo
     learner = model.learner
     batch = learner.tests.slice(0, 1)
     xs, ys, xq, yq = (t[0] for t in batch.tensors())
-    curve, _ = adaptation_curves_loop(learner.model.first_order_forward, F.mse_loss, model.params, batch,
-                                      run.cfg.maml.inner_lr, 3)
+    curve, _ = adaptation_curves_loop(learner.model.first_order_forward, F.mse_loss, learner.algorithm.inner,
+                                      model.params, batch, 3)
     adapted = model.adapt(xs, ys, steps=3)
     assert torch.allclose(F.mse_loss(adapted(xq), yq), curve[0, 3], rtol=1e-6)
     module = learner.family.build_model()
@@ -567,7 +567,7 @@ def test_validation_keeps_the_centroid_of_the_iteration_with_the_best_validation
     assert "best_centroid" in run.model_names
     learner = run.learner()
     saved = run.model("best_centroid")
-    val = learner.curves(learner.layout.join(saved.params), run.cfg.maml.inner_lr, 1, 0, len(learner.validation),
+    val = learner.curves(saved.state, 1, 0, len(learner.validation),
                          validation=True)
     assert float(val[1][:, 1].mean()) == pytest.approx(best_acc, abs=1e-6)
     test = run.evaluate(["best_centroid"], steps=2)["models"]["best_centroid"]

@@ -9,20 +9,14 @@ import torch.nn.functional as F
 
 from dif_maml_dist import seeding
 from dif_maml_dist.config import TaskConfig
+from dif_maml_dist.learning.adaptation import adaptation_curves, adaptation_curves_loop
+from dif_maml_dist.learning.algorithms import choose_path
+from dif_maml_dist.learning.batch import Losses, TaskBatch, make_loss
 from dif_maml_dist.learning.flat import FlatLayout
 from dif_maml_dist.learning.functional import functional
-from dif_maml_dist.learning.maml import (
-    TaskBatch,
-    adaptation_curves,
-    adaptation_curves_loop,
-    choose_path,
-    make_loss,
-    meta_gradient,
-    meta_gradient_loop,
-)
 from dif_maml_dist.learning.models import MLP
 from dif_maml_dist.tasks import SinusoidTasks
-from tests.helpers import reference_meta_gradient
+from tests.helpers import maml, reference_meta_gradient
 
 #: every way to get a meta-gradient: the loop, vmap over the whole batch, and vmap in chunks of 2 tasks
 PATHS = [("loop", None), ("vmap", None), ("vmap", 2)]
@@ -59,8 +53,9 @@ def _meta(path, model, params, batch, alpha, steps, first_order):
     """The meta-gradient by (path, chunk), joined into one vector."""
     fm = functional(model)
     name, chunk = path
-    grads, loss = meta_gradient(name, make_loss(fm.forward), make_loss(fm.batched_forward), fm.layout.split(params),
-                                batch, alpha, steps, first_order, chunk)
+    losses = Losses(make_loss(fm.forward), make_loss(fm.forward), make_loss(fm.batched_forward))
+    grads, loss = maml(fm.layout, alpha, steps, first_order).meta_gradient(name, losses, fm.layout.split(params), batch,
+                                                                           1, chunk)
     return fm.layout.join(grads), loss
 
 
@@ -117,13 +112,16 @@ def test_loop_returns_per_parameter_gradients_and_leaves_params_alone():
     model, flat = _mlp_setup()
     fm = functional(model)
     before = flat.clone()
-    grads, _ = meta_gradient_loop(make_loss(fm.forward), fm.layout.split(flat), _tasks(2), 0.01, 1)
+    loss = make_loss(fm.forward)
+    losses = Losses(loss, loss, loss)
+    grads, _ = maml(fm.layout, 0.01).meta_gradient("loop", losses, fm.layout.split(flat), _tasks(2), 1)
     assert [g.shape for g in grads] == list(fm.layout.shapes)
     assert torch.equal(flat, before)
 
 
 def _explicit_sgd_curve(model, flat, batch, alpha, steps):
-    """Per-task query loss after 0..steps plain SGD steps: functional_call and autograd, nothing from maml.py."""
+    """Per-task query loss after 0..steps plain SGD steps: functional_call and autograd, nothing from
+    learning.adaptation."""
     layout = FlatLayout.of(model)
     out = torch.zeros(len(batch), steps + 1, dtype=torch.float64)
     for t in range(len(batch)):
@@ -146,14 +144,14 @@ def test_adaptation_curves_match_explicit_sgd_loop():
     batch = _tasks(6)
     alpha, steps = 0.02, 4
     ref = _explicit_sgd_curve(model, flat, batch, alpha, steps)
-    views = fm.layout.split(flat)
-    vmapped, _ = adaptation_curves(fm.batched_forward, F.mse_loss, views, batch, alpha, steps, chunk=4)
-    looped, _ = adaptation_curves_loop(fm.forward, F.mse_loss, views, batch, alpha, steps)
+    views, rule = fm.layout.split(flat), maml(fm.layout, alpha).inner
+    vmapped, _ = adaptation_curves(fm.batched_forward, F.mse_loss, rule, views, batch, steps, chunk=4)
+    looped, _ = adaptation_curves_loop(fm.forward, F.mse_loss, rule, views, batch, steps)
     torch.testing.assert_close(vmapped, ref, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(looped, ref, rtol=1e-12, atol=1e-14)
     other = flat + 0.05 * torch.randn(flat.shape, generator=torch.Generator().manual_seed(3), dtype=flat.dtype)
     stacked = torch.stack([flat, other])
-    both, _ = adaptation_curves(fm.batched_forward, F.mse_loss, fm.layout.split(stacked), batch, alpha, steps,
+    both, _ = adaptation_curves(fm.batched_forward, F.mse_loss, rule, fm.layout.split(stacked), batch, steps,
                                 chunk=4, over_agents=True)
     torch.testing.assert_close(both[0], ref, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(both[1], _explicit_sgd_curve(model, other, batch, alpha, steps), rtol=1e-12,

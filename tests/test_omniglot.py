@@ -244,7 +244,7 @@ def test_lazy_test_set_and_chunked_evaluation_match_eager_ones(tmp_path):
     figures = []
     for chunk in (3, 10):
         learner.eval_chunk = chunk
-        figures.append(figures_of(learner, params, 0.4, 2, final=True))
+        figures.append(figures_of(learner, params, 2, final=True))
     for key in ("loss", "accuracy", "accuracy_ci95"):
         np.testing.assert_allclose(figures[0][key], figures[1][key], rtol=1e-12, atol=1e-15)
 

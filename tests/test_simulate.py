@@ -50,7 +50,7 @@ def test_vectorized_evaluation_equals_per_agent_evaluation(monkeypatch):
     together = [figures(c) for c in sim.agent_curves(3, final=True)]
     assert len(together) == 6
     for k in range(6):
-        alone = figures_of(sim.learner, sim.states()[k].detach(), cfg.maml.inner_lr, 3, final=True)
+        alone = figures_of(sim.learner, sim.states()[k].detach(), 3, final=True)
         np.testing.assert_allclose(together[k]["loss"], alone["loss"], rtol=1e-12)
     assert together[0]["loss"] != together[5]["loss"]  # the agents' models differ
     with torch.no_grad():  # agents 1 and 4 hold agent 3's model (evaluated once): each still gets its figures

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from dif_maml_dist.engine import agent as agent_module
 from dif_maml_dist.engine.agent import Agent
+from dif_maml_dist.learning.algorithms.maml import GradientThroughAdaptation
 from dif_maml_dist.run.validate import validate
 from tests.helpers import small_config
 
@@ -20,13 +20,13 @@ def test_a_slowed_agent_computes_factor_times_longer_and_learns_the_same(monkeyp
     per iteration computing (a lower bound that load cannot break), while agent 1, not named, is not slowed; both
     end with the parameters an unslowed agent ends with. Catches the factor applied to the wrong agent, a sleep
     that is not proportional to the compute, or a slowdown that changes the arithmetic."""
-    real = agent_module.meta_gradient
+    real = GradientThroughAdaptation.meta_gradient
 
     def slow_meta_gradient(*args, **kwargs):
         time.sleep(PAUSE_S)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(agent_module, "meta_gradient", slow_meta_gradient)
+    monkeypatch.setattr(GradientThroughAdaptation, "meta_gradient", slow_meta_gradient)
     cfg = small_config("noncooperative")
     cfg.runtime.slowdown = [[0, 3.0]]
     plain = small_config("noncooperative")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -23,8 +24,8 @@ from dif_maml_dist.config import Config, OptimConfig
 from dif_maml_dist.engine.learner import Learner
 from dif_maml_dist.gossip.combiners import Combiner, make_combiner
 from dif_maml_dist.graphs.schedules import GraphSchedule
+from dif_maml_dist.learning.algorithms import build_algorithm, choose_path
 from dif_maml_dist.learning.flat import FlatLayout
-from dif_maml_dist.learning.maml import choose_path, meta_gradient
 from dif_maml_dist.learning.models import MLP, Conv4, reset_parameters
 from dif_maml_dist.tasks import TaskFamily, task_family
 
@@ -43,6 +44,22 @@ def make_optimizer(cfg: OptimConfig, params: Tensor) -> torch.optim.Optimizer:
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optim {cfg.name!r}; choose one of: {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[cfg.name](cfg, params)
+
+
+#: ``optim.schedule=NAME`` -> mu at iteration i (1-based) of n, a pure function of the iteration: nothing to
+#: checkpoint, and every agent (and the simulator) steps with the same mu
+LR_SCHEDULES: dict[str, Callable[[OptimConfig, int, int], float]] = {
+    "constant": lambda cfg, i, n: cfg.lr,
+    "cosine": lambda cfg, i, n: cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * (i - 1) / max(n - 1, 1)))
+    / 2,
+}
+
+
+def set_outer_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, iteration: int, iterations: int) -> None:
+    """Give ``optimizer`` the schedule's mu for ``iteration`` (left alone under the constant schedule)."""
+    if cfg.schedule != "constant":
+        for group in optimizer.param_groups:
+            group["lr"] = LR_SCHEDULES[cfg.schedule](cfg, iteration, iterations)
 
 
 @dataclass
@@ -81,7 +98,10 @@ def initial_params(cfg: Config, agent: int, dtype: torch.dtype, device: torch.de
         model = (family or task_family(cfg)).build_model()
     if type(model) in (MLP, Conv4):
         reset_parameters(model, seeding.generator(cfg.seed, seeding.Stream.INIT, *per_agent))
-    return FlatLayout.of(model).flatten(dict(model.named_parameters())).detach().to(device=device, dtype=dtype)
+    layout = FlatLayout.of(model)
+    weights = layout.flatten(dict(model.named_parameters())).detach().to(device=device, dtype=dtype)
+    rates = build_algorithm(cfg.maml, layout).inner.initial_rates(dtype, weights.device)  # learned: alpha at first
+    return torch.cat([weights, rates]) if rates.numel() else weights
 
 
 class InitialModels:
@@ -143,9 +163,9 @@ class Agent:
         t0 = time.perf_counter()
         batch = self.tasks.sample(st.rng, self.cfg.task.meta_batch).to_device(self.device, self.dtype)
         learner = self.learner
-        grads, loss = meta_gradient(self.meta_grad_path, learner.loss, learner.batched_loss,
-                                    self.layout.split(st.params), batch, m.inner_lr, m.inner_steps, m.first_order,
-                                    m.vmap_chunk, learner.query_loss)
+        grads, loss = learner.algorithm.meta_gradient(self.meta_grad_path, learner.losses,
+                                                      self.layout.split(st.params), batch, st.iteration + 1,
+                                                      m.vmap_chunk)
         self._sync()
         if self.slowdown > 1.0:
             time.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
@@ -156,6 +176,7 @@ class Agent:
         """The local optimizer's step with ``grad``, applied to the parameters as they are now."""
         t0 = time.perf_counter()
         st = self.state
+        set_outer_lr(st.optimizer, self.cfg.optim, st.iteration + 1, self.cfg.train.iterations)
         st.params.grad = grad
         st.optimizer.step()
         st.params.grad = None

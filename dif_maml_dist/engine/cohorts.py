@@ -35,6 +35,7 @@ class _OneAgent:
         self.agent, self.transport = agent, transport
         self.cfg = agent.cfg
         self.agent_ids = (agent.rank,)
+        self.model_size = agent.learner.model.layout.numel  #: see loop.Cohort
 
     @property
     def iteration(self) -> int:
@@ -57,7 +58,7 @@ class _OneAgent:
                 "bytes_sent": self.transport.bytes_sent}
 
     def agent_curves(self, max_steps: int, final: bool = False) -> list[Curves]:
-        return [self.agent.learner.test_curves(self.agent.state.params, self.cfg.maml.inner_lr, max_steps, final,
+        return [self.agent.learner.test_curves(self.agent.state.params, max_steps, final,
                                                agent=self.agent.rank)]
 
     def nonfinite(self) -> list[int]:
@@ -90,12 +91,12 @@ class AgentCohort(_OneAgent):
         if learner.held_out_per_agent and not validation:
             # Each rank adapts the centroid on its own agent's share of the held-out tasks: no rank reads another
             # agent's data, and the union does not depend on which process hosts which agent.
-            own = learner.held_out_share_curves(params, self.cfg.maml.inner_lr, max_steps, final, self.agent.rank)
+            own = learner.held_out_share_curves(params, max_steps, final, self.agent.rank)
             parts = self.transport.all_gather_object(tuple(None if c is None else c.cpu() for c in own))
             return interleave_by_agent(parts, learner.family.metric is not None)
         n = learner.num_tests(final, validation)
         start, stop = n * rank // world, n * (rank + 1) // world
-        losses, scores = learner.curves(params, self.cfg.maml.inner_lr, max_steps, start, stop, validation=validation)
+        losses, scores = learner.curves(params, max_steps, start, stop, validation=validation)
         # Every rank gets every slice (the gather is an all-gather): all of them see the same figures, so they can
         # make the same decisions from them (the best model by validation accuracy).
         parts = self.transport.all_gather_object((losses.cpu(), None if scores is None else scores.cpu()))

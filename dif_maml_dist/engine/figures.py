@@ -29,7 +29,13 @@ def head(curves: Curves, tasks: int, steps: int) -> Curves:
     return tuple(None if c is None else c[:tasks, :steps + 1] for c in curves)
 
 
-def centroid_and_disagreement(states: Tensor) -> tuple[Tensor, float]:
-    """For stacked agent states ``[K, P]``: the centroid ``w_c`` and ``(1/K) sum_k ||w_k - w_c||^2``."""
+def centroid_and_disagreement(states: Tensor, model_size: Optional[int] = None
+                               ) -> tuple[Tensor, float, Optional[float]]:
+    """For stacked agent states ``[K, P]``: the centroid ``w_c``, the model's disagreement ``(1/K) sum_k ||w_k -
+    w_c||^2`` over its first ``model_size`` entries (default all), and the same over the rest, the algorithm's
+    learned inner rates (None if it learns none)."""
     centroid = states.mean(dim=0)
-    return centroid, float(((states - centroid) ** 2).sum(dim=1).mean())
+    squares = ((states - centroid) ** 2)
+    n = states.shape[1] if model_size is None else model_size
+    rates = float(squares[:, n:].sum(dim=1).mean()) if n < states.shape[1] else None
+    return centroid, float(squares[:, :n].sum(dim=1).mean()), rates

@@ -11,16 +11,11 @@ from torch import Tensor
 
 from dif_maml_dist.config import Config
 from dif_maml_dist.engine.figures import Curves
+from dif_maml_dist.learning.adaptation import adaptation_curves, adaptation_curves_loop
+from dif_maml_dist.learning.algorithms import Algorithm, build_algorithm, choose_path
+from dif_maml_dist.learning.batch import Losses, LossFn, TaskBatch, make_loss
 from dif_maml_dist.learning.flat import FlatLayout
 from dif_maml_dist.learning.functional import FunctionalModel, functional
-from dif_maml_dist.learning.maml import (
-    LossFn,
-    TaskBatch,
-    adaptation_curves,
-    adaptation_curves_loop,
-    choose_path,
-    make_loss,
-)
 from dif_maml_dist.tasks import TaskFamily, TaskSet, held_out_set, task_family, tests_held_out_per_agent
 
 #: A GPU holds this many times the CPU's test tasks in flight (the task families' ``eval_chunk`` is a CPU figure).
@@ -67,6 +62,7 @@ class Learner:
 
     family: TaskFamily
     model: FunctionalModel
+    algorithm: Algorithm  #: maml.algorithm: the meta-gradient, and how a task adapts (in training and tests)
     loss: LossFn  #: ``loss(params, x, y)``, one task at a time (the per-task loop)
     query_loss: LossFn  #: the same, for where it is differentiated once only (the per-task loop's query loss)
     batched_loss: LossFn  #: the same, exact under vmap (the vmap path, the simulator)
@@ -84,7 +80,12 @@ class Learner:
 
     @property
     def layout(self) -> FlatLayout:
-        return self.model.layout
+        """The agent's state: the model's parameters, then the algorithm's learned inner rates if it has any."""
+        return self.algorithm.inner.layout
+
+    @property
+    def losses(self) -> Losses:
+        return Losses(self.loss, self.query_loss, self.batched_loss)
 
     @classmethod
     def build(cls, cfg: Config, device: torch.device, dtype: torch.dtype, family: Optional[TaskFamily] = None,
@@ -94,6 +95,7 @@ class Learner:
         its own (its own agent's under torchrun, so that it reads no other agent's data)."""
         family = family or task_family(cfg)
         model = functional(family.build_model().to(device=device, dtype=dtype))
+        algorithm = build_algorithm(cfg.maml, model.layout)
         t = cfg.task
         # One seeded stream: the periodic test set is the first eval_tasks tasks of the final one.
         n = max(t.final_eval_tasks or t.eval_tasks, t.eval_tasks)
@@ -105,7 +107,7 @@ class Learner:
         crit = family.criterion
         chunk = eval_chunk_for(cfg.runtime.eval_chunk, family.eval_chunk, device)
         validation = family.val_set(cfg.seed, t.eval_tasks) if cfg.train.validate else None
-        return cls(family, model, make_loss(model.forward, crit), make_loss(model.first_order_forward, crit),
+        return cls(family, model, algorithm, make_loss(model.forward, crit), make_loss(model.first_order_forward, crit),
                    make_loss(model.batched_forward, crit), tests, t.eval_tasks, device, dtype, chunk, validation,
                    held_out, num_agents)
 
@@ -134,14 +136,14 @@ class Learner:
         assert agent in self.held_out, f"agent {agent}'s held-out tasks are not loaded in this process"
         return self.held_out[agent]
 
-    def curves(self, params: Tensor, inner_lr: float, max_steps: int, start: int, stop: int,
+    def curves(self, params: Tensor, max_steps: int, start: int, stop: int,
                over_agents: bool = False, validation: bool = False, agent: Optional[int] = None) -> Curves:
-        """Per-task test loss (and metric) after 0..max_steps adaptation steps on test tasks ``start:stop`` (the
-        shared ones, ``agent``'s held-out ones, or validation tasks): ``[tasks, max_steps+1]``, or ``[agents,
-        tasks, max_steps+1]`` for stacked ``[agents, P]`` params (``over_agents``)."""
+        """Per-task test loss (and metric) after 0..max_steps adaptation steps (the algorithm's inner rule) on
+        test tasks ``start:stop`` (the shared ones, ``agent``'s held-out ones, or validation tasks): ``[tasks,
+        max_steps+1]``, or ``[agents, tasks, max_steps+1]`` for stacked ``[agents, P]`` params (``over_agents``)."""
         tasks = self.validation if validation else self._tasks(agent)
         if over_agents and self.eval_path == "loop":
-            parts = [self.curves(p, inner_lr, max_steps, start, stop, validation=validation, agent=agent)
+            parts = [self.curves(p, max_steps, start, stop, validation=validation, agent=agent)
                      for p in params]
             return (torch.stack([p[0] for p in parts]),
                     None if self.family.metric is None else torch.stack([p[1] for p in parts]))
@@ -152,30 +154,29 @@ class Learner:
             empty = params.new_zeros((*params.shape[:-1], 0, max_steps + 1))
             return empty, (empty if self.family.metric is not None else None)
         for i in range(start, stop, chunk):  # gathered a chunk at a time: see tasks.episodes.EpisodeSet
-            parts.append(self.curves_on(tasks.slice(i, min(i + chunk, stop)), params, inner_lr, max_steps,
-                                        over_agents, chunk))
+            parts.append(self.curves_on(tasks.slice(i, min(i + chunk, stop)), params, max_steps, over_agents, chunk))
         return concat_curves(parts, 1 if over_agents else 0, self.family.metric is not None)
 
-    def curves_on(self, batch: TaskBatch, params: Tensor, inner_lr: float, max_steps: int, over_agents: bool = False,
+    def curves_on(self, batch: TaskBatch, params: Tensor, max_steps: int, over_agents: bool = False,
                   chunk: Optional[int] = None) -> Curves:
         """:meth:`curves` on any tasks of this family (e.g. a user's own episodes), held in memory."""
         batch, views, fam = batch.to_device(self.device, self.dtype), self.layout.split(params), self.family
+        rule = self.algorithm.inner
         if self.eval_path == "loop":
-            return adaptation_curves_loop(self.model.first_order_forward, fam.criterion, views, batch, inner_lr,
+            return adaptation_curves_loop(self.model.first_order_forward, fam.criterion, rule, views, batch,
                                           max_steps, fam.metric)
-        return adaptation_curves(self.model.batched_forward, fam.criterion, views, batch, inner_lr, max_steps,
+        return adaptation_curves(self.model.batched_forward, fam.criterion, rule, views, batch, max_steps,
                                  fam.metric, chunk=chunk or self.eval_chunk, over_agents=over_agents)
 
-    def test_curves(self, params: Tensor, inner_lr: float, max_steps: int, final: bool = False,
+    def test_curves(self, params: Tensor, max_steps: int, final: bool = False,
                     over_agents: bool = False, agent: Optional[int] = None) -> Curves:
         """:meth:`curves` over the whole periodic test set, or (``final``) the final one: the shared one, or
         ``agent``'s held-out tasks when each agent is tested on its own."""
-        return self.curves(params, inner_lr, max_steps, 0, self.num_tests(final, agent=agent), over_agents,
+        return self.curves(params, max_steps, 0, self.num_tests(final, agent=agent), over_agents,
                            agent=agent)
 
-    def held_out_share_curves(self, params: Tensor, inner_lr: float, max_steps: int, final: bool,
-                              agent: int) -> Curves:
+    def held_out_share_curves(self, params: Tensor, max_steps: int, final: bool, agent: int) -> Curves:
         """The centroid's curves on agent ``agent``'s share of the union of held-out tasks it is tested on
         (:func:`interleave_by_agent` puts the shares together)."""
         share = held_out_share(self.num_tests(final, agent=agent), agent, self.num_agents)
-        return self.curves(params, inner_lr, max_steps, 0, share, agent=agent)
+        return self.curves(params, max_steps, 0, share, agent=agent)

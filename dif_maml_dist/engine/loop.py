@@ -62,6 +62,8 @@ class Cohort(Protocol):
     #: the network's figures (centroid, disagreement) are computed during the run, by collectives; False
     #: (runtime.on_peer_failure=continue): each evaluation only scores the local agents and calls ``snapshot``
     networked: bool
+    #: how many of a state's entries are the model's parameters (the algorithm's learned inner rates follow them)
+    model_size: int
 
     @property
     def iteration(self) -> int: ...
@@ -123,13 +125,15 @@ class Evaluation:
 
     agents: list[Curves]
     centroid: Optional[Tensor]  #: None when the cohort is not networked
-    disagreement: Optional[float]
+    disagreement: Optional[float]  #: of the model's parameters
     centroid_curves: Optional[Curves]  #: on every process
+    rate_disagreement: Optional[float] = None  #: of the learned inner rates, if the algorithm learns them
 
     def head(self, tasks: int, steps: int) -> "Evaluation":
         """The same evaluation restricted to the first ``tasks`` test tasks and 0..``steps`` steps."""
         return Evaluation([head(c, tasks, steps) for c in self.agents], self.centroid, self.disagreement,
-                          None if self.centroid_curves is None else head(self.centroid_curves, tasks, steps))
+                          None if self.centroid_curves is None else head(self.centroid_curves, tasks, steps),
+                          self.rate_disagreement)
 
 
 @dataclass
@@ -157,8 +161,12 @@ def _evaluate(cohort: Cohort, max_steps: int, final: bool = False) -> Evaluation
     agents = cohort.agent_curves(max_steps, final)
     if not cohort.networked:
         return Evaluation(agents, None, None, None)
-    centroid, disagreement = centroid_and_disagreement(cohort.all_states())
-    return Evaluation(agents, centroid, disagreement, cohort.shared_curves(centroid, max_steps, final))
+    centroid, disagreement, rates = centroid_and_disagreement(cohort.all_states(), cohort.model_size)
+    return Evaluation(agents, centroid, disagreement, cohort.shared_curves(centroid, max_steps, final), rates)
+
+
+def _rate_disagreement(ev: Evaluation) -> dict[str, float]:
+    return {} if ev.rate_disagreement is None else {"rate_disagreement": ev.rate_disagreement}
 
 
 def _pre_post(stats: dict[str, list[float]], prefix: str) -> dict[str, float]:
@@ -229,7 +237,7 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
             return
         centroid_stats = figures(ev.centroid_curves)
         nrec = {"iteration": cohort.iteration, **_pre_post(centroid_stats, "centroid_test_"), **validation,
-                "disagreement": ev.disagreement, "wall_s": time.perf_counter() - start}
+                "disagreement": ev.disagreement, **_rate_disagreement(ev), "wall_s": time.perf_counter() - start}
         network_sink.write(nrec)
         history.append(nrec)
         if progress:
@@ -324,6 +332,7 @@ def run_loop(cohort: Cohort, sinks: Sequence[MetricsSink] | None = None, network
     if cohort.is_root:
         assert everyone is not None
         network = {"agents": everyone, "centroid": final.centroid, "disagreement": final.disagreement,
+                   **_rate_disagreement(final),
                    **final_figures(figures(final.centroid_curves), m.eval_inner_steps, m.final_adapt_steps,
                                    "centroid_", "centroid_"),
                    "final_eval_seconds": final_seconds,

@@ -41,7 +41,7 @@ from torch import Tensor
 from dif_maml_dist import seeding
 from dif_maml_dist.comm.transport import nbytes, ring_all_reduce_bytes
 from dif_maml_dist.config import Config
-from dif_maml_dist.engine.agent import Agent, InitialModels, initial_params, make_optimizer
+from dif_maml_dist.engine.agent import Agent, InitialModels, initial_params, make_optimizer, set_outer_lr
 from dif_maml_dist.engine.figures import Curves
 from dif_maml_dist.engine.learner import Learner, interleave_by_agent
 from dif_maml_dist.engine.loop import BestCentroid
@@ -52,7 +52,7 @@ from dif_maml_dist.gossip.tolerant import header_bytes
 from dif_maml_dist.graphs.membership import declared_degrees, round_weights
 from dif_maml_dist.graphs.schedules import GraphSchedule, static_schedule
 from dif_maml_dist.graphs.weights import CombinePlan, combine_plan
-from dif_maml_dist.learning.maml import TaskBatch, batched_meta_gradient
+from dif_maml_dist.learning.batch import TaskBatch
 from dif_maml_dist.tasks import TaskFamily
 
 #: Below this density a sparse matrix product is used for the combine (large, sparse graphs).
@@ -170,6 +170,7 @@ class Simulation:
             vectorize and self.device.type == "cpu") else None
         self.learner = Learner.build(cfg, self.device, self.dtype, family, agents=range(k), num_agents=k)
         self.layout = self.learner.layout
+        self.model_size = self.learner.model.layout.numel  #: see loop.Cohort
         self.compute_seconds = self.exchange_seconds = 0.0
         self._iteration = 0
         self._message_bytes = nbytes(torch.empty(self.layout.numel, dtype=self.dtype, device="meta"))  # a full state
@@ -181,9 +182,6 @@ class Simulation:
             self.optimizer = make_optimizer(cfg.optim, self.params)
             self.tasks = [self.learner.family.sampler(a, k) for a in range(k)]
             self.rngs = [seeding.generator(cfg.seed, seeding.Stream.TASKS, a) for a in range(k)]
-            m = cfg.maml
-            self._meta_gradients = torch.vmap(batched_meta_gradient(self.learner.batched_loss, m.inner_lr,
-                                                                    m.inner_steps, m.first_order, m.vmap_chunk))
             initial = inits.__getitem__
         else:
             initial = InitialModels(cfg, self.dtype, self.device, self.learner.family)
@@ -297,6 +295,7 @@ class Simulation:
 
     def _local_steps(self, grads: Tensor) -> None:
         """Every agent's optimizer step, as one step over the stack (elementwise: K local optimizers)."""
+        set_outer_lr(self.optimizer, self.cfg.optim, self._iteration + 1, self.cfg.train.iterations)
         self.params.grad = grads
         self.optimizer.step()
         self.params.grad = None
@@ -320,10 +319,13 @@ class Simulation:
             c = self.agent_chunk
             chunks = [(tuple(v[i:i + c] for v in views), *(t[i:i + c] for t in stacked.tensors()))
                       for i in range(0, self.num_agents, c)]
+            # Built for this iteration: an algorithm's objective may change over training (MAML++'s annealing).
+            meta_gradients = torch.vmap(self.learner.algorithm.batched(self.learner.batched_loss, self._iteration + 1,
+                                                                       self.cfg.maml.vmap_chunk))
             if self._chunk_pool is None:
-                parts = [self._meta_gradients(*chunk) for chunk in chunks]
+                parts = [meta_gradients(*chunk) for chunk in chunks]
             else:
-                parts = list(self._chunk_pool.map(lambda chunk: self._meta_gradients(*chunk), chunks))
+                parts = list(self._chunk_pool.map(lambda chunk: meta_gradients(*chunk), chunks))
             grads = torch.cat([self.layout.join(g) for g, _ in parts])
             losses = torch.cat([v for _, v in parts])
             if not overlap:
@@ -388,15 +390,15 @@ class Simulation:
     def shared_curves(self, params: Tensor, max_steps: int, final: bool = False, validation: bool = False) -> Curves:
         learner, params = self.learner, params.to(self.device, self.dtype)
         if learner.held_out_per_agent and not validation:  # the union of the agents' shares, as under torchrun
-            parts = [learner.held_out_share_curves(params, self.cfg.maml.inner_lr, max_steps, final, a)
+            parts = [learner.held_out_share_curves(params, max_steps, final, a)
                      for a in range(self.num_agents)]
             return interleave_by_agent(parts, learner.family.metric is not None)
-        return learner.curves(params, self.cfg.maml.inner_lr, max_steps, 0, learner.num_tests(final, validation),
+        return learner.curves(params, max_steps, 0, learner.num_tests(final, validation),
                               validation=validation)
 
     def agent_curves(self, max_steps: int, final: bool = False) -> list[Curves]:
         if not self.vectorize or self.learner.held_out_per_agent:  # agent after agent (each on its own tasks)
-            return [self.learner.test_curves(self._state(i).to(self.device, self.dtype), self.cfg.maml.inner_lr,
+            return [self.learner.test_curves(self._state(i).to(self.device, self.dtype),
                                              max_steps, final, agent=i) for i in range(self.num_agents)]
         # Agents holding the same model are evaluated once: all of them at a shared start, and every agent of the
         # centralized baseline at every evaluation.
@@ -405,7 +407,7 @@ class Simulation:
         # at a time so that the agents x tasks adapted models in flight stay within the family's budget.
         distinct: list[Curves] = []
         for a in range(0, states.shape[0], _EVAL_AGENT_CHUNK):
-            losses, scores = self.learner.test_curves(states[a:a + _EVAL_AGENT_CHUNK], self.cfg.maml.inner_lr,
+            losses, scores = self.learner.test_curves(states[a:a + _EVAL_AGENT_CHUNK],
                                                       max_steps, final, over_agents=True)
             distinct += [(losses[j], None if scores is None else scores[j]) for j in range(losses.shape[0])]
         return [distinct[int(i)] for i in owner]

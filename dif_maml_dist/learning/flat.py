@@ -1,7 +1,7 @@
 """One flat buffer for all parameters, so an exchange is one message per neighbour.
 
 The agent keeps its parameters as a single 1-D tensor (the optimizer and the transport see only that);
-the MAML code sees a tuple of per-parameter views into it, :meth:`FlatLayout.split`, which costs no copy. So
+the algorithms see a tuple of per-parameter views into it, :meth:`FlatLayout.split`, which costs no copy. So
 nothing is flattened on the compute path: only the meta-gradient, a tuple, is joined into one vector for the
 optimizer (:meth:`FlatLayout.join`).
 """

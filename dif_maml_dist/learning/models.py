@@ -1,7 +1,7 @@
 """The built-in models (the MLP and Conv4), and their forwards written out as pure functions of a parameter tuple
-(``learning/functional.py`` hands them to the MAML code).
+(``learning/functional.py`` hands them to the algorithms).
 
-The MAML code runs a model thousands of times per meta-gradient on parameters that are not the module's own
+An algorithm runs a model thousands of times per meta-gradient on parameters that are not the module's own
 (adapted weights, other agents' states). ``torch.func.functional_call`` swaps them into the module on every
 call, which costs more than the forward pass of the paper's sinusoid MLP; the written-out forwards below call
 the same ``torch.nn.functional`` ops on the tuple directly. ``tests/test_maml.py`` (MLP) and

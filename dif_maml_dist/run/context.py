@@ -159,10 +159,12 @@ class RunContext:
     def fingerprint(self) -> dict[str, str]:
         """What this run's checkpoints must match (``checkpoint.fingerprint``): the same before hydra starts (the
         resume check) and in the run."""
+        from dif_maml_dist.learning.algorithms import state_layout
         from dif_maml_dist.learning.flat import FlatLayout
         from dif_maml_dist.run.checkpoint import fingerprint
 
-        return fingerprint(self.cfg, self.weights, FlatLayout.of(self.family.build_model()).numel)
+        return fingerprint(self.cfg, self.weights,
+                           state_layout(self.cfg.maml, FlatLayout.of(self.family.build_model())).numel)
 
     @classmethod
     def build(cls, cfg: Config, env: ProcessEnv, run_dir: Path,
@@ -190,8 +192,9 @@ class RunContext:
             data_agents = [env.rank] if torchrun else range(topology.num_agents)
         check_task_data(cfg, data_agents, topology.num_agents, family)
         if cfg.compression.name != "none":
+            from dif_maml_dist.learning.algorithms import state_layout
             from dif_maml_dist.learning.flat import FlatLayout
 
-            check_compression(cfg, FlatLayout.of(family.build_model()).numel)
+            check_compression(cfg, state_layout(cfg.maml, FlatLayout.of(family.build_model())).numel)
         return cls(cfg, env, Path(run_dir), device, backend, intra_op_threads(cfg.runtime), topology, weights, schedule,
                    family, cfg.train.resume or env.restart_count > 0)

@@ -47,7 +47,8 @@ def log_start(ctx: RunContext) -> None:
     label = "effective lambda_2" if ctx.schedule.is_static else f"{ctx.schedule.name} mixing rate per round"
     log.info("run dir %s", ctx.run_dir.resolve())
     log.info("%s on %s (%d agents, %s weights, lambda_2 = %s; %s = %s), %s lr=%g, %d iterations, %s on %s",
-             cfg.strategy.name, topo.name, topo.num_agents, cfg.topology.weights, _rate(topo.lambda2), label,
+             cfg.strategy.name + ("" if cfg.maml.algorithm == "maml" else f" with {cfg.maml.algorithm}"), topo.name,
+             topo.num_agents, cfg.topology.weights, _rate(topo.lambda2), label,
              _rate(rate), cfg.optim.name, cfg.optim.lr, cfg.train.iterations, cfg.runtime.mode, ctx.device)
 
 
@@ -101,11 +102,13 @@ def write_summary(ctx: RunContext, result: RunResult, named_params, extra: dict)
         **recorded_weights(ctx.weights),  # the matrix the run combined with, not the config's files as they are now
         "lambda2": mixing_rate(ctx.weights), "topology_lambda2": topo.lambda2,
         **communication(cfg, ctx.schedule),
-        "optim": cfg.optim.name, "lr": cfg.optim.lr, "iterations": cfg.train.iterations, "seed": cfg.seed,
+        "algorithm": cfg.maml.algorithm, "optim": cfg.optim.name, "lr": cfg.optim.lr,
+        "iterations": cfg.train.iterations, "seed": cfg.seed,
         "runtime": cfg.runtime.mode, **extra,
         "wall_seconds": result.wall_seconds, "final_eval_seconds": net["final_eval_seconds"],
         "centroid_test_loss": net["centroid_test_loss"], "centroid_test_loss_pre": net["centroid_test_loss_pre"],
         "centroid_adaptation_curve": net["centroid_adaptation_curve"], "disagreement": net["disagreement"],
+        **({"rate_disagreement": net["rate_disagreement"]} if "rate_disagreement" in net else {}),
         "mean_final_test_loss": sum(a["final_test_loss"] for a in agents) / len(agents),
         **({"centroid_test_accuracy": net["centroid_test_accuracy"],
             "centroid_test_accuracy_ci95": net["centroid_test_accuracy_ci95"],

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,7 +25,7 @@ from torch import Tensor
 from dif_maml_dist.config import Config
 from dif_maml_dist.engine.figures import Curves, figures
 from dif_maml_dist.engine.learner import Learner, concat_curves
-from dif_maml_dist.learning.maml import sgd_adaptation
+from dif_maml_dist.learning.adaptation import adapted_models
 from dif_maml_dist.messages import first_line
 from dif_maml_dist.run.validate import validate
 
@@ -81,7 +81,7 @@ class AdaptedModel:
     """A model's parameters after adaptation: ``adapted(x)`` gives its outputs on ``x``."""
 
     learner: Learner
-    params: list[Tensor]  #: one tensor per parameter, in the model's order (``learner.layout.names``)
+    params: list[Tensor]  #: one tensor per parameter, in the model's order (``learner.model.layout.names``)
 
     def __call__(self, x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -89,29 +89,41 @@ class AdaptedModel:
                                                                               self.learner.dtype))
 
     def named_parameters(self) -> dict[str, Tensor]:
-        return dict(zip(self.learner.layout.names, self.params))
+        """The model's parameters by name (what its ``nn.Module`` loads with ``load_state_dict``)."""
+        return dict(zip(self.learner.model.layout.names, self.params))
 
 
 @dataclass
 class SavedModel(AdaptedModel):
-    """A model a run saved (``models/<name>.pt``): the launch model, before adaptation."""
+    """A model a run saved (``models/<name>.pt``): the launch model, before adaptation, and the run's algorithm's
+    learned inner rates if it has any (``learning.adaptation``: they are saved with the model)."""
 
     name: str = ""
-    inner_lr: float = 0.0  #: the run's alpha
+    rates: list[Tensor] = field(default_factory=list)  #: learned inner rates, in ``learner.layout``'s order
+
+    @property
+    def state(self) -> Tensor:
+        """The flat state the run trained (``learner.layout``): the model's parameters, then the rates."""
+        return self.learner.layout.join([*self.params, *self.rates])
 
     def adapt(self, x_support: Tensor, y_support: Tensor, steps: int = 1,
               inner_lr: Optional[float] = None) -> AdaptedModel:
-        """``steps`` plain SGD steps on one task's support data (the run's alpha unless ``inner_lr`` is given),
-        exactly as the run's own evaluation adapts."""
+        """``steps`` inner steps on one task's support data, exactly as the run's own evaluation adapts: the run's
+        algorithm's inner rule (its alpha unless ``inner_lr`` is given; its learned rates if it learned them)."""
         if steps < 0:
             raise ValueError(f"steps must be non-negative, got {steps}")
-        learner = self.learner
+        learner, rule = self.learner, self.learner.algorithm.inner
+        if inner_lr is not None:
+            if rule.rates != "fixed":
+                raise ValueError(f"this run learned its inner rates ({rule.rates}): adapt without inner_lr, "
+                                 f"which would replace them")
+            rule = replace(rule, lr=inner_lr)
         x, y = x_support.to(learner.device, learner.dtype), y_support.to(learner.device)
         if y.is_floating_point():
             y = y.to(learner.dtype)
-        *_, last = sgd_adaptation(learner.model.first_order_forward, learner.family.criterion, self.params, x, y,
-                                  self.inner_lr if inner_lr is None else inner_lr, steps)
-        return AdaptedModel(learner, last)
+        *_, last = adapted_models(learner.model.first_order_forward, learner.family.criterion, rule,
+                                  [*self.params, *self.rates], x, y, steps)
+        return AdaptedModel(learner, list(last))
 
 
 class Run:
@@ -178,7 +190,8 @@ class Run:
         if set(named) != set(learner.layout.names):
             raise EvaluateError(f"{path} does not hold the run's {learner.model.kind} model (parameters differ)")
         params = [named[n].to(learner.device, learner.dtype) for n in learner.layout.names]
-        return SavedModel(learner, params, name, self.cfg.maml.inner_lr)
+        n = len(learner.model.layout.names)
+        return SavedModel(learner, params[:n], name, params[n:])
 
     def evaluate(self, names: Sequence[str], steps: Optional[int] = None, tasks: Optional[int] = None,
                  seed: Optional[int] = None, episodes: Optional[Path] = None) -> dict:
@@ -205,15 +218,17 @@ class Run:
                 mine = read_episodes(episodes, learner.family, self.cfg.task.n_way if classification else None)
             except ValueError as err:
                 raise EvaluateError(str(err)) from None
-        out = {"run": str(self.dir), "steps": steps, "inner_lr": self.cfg.maml.inner_lr, "models": {}}
+        rule = learner.algorithm.inner
+        out = {"run": str(self.dir), "steps": steps, "algorithm": learner.algorithm.name, "inner_lr": rule.lr,
+               "learned_inner_lr": rule.rates, "models": {}}
         out.update({"episodes": str(episodes), "tasks": len(mine), "episode_names": list(mine)} if mine is not None
                    else {"tasks": learner.num_tests(final=True), "seed": self.cfg.seed if seed is None else seed})
         for name in names:
-            flat = learner.layout.join(self.model(name, learner).params)
+            flat = self.model(name, learner).state
             if mine is None:
-                curves = learner.test_curves(flat, self.cfg.maml.inner_lr, steps, final=True)
+                curves = learner.test_curves(flat, steps, final=True)
             else:
-                parts = [learner.curves_on(batch, flat, self.cfg.maml.inner_lr, steps) for batch in mine.values()]
+                parts = [learner.curves_on(batch, flat, steps) for batch in mine.values()]
                 curves = concat_curves(parts, 0, learner.family.metric is not None)
             out["models"][name] = _defined(curves)
         return out

@@ -132,8 +132,8 @@ def component_figures(cfg, learner, finals: Mapping[int, torch.Tensor], parts: S
     steps = max(m.final_adapt_steps, m.eval_inner_steps)
     out = []
     for part in parts:
-        c, d = centroid_and_disagreement(torch.stack([finals[k] for k in part]))
-        f = final_figures(figures(learner.curves(c, m.inner_lr, steps, 0, learner.num_tests(True))),
+        c, d, _ = centroid_and_disagreement(torch.stack([finals[k] for k in part]), learner.model.layout.numel)
+        f = final_figures(figures(learner.curves(c, steps, 0, learner.num_tests(True))),
                           m.eval_inner_steps, m.final_adapt_steps, "", "")
         out.append({"agents": list(part), "disagreement": d, **f})
     return out
@@ -150,7 +150,7 @@ def write(ctx, by: str) -> dict:
     m = cfg.maml
     t0 = time.perf_counter()
     learner = Learner.build(cfg, torch.device("cpu"), getattr(torch, cfg.train.dtype), ctx.family)
-    layout, alpha = learner.layout, m.inner_lr
+    layout = learner.layout
     books = accounting(run_dir, k_all, cfg.runtime.departures)
     finals, departed = books["finals"], books["departed"]
     if not finals:
@@ -162,13 +162,15 @@ def write(ctx, by: str) -> dict:
     records = []
     for it in sorted({i for s in shots.values() for i in s}):
         present = [k for k in range(k_all) if it in shots[k]]
-        centroid, disagreement = centroid_and_disagreement(_stack([shots[k][it] for k in present], layout))
-        stats = figures(learner.curves(centroid, alpha, m.eval_inner_steps, 0, learner.num_tests(False)))
+        centroid, disagreement, rates = centroid_and_disagreement(_stack([shots[k][it] for k in present], layout),
+                                                                  learner.model.layout.numel)
+        stats = figures(learner.curves(centroid, m.eval_inner_steps, 0, learner.num_tests(False)))
         rec = {"iteration": it, "centroid_test_loss_pre": stats["loss"][0],
                "centroid_test_loss_post": stats["loss"][-1]}
         if "accuracy" in stats:
             rec.update(centroid_test_acc_pre=stats["accuracy"][0], centroid_test_acc_post=stats["accuracy"][-1])
-        records.append({**rec, "disagreement": disagreement, "agents_present": len(present)})
+        records.append({**rec, "disagreement": disagreement, **({} if rates is None else {"rate_disagreement": rates}),
+                        "agents_present": len(present)})
     (run_dir / "metrics").mkdir(exist_ok=True)
     tmp = run_dir / "metrics" / "network.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -180,15 +182,16 @@ def write(ctx, by: str) -> dict:
     finished = [shots[k][last] for k in survivors]
     steps = max(m.final_adapt_steps, m.eval_inner_steps)
     states = _stack(finished, layout)
-    centroid, disagreement = centroid_and_disagreement(states)
-    centroid_figures = final_figures(figures(learner.curves(centroid, alpha, steps, 0, learner.num_tests(True))),
+    centroid, disagreement, rates = centroid_and_disagreement(states, learner.model.layout.numel)
+    centroid_figures = final_figures(figures(learner.curves(centroid, steps, 0, learner.num_tests(True))),
                                      m.eval_inner_steps, m.final_adapt_steps, "centroid_", "centroid_")
     parts = components(ctx.schedule.support(), [k for k in range(k_all) if k not in finals])
     per_component = component_figures(cfg, learner, dict(zip(survivors, states)), parts)
     agents = [{key: v for key, v in finals[k].items()
                if key not in ("departures", "returns", "departed", "component", "came_back", "states")}
               for k in survivors]
-    network = {"agents": agents, "centroid": centroid, "disagreement": disagreement, **centroid_figures,
+    network = {"agents": agents, "centroid": centroid, "disagreement": disagreement,
+               **({} if rates is None else {"rate_disagreement": rates}), **centroid_figures,
                "final_eval_seconds": time.perf_counter() - t0}
     wall = max(f.get("wall_seconds", 0.0) for f in finals.values())
     extra = {"parameters": layout.numel, "on_peer_failure": "continue", "survivors": survivors,

@@ -1,9 +1,9 @@
 """Every check of a config that its types cannot make: names, ranges, consistency, each a one-line
 ``ValueError`` naming the key and the fix. Names are read from each component's registry (``tasks.TASKS``,
 ``graphs.topology.GRAPHS``, ``graphs.weights.WEIGHT_RULES``, ``graphs.schedules.SCHEDULES``,
-``gossip.combiners.STRATEGIES``, ``gossip.compression.COMPRESSORS``, ``engine.agent.OPTIMIZERS``,
-``learning.maml.META_GRADIENT_PATHS``, ``tasks.TARGET_TYPES``), so a new component is a new registry entry, not a
-new check here.
+``gossip.combiners.STRATEGIES``, ``gossip.compression.COMPRESSORS``, ``engine.agent.OPTIMIZERS`` and
+``LR_SCHEDULES``, ``learning.algorithms.ALGORITHMS`` and ``META_GRADIENT_PATHS``, ``tasks.TARGET_TYPES``), so a new
+component is a new registry entry, not a new check here.
 
 Size: one check per setting and one refusal per pair of settings that do not combine, each with its own message;
 they are kept together so that what the runtime accepts can be read in one place."""
@@ -24,13 +24,13 @@ from dif_maml_dist.config import (
     SPLITS,
     Config,
 )
-from dif_maml_dist.engine.agent import OPTIMIZERS
+from dif_maml_dist.engine.agent import LR_SCHEDULES, OPTIMIZERS
 from dif_maml_dist.gossip.combiners import STRATEGIES
 from dif_maml_dist.gossip.compression import COMPRESSORS
 from dif_maml_dist.graphs.schedules import SCHEDULES
 from dif_maml_dist.graphs.topology import GRAPHS
 from dif_maml_dist.graphs.weights import WEIGHT_RULES
-from dif_maml_dist.learning.maml import META_GRADIENT_PATHS
+from dif_maml_dist.learning.algorithms import META_GRADIENT_PATHS, algorithm_refusal
 from dif_maml_dist.tasks import CUSTOM, FAMILIES, TARGET_TYPES, TASKS, tests_held_out_per_agent
 
 
@@ -172,6 +172,9 @@ def validate(cfg: Config) -> Config:
 
     o = cfg.optim
     _choice(o.name, tuple(OPTIMIZERS), "optim")
+    _choice(o.schedule, tuple(LR_SCHEDULES), "optim.schedule")
+    if not 0.0 <= o.min_lr <= o.lr:
+        raise ValueError(f"optim.min_lr must be in [0, optim.lr={o.lr:g}], got {o.min_lr:g}")
     _positive(o.lr, "optim.lr", " (the meta step size mu)")
     if o.name == "adam":
         if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
@@ -187,6 +190,12 @@ def validate(cfg: Config) -> Config:
     if m.final_adapt_steps < 0:
         raise ValueError(f"maml.final_adapt_steps must be non-negative, got {m.final_adapt_steps}")
     _choice(m.meta_grad_path, ("auto", *META_GRADIENT_PATHS), "maml.meta_grad_path")
+    refusal = algorithm_refusal(m)  # the algorithm names and their combinations, from the algorithms' registry
+    if refusal:
+        raise ValueError(refusal)
+    for key in ("multi_step_loss_until", "order_annealing_until"):
+        if getattr(m, key) < 0:
+            raise ValueError(f"maml.{key} must be an iteration (0: none), got {getattr(m, key)}")
     for key in ("vmap_min_tasks", "vmap_chunk"):
         if getattr(m, key) is not None:
             _positive(getattr(m, key), f"maml.{key}")

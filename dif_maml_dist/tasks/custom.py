@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dif_maml_dist.config import Config, DataConfig
-from dif_maml_dist.learning.maml import TaskBatch
+from dif_maml_dist.learning.batch import TaskBatch
 from dif_maml_dist.messages import first_line
 from dif_maml_dist.tasks.protocol import REQUIRED_MEMBERS, TaskFamily
 

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from dif_maml_dist.learning.maml import TaskBatch
+from dif_maml_dist.learning.batch import TaskBatch
 
 SHARING_MODES = ("same", "disjoint_classes")  #: every dataset; Omniglot adds "alphabets"
 

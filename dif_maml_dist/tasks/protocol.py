@@ -15,7 +15,7 @@ from typing import Callable, Optional, Protocol, runtime_checkable
 
 from torch import Generator, Tensor, nn
 
-from dif_maml_dist.learning.maml import TaskBatch
+from dif_maml_dist.learning.batch import TaskBatch
 
 
 class TaskSet(Protocol):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from dif_maml_dist import seeding
 from dif_maml_dist.config import Config, TaskConfig
-from dif_maml_dist.learning.maml import TaskBatch
+from dif_maml_dist.learning.batch import TaskBatch
 from dif_maml_dist.learning.models import MLP
 
 

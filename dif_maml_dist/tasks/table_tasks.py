@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from dif_maml_dist import seeding
 from dif_maml_dist.config import Config
-from dif_maml_dist.learning.maml import TaskBatch
+from dif_maml_dist.learning.batch import TaskBatch
 from dif_maml_dist.learning.models import MLP
 from dif_maml_dist.tasks.custom import agent_root
 from dif_maml_dist.tasks.episodes import accuracy, share_classes

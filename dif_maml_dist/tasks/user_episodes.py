@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dif_maml_dist.learning.maml import TaskBatch
+from dif_maml_dist.learning.batch import TaskBatch
 
 
 def read_episodes(root: Path, family, n_way: int | None) -> dict[str, TaskBatch]:
