@@ -30,16 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_peers, _cpu_sh
 import torch  # noqa: E402
 from _cpu_share import CpuShare  # noqa: E402
 from bench_peers import (  # noqa: E402
-    PROBE_CALLS,
     WORKLOADS,
     Workload,
     _differentiable_clone,
-    _load_lazy_modules,
-    _status_kib,
     make_batch,
     peer_module,
+    print_peak_growth,
     project_module,
-    reason,
     time_methods,
 )
 from torch import nn  # noqa: E402
@@ -137,23 +134,10 @@ def check_float64(w: Workload, names: list[str]) -> dict[str, float]:
 
 
 def memory_probe(workload: str, method: str) -> None:
-    """In a fresh process: peak RSS growth (MiB) over PROBE_CALLS calls of ``method``, one JSON line."""
+    """In a fresh process: peak RSS growth (MiB) over bench_peers.PROBE_CALLS calls of ``method``, one JSON
+    line."""
     w = WORKLOADS[workload]
-    name = method.removesuffix(" l2l")
-    try:
-        fn = calls_for(name, w, torch.float32, make_batch(w))[method]
-        _load_lazy_modules()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # the high-water mark from here on (see bench_peers.memory_probe)
-        except OSError:
-            pass
-        base = _status_kib("VmRSS")
-        for _ in range(PROBE_CALLS):
-            fn()
-        print(json.dumps({"mib": max(0, _status_kib("VmHWM") - base) / 1024}))
-    except Exception as exc:  # noqa: BLE001
-        print(json.dumps({"error": reason(exc)}))
+    print_peak_growth(lambda: calls_for(method.removesuffix(" l2l"), w, torch.float32, make_batch(w))[method])
 
 
 def measure_memory(workload: str, methods: list[str], threads: int) -> dict[str, object]:

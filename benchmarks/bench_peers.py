@@ -343,8 +343,14 @@ def memory_probe(workload: str, method: str) -> None:
     checks peak at GBs), so a child's ru_maxrss starts at its parent's peak.
     """
     w = WORKLOADS[workload]
+    print_peak_growth(lambda: build(method, w, project_module(w), make_batch(w)))
+
+
+def print_peak_growth(make: Callable[[], Call]) -> None:
+    """Peak RSS growth (MiB) over PROBE_CALLS calls of the call ``make()`` builds, printed as one JSON line (or the
+    reason it failed)."""
     try:
-        fn = build(method, w, project_module(w), make_batch(w))
+        fn = make()
         _load_lazy_modules()
         try:
             with open("/proc/self/clear_refs", "w") as f:
