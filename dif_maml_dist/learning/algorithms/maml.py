@@ -78,8 +78,11 @@ class GradientThroughAdaptation:
     def _loop(self, losses: Losses, params: Sequence[Tensor], batch: TaskBatch, iteration: int
               ) -> tuple[Params, Tensor]:
         """One task at a time. The query loss is computed by ``losses.query_loss`` (fast to differentiate once),
-        the support loss by ``losses.loss`` (differentiated twice, through the inner step)."""
+        the support loss by ``losses.loss`` (differentiated twice, through the inner step) — except where nothing
+        is differentiated twice through the model: first order, or only the head adapted (ANIL: the second order
+        is the head's alone, and the body's features are differentiated once)."""
         first_order, weights = self.schedule(iteration)
+        support_loss = losses.query_loss if first_order or not self.inner.adapts_all else losses.loss
         leaves = [p.detach().requires_grad_(True) for p in params]
         start, rates = self.inner.split(leaves)
         acc: list[Tensor] = []
@@ -88,7 +91,7 @@ class GradientThroughAdaptation:
             xs, ys, xq, yq = (x[t] for x in batch.tensors())
             w, objective = start, None
             for k, weight in enumerate(weights):
-                grads = self.inner.support_grads(losses.loss, w, xs, ys, create_graph=not first_order)
+                grads = self.inner.support_grads(support_loss, w, xs, ys, create_graph=not first_order)
                 w = self.inner.step(w, grads, rates, k)
                 if weight:
                     term = losses.query_loss(w, xq, yq)
