@@ -344,6 +344,10 @@ class EdgeTransport:
             payload = message.detach().cpu().contiguous()
             bufs = (torch.empty_like(header), torch.empty_like(payload))
             other = self._other(p)
+            # Counted when handed over, before posting: a peer that has just gone may or may not have closed its
+            # socket yet (posting fails at once, or later), and the count must not depend on which (the
+            # simulator counts every message an agent hands to a peer it believes present).
+            self.bytes_sent += nbytes(header) + nbytes(payload)
             try:
                 # All of a round's operations are posted before any wait, so no agent blocks on a send while
                 # its peer blocks on another: the order of posting cannot deadlock.
@@ -353,7 +357,6 @@ class EdgeTransport:
                 failed[p] = _reason(err)
                 continue
             posted[p] = (self._waiter(p).submit(works, (header, payload, bufs)), bufs)
-            self.bytes_sent += nbytes(header) + nbytes(payload)
         received, headers = {}, {}
         start, checked = self.clock(), float("-inf")
         pending = dict(posted)
