@@ -56,6 +56,14 @@ def chunked_mean(per_chunk: BatchedMetaGradient, chunk: Optional[int]) -> Batche
     return mean
 
 
+def vmap_meta_gradient(algorithm: Algorithm, losses: Losses, params: Sequence[Tensor], batch: TaskBatch,
+                       iteration: int, chunk: Optional[int]) -> tuple[Params, Tensor]:
+    """An algorithm's ``vmap`` path: its :meth:`Algorithm.batched` function on the batch, the loss detached."""
+    grads, value = algorithm.batched(losses.batched_loss, iteration, chunk)(tuple(p.detach() for p in params),
+                                                                            *batch.tensors())
+    return grads, value.detach()
+
+
 META_GRADIENT_PATHS = ("loop", "vmap")
 
 #: ``auto``: the smallest meta-batch from which vmap is faster, per model kind (``functional.FunctionalModel.kind``),

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from dif_maml_dist.learning.adaptation import InnerRule
-from dif_maml_dist.learning.algorithms.base import BatchedMetaGradient, chunked_mean
+from dif_maml_dist.learning.algorithms.base import BatchedMetaGradient, chunked_mean, vmap_meta_gradient
 from dif_maml_dist.learning.batch import Losses, LossFn, Params, TaskBatch
 
 #: MAML++'s floor on a non-final step's weight in the multi-step loss, times the number of steps
@@ -71,9 +71,7 @@ class GradientThroughAdaptation:
                       chunk: Optional[int] = None) -> tuple[Params, Tensor]:
         if path == "loop":
             return self._loop(losses, params, batch, iteration)
-        grads, value = self.batched(losses.batched_loss, iteration, chunk)(tuple(p.detach() for p in params),
-                                                                           *batch.tensors())
-        return grads, value.detach()
+        return vmap_meta_gradient(self, losses, params, batch, iteration, chunk)
 
     def _loop(self, losses: Losses, params: Sequence[Tensor], batch: TaskBatch, iteration: int
               ) -> tuple[Params, Tensor]:

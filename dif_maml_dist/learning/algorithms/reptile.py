@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from dif_maml_dist.learning.adaptation import InnerRule
-from dif_maml_dist.learning.algorithms.base import BatchedMetaGradient, chunked_mean
+from dif_maml_dist.learning.algorithms.base import BatchedMetaGradient, chunked_mean, vmap_meta_gradient
 from dif_maml_dist.learning.batch import Losses, LossFn, Params, TaskBatch
 
 
@@ -28,9 +28,7 @@ class Reptile:
     def meta_gradient(self, path: str, losses: Losses, params: Sequence[Tensor], batch: TaskBatch, iteration: int,
                       chunk: Optional[int] = None) -> tuple[Params, Tensor]:
         if path == "vmap":
-            grads, value = self.batched(losses.batched_loss, iteration, chunk)(tuple(p.detach() for p in params),
-                                                                               *batch.tensors())
-            return grads, value.detach()
+            return vmap_meta_gradient(self, losses, params, batch, iteration, chunk)
         start, rates = self.inner.split([p.detach() for p in params])
         acc = [torch.zeros_like(p) for p in start]
         total = start[0].new_zeros(())
