@@ -326,11 +326,26 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
+def iterations_fraction(fraction: Any, *, _root_: Any) -> int:
+    """``${iterations_fraction:F}`` in a config: the iteration that is fraction F of ``train.iterations`` (rounded),
+    so that a schedule written for a paper's epochs scales with the run's length (``conf/algorithm/mamlpp.yaml``)."""
+    try:
+        value = float(fraction)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"iterations_fraction:{fraction} must be a fraction of train.iterations in [0, 1]")
+    return int(round(value * int(_root_.train.iterations)))
+
+
 def from_omegaconf(node) -> Config:
-    """Turn hydra's composed config into a :class:`Config` (the only place DictConfig is touched); the entry
-    points then check it (``run.validate.validate``)."""
+    """Turn hydra's composed config into a :class:`Config` (the only place DictConfig is touched, and where its
+    interpolations resolve); the entry points then check it (``run.validate.validate``)."""
     from omegaconf import OmegaConf
 
+    # Registered here, where every config is resolved, so that a run's recorded config (.hydra/config.yaml keeps
+    # the interpolation) resolves in evaluate and resume as it did in training.
+    OmegaConf.register_new_resolver("iterations_fraction", iterations_fraction, replace=True)
     obj = OmegaConf.to_object(node)
     if not isinstance(obj, Config):  # composed without the structured schema (e.g. a plain YAML)
         obj = Config(**obj)

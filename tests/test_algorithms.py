@@ -311,3 +311,60 @@ def test_cosine_outer_schedule_follows_the_written_out_recursion(vectorize):
     torch.testing.assert_close(simulated_states(cfg, weights, 5, vectorize=vectorize), want, rtol=1e-10, atol=1e-12)
     cfg.optim.schedule = "constant"
     assert (simulated_states(cfg, weights, 5, vectorize=vectorize) - want).abs().max() > 1e-6
+
+
+def _preset(name: str, *overrides: str) -> Config:
+    from dif_maml_dist.run.composition import compose
+
+    return compose([f"algorithm={name}", "task=omniglot_5w1s", "data.root=/data", *overrides]).cfg
+
+
+def test_every_algorithm_preset_composes_to_its_papers_settings():
+    """Each conf/algorithm preset composes, passes the config check and selects what its paper uses; MAML++'s
+    multi-step annealing is its released configs' 20 of 250 epochs, scaled to the run's iterations. Catches a
+    preset naming an option the schema or the registry lacks, a preset losing to the task's settings (defaults
+    order), and the fraction resolved against the wrong length."""
+    from dif_maml_dist.run.composition import CONF_DIR
+
+    presets = sorted(p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml"))
+    assert presets == ["anil", "fomaml", "maml", "mamlpp", "metasgd", "reptile"]
+    chosen = {name: _preset(name, "train.iterations=250") for name in presets}
+    assert {name: c.maml.algorithm for name, c in chosen.items()} == {
+        "anil": "anil", "fomaml": "maml", "maml": "maml", "mamlpp": "maml", "metasgd": "metasgd",
+        "reptile": "reptile"}
+    assert chosen["fomaml"].maml.first_order and not chosen["maml"].maml.first_order
+    assert chosen["maml"].maml.inner_lr == 0.4 and chosen["maml"].maml.inner_steps == 1  # the task's alpha, steps
+    assert chosen["reptile"].maml.inner_steps == 5
+    pp = chosen["mamlpp"]
+    assert (pp.maml.inner_steps, pp.maml.eval_inner_steps, pp.maml.inner_lr) == (5, 5, 0.1)
+    assert (pp.maml.learned_inner_lr, pp.maml.multi_step_loss, pp.maml.multi_step_loss_until) == (
+        "per_layer_per_step", True, 20)
+    assert (pp.optim.schedule, pp.optim.min_lr) == ("cosine", 1e-5)
+    assert _preset("mamlpp", "train.iterations=3000").maml.multi_step_loss_until == 240
+    assert _preset("mamlpp", "maml.inner_steps=3").maml.inner_steps == 3  # the command line still wins
+
+
+def test_a_fraction_outside_the_run_is_refused_in_one_line():
+    """``${iterations_fraction:F}`` with F outside [0, 1] is a one-line usage error naming it. Catches a schedule
+    that silently points past the run's end (never annealed) or before its start."""
+    from dif_maml_dist.run.composition import UsageError
+
+    with pytest.raises(UsageError, match=r"iterations_fraction:1.5 must be a fraction of train.iterations"):
+        _preset("mamlpp", "maml.multi_step_loss_until=${iterations_fraction:1.5}")
+
+
+def test_a_recorded_config_resolves_its_fractions_where_evaluation_reads_it(tmp_path):
+    """A run directory holding only hydra's record of its config (.hydra/config.yaml keeps the interpolation, e.g.
+    a run stopped before its summary) resolves it to the iteration training used. Catches the resolver registered
+    only on the training command's path, which would make evaluate fail on such a run."""
+    from omegaconf import OmegaConf
+
+    from dif_maml_dist.run.composition import compose
+    from dif_maml_dist.run.saved import run_config
+
+    node = compose(["algorithm=mamlpp", "train.iterations=500"]).node
+    run_part = OmegaConf.masked_copy(node, [k for k in node if k != "hydra"])
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(run_part, tmp_path / ".hydra" / "config.yaml")
+    assert "${iterations_fraction:0.08}" in (tmp_path / ".hydra" / "config.yaml").read_text()
+    assert run_config(tmp_path).maml.multi_step_loss_until == 40

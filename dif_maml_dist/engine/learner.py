@@ -13,7 +13,7 @@ from dif_maml_dist.config import Config
 from dif_maml_dist.engine.figures import Curves
 from dif_maml_dist.learning.adaptation import adaptation_curves, adaptation_curves_loop
 from dif_maml_dist.learning.algorithms import Algorithm, build_algorithm, choose_path
-from dif_maml_dist.learning.batch import Losses, LossFn, TaskBatch, make_loss
+from dif_maml_dist.learning.batch import Losses, TaskBatch, make_loss
 from dif_maml_dist.learning.flat import FlatLayout
 from dif_maml_dist.learning.functional import FunctionalModel, functional
 from dif_maml_dist.tasks import TaskFamily, TaskSet, held_out_set, task_family, tests_held_out_per_agent
@@ -63,9 +63,7 @@ class Learner:
     family: TaskFamily
     model: FunctionalModel
     algorithm: Algorithm  #: maml.algorithm: the meta-gradient, and how a task adapts (in training and tests)
-    loss: LossFn  #: ``loss(params, x, y)``, one task at a time (the per-task loop)
-    query_loss: LossFn  #: the same, for where it is differentiated once only (the per-task loop's query loss)
-    batched_loss: LossFn  #: the same, exact under vmap (the vmap path, the simulator)
+    losses: Losses  #: the model's loss in the forms the meta-gradient paths and adaptation use
     #: the shared test tasks of the final figures (TaskBatch on the device, or a lazy EpisodeSet); None when each
     #: agent is tested on its own held-out tasks (``held_out``)
     tests: Optional[TaskSet]
@@ -82,10 +80,6 @@ class Learner:
     def layout(self) -> FlatLayout:
         """The agent's state: the model's parameters, then the algorithm's learned inner rates if it has any."""
         return self.algorithm.inner.layout
-
-    @property
-    def losses(self) -> Losses:
-        return Losses(self.loss, self.query_loss, self.batched_loss)
 
     @classmethod
     def build(cls, cfg: Config, device: torch.device, dtype: torch.dtype, family: Optional[TaskFamily] = None,
@@ -107,9 +101,10 @@ class Learner:
         crit = family.criterion
         chunk = eval_chunk_for(cfg.runtime.eval_chunk, family.eval_chunk, device)
         validation = family.val_set(cfg.seed, t.eval_tasks) if cfg.train.validate else None
-        return cls(family, model, algorithm, make_loss(model.forward, crit), make_loss(model.first_order_forward, crit),
-                   make_loss(model.batched_forward, crit), tests, t.eval_tasks, device, dtype, chunk, validation,
-                   held_out, num_agents)
+        losses = Losses(make_loss(model.forward, crit), make_loss(model.first_order_forward, crit),
+                        make_loss(model.batched_forward, crit))
+        return cls(family, model, algorithm, losses, tests, t.eval_tasks, device, dtype, chunk, validation, held_out,
+                   num_agents)
 
     @property
     def eval_path(self) -> str:

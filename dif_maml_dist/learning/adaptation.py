@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from dif_maml_dist.learning.batch import Criterion, LossFn, Params, TaskBatch
+from dif_maml_dist.learning.batch import Criterion, LossFn, Params, TaskBatch, make_loss
 from dif_maml_dist.learning.flat import FlatLayout
 from dif_maml_dist.learning.models import Forward
 
@@ -159,7 +159,7 @@ def adaptation_curves_loop(forward: Forward, criterion: Criterion, rule: InnerRu
     for t in range(len(batch)):
         xs, ys, xq, yq = (x[t] for x in batch.tensors())
         points = []
-        for w in adapted_models(forward, criterion, rule, params, xs, ys, max_steps):
+        for w in adapted_models(make_loss(forward, criterion), rule, params, xs, ys, max_steps):
             with torch.no_grad():
                 points.append(_curve_point(forward, criterion, metric, w, xq, yq))
         losses.append(torch.stack([p[0] for p in points]))
@@ -167,18 +167,15 @@ def adaptation_curves_loop(forward: Forward, criterion: Criterion, rule: InnerRu
     return torch.stack(losses), torch.stack(scores) if metric else None
 
 
-def adapted_models(forward: Forward, criterion: Criterion, rule: InnerRule, params: Sequence[Tensor], x: Tensor,
-                   y: Tensor, steps: int) -> Iterator[Params]:
+def adapted_models(loss: LossFn, rule: InnerRule, params: Sequence[Tensor], x: Tensor, y: Tensor,
+                   steps: int) -> Iterator[Params]:
     """The model's parameters after 0, 1, ..., ``steps`` inner steps of ``rule`` on one task's support data
-    ``(x, y)``: test-time adaptation, with autograd, keeping no graph beyond one step's gradient (the yielded
-    tensors are detached). ``params``: the state's tuple (model and learned rates)."""
+    ``(x, y)``, ``loss`` differentiated once per step: test-time adaptation and Reptile's inner loop, with
+    autograd, keeping no graph beyond one step's gradient (the yielded tensors are detached). ``params``: the
+    state's tuple (model and learned rates)."""
     w, rates = rule.split([p.detach() for p in params])
     yield w
     adapted = set(rule.adapted)
-
-    def loss(v: Sequence[Tensor], xs: Tensor, ys: Tensor) -> Tensor:
-        return criterion(forward(v, xs), ys)
-
     for k in range(steps):
         w = tuple(p.requires_grad_(True) if i in adapted else p for i, p in enumerate(w))
         grads = rule.support_grads(loss, w, x, y, create_graph=False)

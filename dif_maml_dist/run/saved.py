@@ -121,8 +121,7 @@ class SavedModel(AdaptedModel):
         x, y = x_support.to(learner.device, learner.dtype), y_support.to(learner.device)
         if y.is_floating_point():
             y = y.to(learner.dtype)
-        *_, last = adapted_models(learner.model.first_order_forward, learner.family.criterion, rule,
-                                  [*self.params, *self.rates], x, y, steps)
+        *_, last = adapted_models(learner.losses.query_loss, rule, [*self.params, *self.rates], x, y, steps)
         return AdaptedModel(learner, list(last))
 
 

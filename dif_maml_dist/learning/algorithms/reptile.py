@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from dif_maml_dist.learning.adaptation import InnerRule
+from dif_maml_dist.learning.adaptation import InnerRule, adapted_models
 from dif_maml_dist.learning.algorithms.base import BatchedMetaGradient, chunked_mean, vmap_meta_gradient
 from dif_maml_dist.learning.batch import Losses, LossFn, Params, TaskBatch
 
@@ -29,18 +29,13 @@ class Reptile:
                       chunk: Optional[int] = None) -> tuple[Params, Tensor]:
         if path == "vmap":
             return vmap_meta_gradient(self, losses, params, batch, iteration, chunk)
-        start, rates = self.inner.split([p.detach() for p in params])
+        start = self.inner.split([p.detach() for p in params])[0]
         acc = [torch.zeros_like(p) for p in start]
         total = start[0].new_zeros(())
         for t in range(len(batch)):
             xs, ys, xq, yq = (x[t] for x in batch.tensors())
-            w = start
-            for k in range(self.inner.steps):
-                w = tuple(p.requires_grad_(True) if i in self.inner.adapted else p for i, p in enumerate(w))
-                # differentiated once: the forward that is fastest at it
-                grads = self.inner.support_grads(losses.query_loss, w, xs, ys, create_graph=False)
-                with torch.no_grad():
-                    w = self.inner.step(w, grads, rates, k)
+            # differentiated once per step: the forward that is fastest at it
+            *_, w = adapted_models(losses.query_loss, self.inner, params, xs, ys, self.inner.steps)
             with torch.no_grad():
                 torch._foreach_add_(acc, torch._foreach_sub(start, w))
                 total = total + losses.query_loss(w, xq, yq)
