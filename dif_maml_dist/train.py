@@ -24,6 +24,7 @@ from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dif_maml_dist.comm.process import ProcessEnv
@@ -32,13 +33,16 @@ from dif_maml_dist.run.composition import CONF_DIR, run_as_hydra_job
 from dif_maml_dist.run.context import RunContext
 from dif_maml_dist.run.launch import (
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     MULTIRUN_FLAGS,
     Launch,
+    Terminated,
     fail,
     let_go,
     own,
     prepare,
     prepare_sweep,
+    stop_cleanly_on_sigterm,
 )
 from dif_maml_dist.run.recipes import run
 from dif_maml_dist.run.validate import validate
@@ -50,7 +54,8 @@ _SWEEP: dict[int, RunContext] = {}  #: with -m: every job's context, by job numb
 def _hydra_main(node: DictConfig) -> None:
     if _SWEEP:
         ctx = _SWEEP[HydraConfig.get().job.num]
-    else:  # hydra's own flags (e.g. --cfg): checked here, after hydra has written its record
+    else:  # hydra's own flags (e.g. --cfg), or a sweep job a launcher plugin runs in a process of its own (submitit
+        # on Slurm: ``main`` did not run there): checked here, after hydra has written its record
         env = ProcessEnv.from_environ()
         try:
             ctx = RunContext.build(validate(from_omegaconf(node)), env, Path(HydraConfig.get().runtime.output_dir))
@@ -58,7 +63,7 @@ def _hydra_main(node: DictConfig) -> None:
             fail(err, env)
     assert Path(HydraConfig.get().runtime.output_dir).resolve() == ctx.run_dir.resolve(), (
         HydraConfig.get().runtime.output_dir, ctx.run_dir)
-    if not _SWEEP:
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
         run(ctx)
         return
     # A sweep's job owns its directory as a single run does, from here (hydra has written the job's record).
@@ -77,6 +82,7 @@ def _hydra_main(node: DictConfig) -> None:
 
 
 def main() -> None:
+    stop_cleanly_on_sigterm()
     env = ProcessEnv.from_environ()
     overrides = sys.argv[1:]
     flags = [arg for arg in overrides if arg.startswith("-")]
@@ -101,7 +107,9 @@ def main() -> None:
             _hydra_main()
     except SystemExit as leaving:
         code = leaving.code if isinstance(leaving.code, int) else (0 if leaving.code is None else 1)
-    except KeyboardInterrupt:  # before the run started, or after it ended
+    except Terminated:  # before the run started, or after it ended
+        code = EXIT_TERMINATED
+    except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     finally:
         if launch is not None:

@@ -155,20 +155,24 @@ def _run_until(args: list[str], ready, progress) -> subprocess.Popen:
     return proc
 
 
-def test_ctrl_c_stops_quietly_saying_where_to_continue(finished, tmp_path):
-    """Ctrl-C (SIGINT) during a run: one line saying where the newest checkpoint is and how to continue, exit
-    status 130, no traceback (catches the KeyboardInterrupt tracebacks), and the lock released."""
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_stops_quietly_saying_where_to_continue(finished, tmp_path, sig, code, said):
+    """Ctrl-C (SIGINT), or SIGTERM as Slurm sends it when it preempts or requeues a job, during a run: one line
+    saying where the newest checkpoint is and how to continue, exit status 130 (143), no traceback (catches the
+    KeyboardInterrupt tracebacks, and a SIGTERM that killed the run without a word or its lock released)."""
     run_dir = copy_of(finished, tmp_path)
     saved = run_dir / "checkpoints" / "agent0"
     records = run_dir / "metrics" / "agent0.jsonl"
     proc = _run_until([*LONE, "train.resume=true", "train.iterations=1000000", f"hydra.run.dir={run_dir}"],
                       lambda: any(int(p.stem[4:]) >= 40 for p in saved.glob("iter*.pt")),
                       lambda: records.stat().st_size)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=STALL_S)  # a hang guard: the run stops at its next Python instruction
-    line = one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), code=130)
+    line = one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), code=code)
     newest = max(int(p.stem[4:]) for p in saved.glob("iter*.pt"))
-    assert newest >= 40 and f"newest checkpoint of every agent is iteration {newest}" in line, line
+    assert line.startswith(f"dif_maml_dist: {said}; ") and newest >= 40, line
+    assert f"newest checkpoint of every agent is iteration {newest}" in line, line
     assert f"train.resume=true hydra.run.dir={run_dir}" in line
     assert not (run_dir / rundir.LOCK_NAME).exists()
 

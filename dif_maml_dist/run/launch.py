@@ -11,6 +11,7 @@ directory holds no other run.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -27,6 +28,25 @@ from dif_maml_dist.tasks.custom import AgentDataError
 EXIT_USAGE = 2  #: a mistake in the command, config or data: nothing ran
 EXIT_FAILED = 3  #: the run started and failed: divergence, a peer that did not answer, a full disk
 EXIT_INTERRUPTED = 130  #: stopped by Ctrl-C (SIGINT), as shells report it
+EXIT_TERMINATED = 143  #: stopped by SIGTERM (a scheduler's preemption or requeue, docker stop), as shells report it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: the same clean stop as Ctrl-C (one line naming the newest checkpoint), exit status 143.
+
+    Slurm sends it to every process of a job it preempts, requeues or cancels (then SIGKILL after its
+    ``KillWait``); torchrun, stopping, sends it to its workers; so does ``docker stop``."""
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` in the main thread. Once only: torchrun forwards the SIGTERM its
+    workers got from the scheduler already, and a second one would cut the first one's stop short."""
+
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
 
 @dataclass
 class Launch:

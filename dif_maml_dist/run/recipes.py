@@ -30,7 +30,7 @@ from dif_maml_dist.engine.simulator import Simulation
 from dif_maml_dist.graphs.membership import components
 from dif_maml_dist.run import checkpoint, outputs, summary
 from dif_maml_dist.run.context import RunContext
-from dif_maml_dist.run.launch import EXIT_FAILED, EXIT_INTERRUPTED, fail, say
+from dif_maml_dist.run.launch import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, fail, say
 from dif_maml_dist.run.logs import setup_logging
 from dif_maml_dist.run.rundir import disk_full, disk_hint
 
@@ -180,8 +180,8 @@ def simulated_departures(ctx: RunContext, sim: Simulation, result) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ endings
-def _interrupted(ctx: RunContext) -> None:
-    """Ctrl-C: one line from rank 0 saying where the run can be continued from."""
+def _interrupted(ctx: RunContext, how: str = "interrupted") -> None:
+    """Ctrl-C or SIGTERM (``how``): one line from rank 0 saying where the run can be continued from."""
     if ctx.env.rank != 0:
         return
     simulated = ctx.cfg.runtime.mode == "simulate"
@@ -189,10 +189,10 @@ def _interrupted(ctx: RunContext) -> None:
     newest = checkpoint.newest_common(checkpoint.available(ctx.run_dir, k)
                                       for k in checkpoint.holders(ctx.topology.num_agents, simulated))
     if newest is None:
-        say(f"interrupted; no checkpoint of {whose} was written, so the run in {ctx.run_dir} cannot be "
+        say(f"{how}; no checkpoint of {whose} was written, so the run in {ctx.run_dir} cannot be "
             f"continued (train.checkpoint_every sets how often they are)")
     else:
-        say(f"interrupted; the newest checkpoint of {whose} is iteration {newest} in "
+        say(f"{how}; the newest checkpoint of {whose} is iteration {newest} in "
             f"{ctx.run_dir / 'checkpoints'}: continue with train.resume=true hydra.run.dir={ctx.run_dir}")
 
 
@@ -216,6 +216,9 @@ def run(ctx: RunContext) -> None:
             f"{getattr(err, 'filename', None) or 'its outputs'}): free space there, then continue the run with "
             f"train.resume=true")
         sys.exit(EXIT_FAILED)
+    except Terminated:
+        _interrupted(ctx, "terminated (SIGTERM)")
+        sys.exit(EXIT_TERMINATED)
     except KeyboardInterrupt:
         _interrupted(ctx)
         sys.exit(EXIT_INTERRUPTED)
