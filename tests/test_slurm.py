@@ -96,9 +96,30 @@ def assert_same_models(run_dir: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
+def requeued(cluster, tmp_path_factory) -> dict[str, tuple[int, Path, Path]]:
+    """Two 6-agent jobs, each requeued once its first checkpoint is there: ``preempted`` by ``scontrol requeue``
+    (Slurm SIGTERMs every process, as preemption does), ``time_limit`` by the USR1 that ``--signal=B:USR1@120``
+    sends to the batch shell before the time limit. Both run at once (a core each); how -> (job, log, run)."""
+    jobs = {}
+    for how in ("preempted", "time_limit"):
+        folder = tmp_path_factory.mktemp(how)
+        out, run_dir = folder / "slurm.out", folder / "run"
+        jobs[how] = (submit(out, *RUN, *SLOW, f"hydra.run.dir={run_dir}"), out, run_dir)
+    for how, (job, out, run_dir) in jobs.items():
+        first = run_dir / "checkpoints" / "agent0" / "iter00000100.pt"
+        wait_for(lambda: first.exists() or attempts(job), out, "the first checkpoint")
+        assert not attempts(job), "the job ended before its first checkpoint could be requeued\n" + tail(out)
+        if how == "preempted":
+            subprocess.run(["scontrol", "requeue", str(job)], check=True, timeout=60)
+        else:  # the batch shell alone gets USR1, as from --signal=B:USR1@120
+            subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True, timeout=60)
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(requeued, tmp_path_factory) -> Path:
     """The same run never stopped: the per-agent simulator, bit for bit the torchrun agents' arithmetic
-    (tests/test_distributed.py checks that)."""
+    (tests/test_distributed.py checks that); computed while the requeued jobs run."""
     run_dir = tmp_path_factory.mktemp("slurm") / "reference"
     proc = subprocess.run([sys.executable, "-m", "dif_maml_dist.train", "runtime=simulate", "runtime.vectorize=false",
                            *RUN, f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -107,23 +128,14 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("how", ["preempted", "time_limit"])
-def test_a_requeued_job_resumes_and_finishes_bit_identical(cluster, uninterrupted, tmp_path, how):
-    """One sbatch line runs the 6 agents (one torchrun on the node); requeued midway — by ``scontrol requeue``,
-    which makes Slurm SIGTERM every process as preemption does, or by the USR1 that ``--signal=B:USR1@120``
-    sends before the time limit, on which the script requeues itself — every agent stops cleanly naming the
-    newest checkpoint, the job runs again with SLURM_RESTART_COUNT=1, continues from that checkpoint and ends
-    with every model bit-identical to an uninterrupted run and every evaluation recorded once. Catches a
-    requeued job starting from scratch (refused: the directory holds a run) or from the wrong directory, a
-    SIGTERM that kills the agents without a word, and a USR1 that ends the job instead of requeueing it."""
-    out, run_dir = tmp_path / "slurm.out", tmp_path / "run"
-    job = submit(out, *RUN, *SLOW, f"hydra.run.dir={run_dir}")
-    first = run_dir / "checkpoints" / "agent0" / "iter00000100.pt"
-    wait_for(lambda: first.exists() or attempts(job), out, "the first checkpoint")
-    assert not attempts(job), "the job ended before its first checkpoint could be requeued\n" + tail(out)
-    if how == "preempted":
-        subprocess.run(["scontrol", "requeue", str(job)], check=True, timeout=60)
-    else:  # what --signal=B:USR1@120 delivers 120 s before the time limit: the batch shell alone gets USR1
-        subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True, timeout=60)
+def test_a_requeued_job_resumes_and_finishes_bit_identical(requeued, uninterrupted, how):
+    """One sbatch line runs the 6 agents (one torchrun on the node); requeued midway (``requeued``), every agent
+    stops cleanly naming the newest checkpoint, the job runs again with SLURM_RESTART_COUNT=1, continues from
+    that checkpoint and ends with every model bit-identical to an uninterrupted run and every evaluation recorded
+    once. Catches a requeued job starting from scratch (refused: the directory holds a run) or from the wrong
+    directory, a SIGTERM that kills the agents without a word, and a USR1 that ends the job instead of
+    requeueing it."""
+    job, out, run_dir = requeued[how]
     states = finished(job, out)
     log = out.read_text()
     assert len(states) == 2 and states[-1] == ("COMPLETED", "0:0"), (states, tail(out))  # two attempts
