@@ -1,6 +1,6 @@
-"""launch/slurm.sbatch against a real Slurm: slurmctld, slurmd and munged started on this machine
-(``tests/slurm/cluster.sh``: one node, its CPUs as the partition), jobs submitted with ``sbatch`` and followed with
-``sacct``; requeues made the two ways Slurm makes them.
+"""launch/slurm.sbatch against a real Slurm: slurmctld, munged and two slurmd started on this machine
+(``tests/slurm/cluster.sh``: nodes n1 and n2, which share the filesystem), jobs submitted with ``sbatch`` and
+followed with ``sacct``; requeues made the two ways Slurm makes them.
 
 Marked ``slurm`` and left out of the default run (the README's test command): ``.ci/run`` installs Slurm and runs
 them with ``pytest -m slurm``; elsewhere ``pytest -m slurm`` installs slurm-wlm and munge itself (root and apt-get),
@@ -97,14 +97,16 @@ def assert_same_models(run_dir: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def requeued(cluster, tmp_path_factory) -> dict[str, tuple[int, Path, Path]]:
-    """Two 6-agent jobs, each requeued once its first checkpoint is there: ``preempted`` by ``scontrol requeue``
-    (Slurm SIGTERMs every process, as preemption does), ``time_limit`` by the USR1 that ``--signal=B:USR1@120``
-    sends to the batch shell before the time limit. Both run at once (a core each); how -> (job, log, run)."""
+    """Two 6-agent jobs, each requeued once its first checkpoint is there: ``preempted`` on two nodes (3 agents
+    each) by ``scontrol requeue`` (Slurm SIGTERMs every process, as preemption does), ``time_limit`` on one node
+    by the USR1 that ``--signal=B:USR1@120`` sends to the batch shell before the time limit. Both run at once;
+    how -> (job, log, run)."""
     jobs = {}
-    for how in ("preempted", "time_limit"):
+    for how, nodes in (("preempted", 2), ("time_limit", 1)):
         folder = tmp_path_factory.mktemp(how)
         out, run_dir = folder / "slurm.out", folder / "run"
-        jobs[how] = (submit(out, *RUN, *SLOW, f"hydra.run.dir={run_dir}"), out, run_dir)
+        jobs[how] = (submit(out, *RUN, *SLOW, f"hydra.run.dir={run_dir}", options=(f"--nodes={nodes}",)), out,
+                     run_dir)
     for how, (job, out, run_dir) in jobs.items():
         first = run_dir / "checkpoints" / "agent0" / "iter00000100.pt"
         wait_for(lambda: first.exists() or attempts(job), out, "the first checkpoint")
@@ -129,16 +131,17 @@ def uninterrupted(requeued, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("how", ["preempted", "time_limit"])
 def test_a_requeued_job_resumes_and_finishes_bit_identical(requeued, uninterrupted, how):
-    """One sbatch line runs the 6 agents (one torchrun on the node); requeued midway (``requeued``), every agent
-    stops cleanly naming the newest checkpoint, the job runs again with SLURM_RESTART_COUNT=1, continues from
-    that checkpoint and ends with every model bit-identical to an uninterrupted run and every evaluation recorded
-    once. Catches a requeued job starting from scratch (refused: the directory holds a run) or from the wrong
-    directory, a SIGTERM that kills the agents without a word, and a USR1 that ends the job instead of
-    requeueing it."""
+    """One sbatch line runs the 6 agents (one torchrun per node: 2 x 3, or 1 x 6); requeued midway (``requeued``),
+    every agent stops cleanly naming the newest checkpoint, the job runs again with SLURM_RESTART_COUNT=1,
+    continues from that checkpoint and ends with every model bit-identical to an uninterrupted run and every
+    evaluation recorded once. Catches a requeued job starting from scratch (refused: the directory holds a run)
+    or from the wrong directory, a SIGTERM that kills the agents without a word, a USR1 that ends the job instead
+    of requeueing it, and nodes that do not meet (a rendezvous address only the first node can resolve)."""
     job, out, run_dir = requeued[how]
     states = finished(job, out)
     log = out.read_text()
     assert len(states) == 2 and states[-1] == ("COMPLETED", "0:0"), (states, tail(out))  # two attempts
+    assert ("2 node(s) x 3 agents" if how == "preempted" else "1 node(s) x 6 agents") in log, tail(out)
     if how == "time_limit":
         assert "the time limit is near: requeueing" in log, tail(out)
     assert "dif_maml_dist: terminated (SIGTERM); the newest checkpoint of every agent is iteration" in log, tail(out)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A one-node Slurm cluster on this machine, for tests/test_slurm.py: slurmctld, slurmd and munged started as
-# plain daemons (no systemd needed), the machine's CPUs as the partition.
+# A two-node Slurm cluster on this one machine, for tests/test_slurm.py: slurmctld, munged and two slurmd (nodes
+# n1 and n2, each with the machine's CPUs, on their own ports and spool directories) started as plain daemons (no
+# systemd needed). Both nodes see one filesystem, as a cluster's nodes see a shared one.
 #
 #   tests/slurm/cluster.sh start    install slurm-wlm and munge if missing (apt-get), write the config, start the
 #                                   daemons from empty state (job ids from 1), wait until the node is idle
@@ -37,8 +38,9 @@ install() {
 }
 
 write_config() {
-    mkdir -p /etc/slurm "$STATE"/{ctld,d,log}
-    # Addresses pinned to 127.0.0.1: nothing depends on name resolution. The node's name must be hostname -s.
+    mkdir -p /etc/slurm "$STATE"/{ctld,d/n1,d/n2,log}
+    # Addresses pinned to 127.0.0.1: nothing depends on name resolution (the node names n1, n2 resolve nowhere;
+    # launch/slurm.sbatch meets at the first node's NodeAddr). slurmctld's host must be hostname -s.
     cat > "$CONF" <<CONFIG
 ClusterName=difmamltest
 SlurmctldHost=${NODE}(127.0.0.1)
@@ -60,19 +62,20 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/d
+SlurmdSpoolDir=$STATE/d/%n
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
 MailProg=/bin/true
 EnforcePartLimits=ALL
 ReturnToService=2
 MinJobAge=300
 KillWait=10
 InactiveLimit=0
-NodeName=${NODE} NodeAddr=127.0.0.1 CPUs=$(nproc) State=UNKNOWN
-PartitionName=test Nodes=${NODE} Default=YES MaxTime=INFINITE State=UP
+NodeName=n1 NodeHostname=${NODE} NodeAddr=127.0.0.1 Port=17001 CPUs=$(nproc) State=UNKNOWN
+NodeName=n2 NodeHostname=${NODE} NodeAddr=127.0.0.1 Port=17002 CPUs=$(nproc) State=UNKNOWN
+PartitionName=test Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 CONFIG
 }
 
@@ -107,14 +110,15 @@ start() {
     write_config
     start_munge
     slurmctld -i
-    slurmd
+    slurmd -N n1
+    slurmd -N n2
     local state=""
     for _ in $(seq 300); do
-        state=$(sinfo -h -n "$NODE" -o '%T' 2> /dev/null || true)
-        [[ "$state" == idle ]] && { say "up: node $NODE, $(nproc) CPUs, state in $STATE"; return 0; }
+        state=$(sinfo -h -o '%T' 2> /dev/null | sort -u | paste -sd, -)
+        [[ "$state" == idle && "$(sinfo -h -o '%D')" == 2 ]] && { say "up: nodes n1, n2 ($(nproc) CPUs each), state in $STATE"; return 0; }
         sleep 0.2
     done
-    say "node $NODE not idle after 60 s (state: ${state:-none}); see $STATE/log/"
+    say "nodes not idle after 60 s (states: ${state:-none}); see $STATE/log/"
     return 1
 }
 
