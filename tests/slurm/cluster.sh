@@ -9,7 +9,8 @@
 #   tests/slurm/cluster.sh install  only install slurm-wlm and munge (.ci/run)
 #
 # Settings for tests, not production: a requeued job may start again 5 s later (AuthInfo cred_expire, Slurm's
-# default 120 s), the scheduler looks every 2 s (default 60 s), SIGKILL follows SIGTERM after 10 s (default 30).
+# default 120 s), the scheduler looks every 2 s (default 60 s). SIGKILL follows SIGTERM after 120 s (default 30): on
+# a loaded machine the agents' clean stop may take longer than 30 s, and the tests check that it happened.
 # No accounting database: finished jobs are in a job-completion file, read with `sacct -c`.
 set -euo pipefail
 
@@ -71,7 +72,7 @@ MailProg=/bin/true
 EnforcePartLimits=ALL
 ReturnToService=2
 MinJobAge=300
-KillWait=10
+KillWait=120
 InactiveLimit=0
 NodeName=n1 NodeHostname=${NODE} NodeAddr=127.0.0.1 Port=17001 CPUs=$(nproc) State=UNKNOWN
 NodeName=n2 NodeHostname=${NODE} NodeAddr=127.0.0.1 Port=17002 CPUs=$(nproc) State=UNKNOWN
