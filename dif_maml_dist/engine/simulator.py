@@ -320,8 +320,8 @@ class Simulation:
             chunks = [(tuple(v[i:i + c] for v in views), *(t[i:i + c] for t in stacked.tensors()))
                       for i in range(0, self.num_agents, c)]
             # Built for this iteration: an algorithm's objective may change over training (MAML++'s annealing).
-            meta_gradients = torch.vmap(self.learner.algorithm.batched(self.learner.losses.batched_loss, self._iteration + 1,
-                                                                       self.cfg.maml.vmap_chunk))
+            meta_gradients = torch.vmap(self.learner.algorithm.batched(
+                self.learner.losses.batched_loss, self._iteration + 1, self.cfg.maml.vmap_chunk))
             if self._chunk_pool is None:
                 parts = [meta_gradients(*chunk) for chunk in chunks]
             else:

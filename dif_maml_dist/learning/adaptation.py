@@ -156,10 +156,11 @@ def adaptation_curves_loop(forward: Forward, criterion: Criterion, rule: InnerRu
     batched convolutions): 2x faster there. Each step keeps no graph beyond the support gradient.
     """
     losses, scores = [], []
+    support_loss = make_loss(forward, criterion)
     for t in range(len(batch)):
         xs, ys, xq, yq = (x[t] for x in batch.tensors())
         points = []
-        for w in adapted_models(make_loss(forward, criterion), rule, params, xs, ys, max_steps):
+        for w in adapted_models(support_loss, rule, params, xs, ys, max_steps):
             with torch.no_grad():
                 points.append(_curve_point(forward, criterion, metric, w, xq, yq))
         losses.append(torch.stack([p[0] for p in points]))
